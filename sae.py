@@ -1,0 +1,175 @@
+"""Top-k sparse autoencoder (Gao et al.) with the defaults of the paper's code (SPEC §3)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class SaeConfig:
+    top_k: int = 32
+    """Number of features kept per token."""
+    expansion_factor: int = 8
+    """Number of features F = expansion_factor * d_model."""
+    lr: float = 5e-5
+    """Adam learning rate, constant after the optional warm-up."""
+    lr_warmup_steps: int = 0
+    """Linear lr warm-up over this many steps (0 = off, as in the paper's code)."""
+    normalize_decoder: bool = False
+    """Renormalise decoder rows to unit norm after every step (off in the paper's code)."""
+    auxk_alpha: float = 0.0
+    """Weight of the AuxK loss that revives dead features (0 = off, as in the paper's code)."""
+    dead_tokens: int = 10_000_000
+    """A feature is dead once it has not fired for this many tokens (AuxK and the dead fraction);
+    capped at half the tokens seen so that a short run still measures something."""
+
+
+class EncoderOutput(NamedTuple):
+    top_acts: Tensor
+    """[N, k] activations of the kept features."""
+    top_indices: Tensor
+    """[N, k] feature ids of the kept features."""
+
+
+class ForwardOutput(NamedTuple):
+    x_hat: Tensor
+    top_acts: Tensor
+    top_indices: Tensor
+    mse: Tensor
+    auxk_loss: Tensor
+
+
+class TopKSAE(nn.Module):
+    """z = TopK(ReLU((x - b_dec) @ W_enc)), x_hat = z @ W_dec + b_dec. No encoder bias."""
+
+    def __init__(self, d_model: int, n_features: int, top_k: int, generator: torch.Generator | None = None):
+        super().__init__()
+        if not 0 < top_k <= n_features:
+            raise ValueError(f"top_k must be in [1, {n_features}], got {top_k}")
+        self.d_model, self.n_features, self.top_k = d_model, n_features, top_k
+        W_enc = torch.empty(d_model, n_features)
+        if generator is None:
+            nn.init.kaiming_uniform_(W_enc)
+        else:  # same bound as kaiming_uniform_, drawn from a seeded generator
+            bound = math.sqrt(6.0 / n_features)
+            W_enc.uniform_(-bound, bound, generator=generator)
+        self.W_enc = nn.Parameter(W_enc)
+        self.W_dec = nn.Parameter(W_enc.T / W_enc.T.norm(dim=1, keepdim=True))
+        self.b_dec = nn.Parameter(torch.zeros(d_model))
+
+    def pre_acts(self, x_ND: Tensor) -> Tensor:
+        """Dense ReLU pre-activations [N, F] (the paper's `relu` codes)."""
+        return F.relu((x_ND - self.b_dec) @ self.W_enc)
+
+    def encode(self, x_ND: Tensor) -> EncoderOutput:
+        return EncoderOutput(*self.pre_acts(x_ND).topk(self.top_k, dim=-1, sorted=False))
+
+    def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+        return F.embedding_bag(top_indices, self.W_dec, per_sample_weights=top_acts, mode="sum") + self.b_dec
+
+    def forward(self, x_ND: Tensor, dead_mask_F: Tensor | None = None) -> ForwardOutput:
+        pre_NF = self.pre_acts(x_ND)
+        top_acts, top_indices = pre_NF.topk(self.top_k, dim=-1, sorted=False)
+        x_hat = self.decode(top_acts, top_indices)
+        err = x_ND - x_hat
+        mse = err.pow(2).mean()
+        auxk_loss = x_ND.new_zeros(())
+        if dead_mask_F is not None and bool(dead_mask_F.any()):
+            # AuxK (Gao et al. §A.2): dead features reconstruct what the live ones missed.
+            k_aux = min(x_ND.shape[-1] // 2, int(dead_mask_F.sum()))
+            aux_acts, aux_idx = pre_NF.masked_fill(~dead_mask_F, 0).topk(k_aux, dim=-1, sorted=False)
+            err_hat = F.embedding_bag(aux_idx, self.W_dec, per_sample_weights=aux_acts, mode="sum")
+            auxk_loss = (err_hat - err.detach()).pow(2).sum() / err.detach().pow(2).sum().clamp_min(1e-12)
+        return ForwardOutput(x_hat, top_acts, top_indices, mse, auxk_loss)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    def state(self) -> dict[str, Tensor]:
+        """The tensors of `layer{LL}.sae.safetensors` (SPEC §9)."""
+        return {"W_enc": self.W_enc.detach().cpu().contiguous(), "W_dec": self.W_dec.detach().cpu().contiguous(),
+                "b_dec": self.b_dec.detach().cpu().contiguous()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], top_k: int) -> "TopKSAE":
+        d, n = state["W_enc"].shape
+        if state["W_dec"].shape != (n, d) or state["b_dec"].shape != (d,):
+            raise ValueError(f"inconsistent SAE shapes: W_enc {tuple(state['W_enc'].shape)}, "
+                             f"W_dec {tuple(state['W_dec'].shape)}, b_dec {tuple(state['b_dec'].shape)}")
+        sae = cls(d, n, top_k)
+        sae.load_state_dict(state)
+        return sae
+
+
+class SaeMetrics(NamedTuple):
+    fvu: float
+    l0: float
+    dead_fraction: float
+    tokens_seen: int
+
+
+class SaeTrainer:
+    """Trains one SAE online, one batch of tokens at a time, and keeps its quality metrics."""
+
+    def __init__(self, d_model: int, cfg: SaeConfig, device: torch.device | str = "cpu", seed: int = 0):
+        self.cfg = cfg
+        gen = torch.Generator().manual_seed(seed)
+        self.sae = TopKSAE(d_model, cfg.expansion_factor * d_model, cfg.top_k, generator=gen).to(device)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr)
+        self.step = 0
+        self.tokens_seen = 0
+        n = self.sae.n_features
+        self.last_fired_F = torch.zeros(n, dtype=torch.long, device=device)  # token count when last fired
+        # float64 running sums for FVU over all data seen: sum|x - x_hat|^2 against total variance
+        self.sq_err = 0.0
+        self.sum_x_D = torch.zeros(d_model, dtype=torch.float64, device=device)
+        self.sum_sq = 0.0
+        self.l0_sum = 0.0
+
+    def _dead_mask(self, window: int) -> Tensor:
+        return self.tokens_seen - self.last_fired_F >= window
+
+    def train_step(self, x_ND: Tensor) -> float:
+        """One Adam step on a batch of tokens; returns the batch MSE."""
+        cfg = self.cfg
+        x_ND = x_ND.float()
+        if cfg.lr_warmup_steps:
+            for g in self.opt.param_groups:
+                g["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.lr_warmup_steps)
+        dead = self._dead_mask(cfg.dead_tokens) if cfg.auxk_alpha > 0 else None
+        out = self.sae(x_ND, dead)
+        loss = out.mse + cfg.auxk_alpha * out.auxk_loss
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if cfg.normalize_decoder:
+            self.sae.normalize_decoder_()
+        with torch.no_grad():
+            n = x_ND.shape[0]
+            self.tokens_seen += n
+            fired = out.top_acts > 0
+            self.last_fired_F[out.top_indices[fired]] = self.tokens_seen
+            self.l0_sum += float(fired.sum())
+            x64 = x_ND.double()
+            self.sq_err += float((x64 - out.x_hat.double()).pow(2).sum())
+            self.sum_x_D += x64.sum(0)
+            self.sum_sq += float(x64.pow(2).sum())
+        self.step += 1
+        return float(out.mse)
+
+    def metrics(self) -> SaeMetrics:
+        n = max(self.tokens_seen, 1)
+        total_var = self.sum_sq - float(self.sum_x_D.pow(2).sum()) / n
+        window = max(1, min(self.cfg.dead_tokens, self.tokens_seen // 2))
+        return SaeMetrics(
+            fvu=self.sq_err / total_var if total_var > 0 else float("nan"),
+            l0=self.l0_sum / n,
+            dead_fraction=float(self._dead_mask(window).float().mean()),
+            tokens_seen=self.tokens_seen,
+        )
