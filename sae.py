@@ -161,7 +161,7 @@ class SaeTrainer:
             self.sum_x_D += x64.sum(0)
             self.sum_sq += float(x64.pow(2).sum())
         self.step += 1
-        return float(out.mse)
+        return float(out.mse.detach())
 
     def metrics(self) -> SaeMetrics:
         n = max(self.tokens_seen, 1)

@@ -1,0 +1,70 @@
+"""Datasets of paired (image, caption) samples (SPEC §5): `load_dataset(--dataset, ...)` and
+`from_description(run.json's "dataset")`. `datasets` is imported only for hub and folder datasets,
+so that `shapes` stays instant."""
+from __future__ import annotations
+
+import os
+
+from data.base import PairedDataset, fingerprint
+from data.shapes import ShapesConfig, ShapesDataset, attribute_matrix, attribute_names
+from errors import UserError
+
+HUB_NAMES = ("coco", "flowers102")
+DATASETS = ("shapes", *HUB_NAMES)
+"""Names --dataset accepts, besides the path of a local imagefolder."""
+DATASETS_HELP = "shapes (built-in, offline), coco, flowers102 (hub), or the path of a folder with metadata.jsonl"
+SHAPES_DEFAULT_SAMPLES = 2000
+SHAPES_ARGS = ("image_size", "seed")
+"""Extra arguments of shapes, kept by describe() so that from_description() re-creates it."""
+
+__all__ = ["DATASETS", "DATASETS_HELP", "PairedDataset", "ShapesConfig", "ShapesDataset", "attribute_matrix",
+           "attribute_names", "fingerprint", "from_description", "load_dataset"]
+
+
+def load_dataset(name: str, split: str | None = None, max_samples: int | None = None, **kwargs) -> PairedDataset:
+    """The first `max_samples` samples (all when None; shapes: 2000) of dataset `name`.
+
+    kwargs: `image_size`, `seed` for shapes; None values are ignored (so a CLI can pass its flags).
+    """
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if max_samples is not None and (isinstance(max_samples, bool) or int(max_samples) != max_samples
+                                    or max_samples <= 0):
+        raise UserError(f"max_samples must be a positive integer, got {max_samples!r}")
+    allowed = SHAPES_ARGS if name == "shapes" else ()
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise UserError(f"dataset {name!r} takes no option {', '.join(unknown)}"
+                        + (f" (only shapes takes {', '.join(SHAPES_ARGS)})" if name != "shapes" else ""))
+    if name == "shapes":
+        if split not in (None, "default"):
+            raise UserError(f"shapes has a single split 'default', not {split!r}")
+        try:
+            config = ShapesConfig(n_samples=int(max_samples or SHAPES_DEFAULT_SAMPLES),
+                                  **{k: int(v) for k, v in kwargs.items()})
+        except (TypeError, ValueError) as e:
+            raise UserError(f"shapes: bad option ({e})") from e
+        return ShapesDataset(config)
+    if name in HUB_NAMES:
+        from data.hub import load_hub
+
+        return load_hub(name, split, max_samples)
+    if os.path.isdir(os.path.expanduser(name)) or os.sep in name or name.startswith((".", "~")):
+        from data.hub import load_folder
+
+        return load_folder(name, split, max_samples)
+    raise UserError(f"unknown dataset {name!r}: choose {DATASETS_HELP}")
+
+
+def from_description(desc: dict) -> PairedDataset:
+    """Re-create the dataset a run was made on (same samples, order and fingerprint) from describe()."""
+    try:
+        name, n = desc["name"], int(desc["n_samples"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"dataset description without a valid name / n_samples: {desc!r}") from e
+    ds = load_dataset(name, split=desc.get("split"), max_samples=n,
+                      **{k: desc[k] for k in SHAPES_ARGS if name == "shapes" and k in desc})
+    want = desc.get("fingerprint")
+    if want is not None and ds.fingerprint != want:
+        raise UserError(f"dataset {name!r} no longer matches the run: {len(ds)} samples with fingerprint "
+                        f"{ds.fingerprint[:12]}, the run has {n} with {str(want)[:12]}")
+    return ds

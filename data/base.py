@@ -1,0 +1,57 @@
+"""What every dataset is: N (image, caption) pairs in a fixed order with stable ids (SPEC §5)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+
+from PIL import Image
+
+
+def fingerprint(name: str, split: str, sample_ids: list[str]) -> str:
+    """sha256 of (name, split, ids in order): equal for an image run and a text run over the same
+    samples, different as soon as one sample or the order differs."""
+    blob = json.dumps({"name": name, "split": split, "sample_ids": list(sample_ids)}, ensure_ascii=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class PairedDataset:
+    """Base class: sample n of a vision run and sample n of a text run are the same pair."""
+
+    name: str
+    """What --dataset was: "shapes", "coco", "flowers102", or the absolute path of a local folder."""
+    split: str
+    """"train" for hub and local folders, "default" for shapes."""
+    sample_ids: list[str]
+    """Stable ids in order."""
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def image(self, i: int) -> Image.Image:
+        """Image of sample i, RGB."""
+        raise NotImplementedError
+
+    def caption(self, i: int) -> str:
+        raise NotImplementedError
+
+    def attributes(self, i: int) -> dict | None:
+        """Ground truth of sample i (shapes only); None elsewhere."""
+        self._check(i)
+        return None
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return fingerprint(self.name, self.split, self.sample_ids)
+
+    def describe(self) -> dict:
+        """For run.json; `data.from_description` re-creates the same dataset from it."""
+        return {"name": self.name, "split": self.split, "n_samples": len(self), "fingerprint": self.fingerprint}
+
+    def _check(self, i: int) -> int:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range for {len(self)} samples of {self.name!r}")
+        return i
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, n_samples={len(self)})"
