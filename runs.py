@@ -196,14 +196,14 @@ class Run:
         acts = self.acts(layer)
         sae = self.sae(layer, device)
         for start in range(0, acts.shape[0], chunk_size):
-            x = torch.from_numpy(np.asarray(acts[start:start + chunk_size], dtype=np.float32)).to(device)
+            x = torch.from_numpy(np.array(acts[start:start + chunk_size], dtype=np.float32)).to(device)
             yield start, (sae.pre_acts(x) if codes == "relu" else TopkCodes(*sae.encode(x)))
 
     def dense_codes(self, layer: int, codes: str = "relu", rows: np.ndarray | slice | None = None,
                     device: str | torch.device = "cpu") -> torch.Tensor:
         """Dense [n, F] codes of selected samples (for small selections and tests)."""
         acts = self.acts(layer)
-        x = torch.from_numpy(np.asarray(acts[rows if rows is not None else slice(None)], dtype=np.float32)).to(device)
+        x = torch.from_numpy(np.array(acts[rows if rows is not None else slice(None)], dtype=np.float32)).to(device)
         sae = self.sae(layer, device)
         if codes == "relu":
             return sae.pre_acts(x)

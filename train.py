@@ -137,7 +137,9 @@ def _record(cfg, sae_cfg, ds, encoder, layers, batch_size, writer, device) -> di
     layer_info = {}
     for layer in layers:
         pooled_ND = acts[layer]
-        if n > 1 and np.ptp(np.asarray(pooled_ND[: min(n, 4096)], dtype=np.float32), axis=0).max() == 0:
+        sample_ND = np.asarray(pooled_ND[: min(n, 4096)], dtype=np.float32)
+        # batch sizes change float rounding, so "identical" is up to a relative 1e-5
+        if n > 1 and np.ptp(sample_ND, axis=0).max() <= 1e-5 * max(float(np.abs(sample_ND).max()), 1e-30):
             raise UserError(f"layer {layer}: the pooled token ({encoder.token}) is identical for every sample, "
                             f"so it carries no information; choose another --token ({', '.join(TOKENS)})")
         trainer = trainers[layer]

@@ -1,0 +1,122 @@
+"""The top-k SAE of SPEC §3: forward maths against a float64 reference, init, training, metrics."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sae import SaeConfig, SaeTrainer, TopKSAE
+
+
+def test_forward_matches_float64_reference():
+    torch.manual_seed(0)
+    sae = TopKSAE(16, 64, 5)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+    x = torch.randn(50, 16)
+    out = sae(x)
+    W_enc, W_dec, b = (t.detach().double().numpy() for t in (sae.W_enc, sae.W_dec, sae.b_dec))
+    pre = np.maximum((x.double().numpy() - b) @ W_enc, 0)
+    z = np.zeros_like(pre)
+    top = np.argsort(-pre, axis=1)[:, :5]
+    np.put_along_axis(z, top, np.take_along_axis(pre, top, 1), 1)
+    np.testing.assert_allclose(out.x_hat.detach().numpy(), z @ W_dec + b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(out.mse.detach()), np.mean((x.double().numpy() - (z @ W_dec + b)) ** 2), rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 7, 32])
+def test_exactly_k_nonzero_codes_per_token(k):
+    torch.manual_seed(1)
+    sae = TopKSAE(32, 256, k)
+    x = torch.randn(200, 32)
+    acts, idx = sae.encode(x)
+    assert acts.shape == idx.shape == (200, k)
+    dense = torch.zeros(200, 256).scatter_(1, idx, acts)
+    assert ((dense != 0).sum(1) == k).all()  # random data: far more than k positive pre-activations
+    assert all(len(set(r)) == k for r in idx.tolist())  # k distinct features
+    # the kept codes are the k largest pre-activations
+    pre = sae.pre_acts(x)
+    assert torch.equal(acts.sort(1).values, pre.topk(k, 1).values.sort(1).values)
+
+
+def test_init_follows_spec():
+    sae = TopKSAE(48, 384, 8, generator=torch.Generator().manual_seed(3))
+    bound = math.sqrt(6 / 384)  # kaiming_uniform_ on a [d, F] tensor: fan_in = F
+    assert sae.W_enc.shape == (48, 384) and sae.W_dec.shape == (384, 48) and sae.b_dec.shape == (48,)
+    assert sae.W_enc.abs().max() <= bound and sae.W_enc.abs().max() > 0.9 * bound
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(384))
+    cos = torch.nn.functional.cosine_similarity(sae.W_dec, sae.W_enc.T, dim=1)
+    torch.testing.assert_close(cos, torch.ones(384))
+    assert torch.equal(sae.b_dec, torch.zeros(48))
+    # default init (no generator) uses torch's own kaiming_uniform_
+    assert TopKSAE(48, 384, 8).W_enc.abs().max() <= bound
+
+
+def test_same_seed_same_sae():
+    a = SaeTrainer(8, SaeConfig(top_k=2, expansion_factor=2), seed=5).sae
+    b = SaeTrainer(8, SaeConfig(top_k=2, expansion_factor=2), seed=5).sae
+    assert torch.equal(a.W_enc, b.W_enc)
+
+
+def _sparse_data(n=4096, d=32, n_atoms=64, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(n_atoms, d, generator=g)
+    idx = torch.randint(0, n_atoms, (n, k), generator=g)
+    coef = torch.rand(n, k, generator=g) * 2
+    return torch.einsum("nk,nkd->nd", coef, atoms[idx])
+
+
+@pytest.mark.parametrize("options", [{}, {"normalize_decoder": True, "lr_warmup_steps": 10, "auxk_alpha": 1 / 32}])
+def test_fvu_goes_down_with_training(options):
+    x = _sparse_data()
+    trainer = SaeTrainer(32, SaeConfig(top_k=8, expansion_factor=4, lr=1e-3, **options), seed=0)
+
+    def fvu():
+        with torch.no_grad():
+            return float((x - trainer.sae(x).x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+    start = fvu()
+    for _ in range(10):
+        for batch in x.split(256):
+            trainer.train_step(batch)
+    end = fvu()
+    assert end < 0.5 * start, (start, end)
+    m = trainer.metrics()
+    assert m.tokens_seen == 10 * len(x)
+    assert 0 < m.fvu < 1 and m.l0 == pytest.approx(8, abs=0.5) and 0 <= m.dead_fraction <= 1
+    if options.get("normalize_decoder"):
+        torch.testing.assert_close(trainer.sae.W_dec.norm(dim=1), torch.ones(128))
+
+
+def test_running_fvu_matches_definition():
+    """FVU over the data seen = sum of squared errors at each step / total variance of all tokens."""
+    x = _sparse_data(n=512)
+    trainer = SaeTrainer(32, SaeConfig(top_k=4, expansion_factor=2, lr=1e-3), seed=0)
+    sq_err = 0.0
+    for batch in x.split(128):
+        with torch.no_grad():
+            sq_err += float((batch.double() - trainer.sae(batch).x_hat.double()).pow(2).sum())
+        trainer.train_step(batch)
+    x64 = x.double()
+    assert trainer.metrics().fvu == pytest.approx(sq_err / float((x64 - x64.mean(0)).pow(2).sum()), rel=1e-6)
+
+
+def test_dead_fraction_counts_features_that_stopped_firing():
+    trainer = SaeTrainer(8, SaeConfig(top_k=1, expansion_factor=2, lr=1e-9), seed=0)
+    x = torch.randn(1, 8).repeat(400, 1)  # one token repeated: only one feature ever fires
+    trainer.train_step(x)
+    trainer.train_step(x)
+    assert trainer.metrics().dead_fraction == pytest.approx(15 / 16)
+
+
+def test_from_state_round_trip_and_shape_check():
+    sae = TopKSAE(8, 32, 4)
+    again = TopKSAE.from_state(sae.state(), 4)
+    for k, v in sae.state().items():
+        assert torch.equal(again.state()[k], v)
+    bad = sae.state()
+    bad["b_dec"] = torch.zeros(9)
+    with pytest.raises(ValueError, match="inconsistent SAE shapes"):
+        TopKSAE.from_state(bad, 4)
