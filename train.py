@@ -52,6 +52,8 @@ class TrainConfig:
     """DataLoader workers for decoding/preprocessing; None = a few on GPU, 0 on CPU."""
     image_size: int | None = None
     """Input size for EfficientNetLite (others use their own processor)."""
+    shuffle_captions: int | None = None
+    """Permute captions across samples with this seed: a null run that shares nothing with the images."""
 
 
 class TrainResult(NamedTuple):
@@ -90,7 +92,8 @@ def train(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> TrainResult:
     writer = RunWriter(cfg.root, cfg.runname, cfg.overwrite)  # refuses an existing run before any work
     try:
         device = resolve_device(cfg.device)
-        ds = data.load_dataset(cfg.dataset, split=cfg.split, max_samples=cfg.max_samples)
+        ds = data.load_dataset(cfg.dataset, split=cfg.split, max_samples=cfg.max_samples,
+                               shuffle_captions=cfg.shuffle_captions)
         encoder = cls(cfg.checkpoint, device=device, token=cfg.token)
         if cfg.image_size is not None:
             encoder.image_size = cfg.image_size
@@ -210,6 +213,9 @@ def build_parser(modality: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_workers", type=int, default=None)
+    if modality == "text":
+        p.add_argument("--shuffle_captions", type=int, default=None, metavar="SEED",
+                       help="null baseline: permute captions across samples (same fingerprint)")
     if modality == "image":
         p.add_argument("--image_size", type=int, default=None, help="input size for EfficientNetLite (default 224)")
     return p
@@ -228,7 +234,7 @@ def main_for(modality: str, argv=None) -> TrainResult:
         dataset=args.dataset, split=args.split, max_samples=args.max_samples, batch_size=args.batch_size,
         root=args.root, overwrite=args.overwrite, device=args.device, seed=args.seed,
         train_on_padding=args.train_on_padding, acts_dtype=args.acts_dtype, num_workers=args.num_workers,
-        image_size=getattr(args, "image_size", None))
+        image_size=getattr(args, "image_size", None), shuffle_captions=getattr(args, "shuffle_captions", None))
     sae_cfg = SaeConfig(top_k=args.top_k, expansion_factor=args.expansion_factor, lr=args.lr,
                         lr_warmup_steps=args.lr_warmup_steps, normalize_decoder=args.normalize_decoder,
                         auxk_alpha=args.auxk_alpha)

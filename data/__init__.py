@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from data.base import PairedDataset, fingerprint
 from data.shapes import ShapesConfig, ShapesDataset, attribute_matrix, attribute_names
 from errors import UserError
@@ -21,11 +23,40 @@ __all__ = ["DATASETS", "DATASETS_HELP", "PairedDataset", "ShapesConfig", "Shapes
            "attribute_names", "fingerprint", "from_description", "load_dataset"]
 
 
-def load_dataset(name: str, split: str | None = None, max_samples: int | None = None, **kwargs) -> PairedDataset:
+class CaptionsShuffled(PairedDataset):
+    """A null baseline: every image keeps its id, but captions are permuted across samples, so whatever
+    a text run over it shares with an image run is chance."""
+
+    def __init__(self, ds: PairedDataset, seed: int):
+        self.ds, self.seed = ds, int(seed)
+        self.name, self.split, self.sample_ids = ds.name, ds.split, ds.sample_ids
+        self.perm_N = np.random.default_rng(self.seed).permutation(len(ds))
+
+    def image(self, i):
+        return self.ds.image(i)
+
+    def caption(self, i):
+        return self.ds.caption(int(self.perm_N[self._check(i)]))
+
+    def attributes(self, i):
+        return self.ds.attributes(i)
+
+    def describe(self):
+        return {**self.ds.describe(), "shuffle_captions": self.seed}
+
+
+def load_dataset(name: str, split: str | None = None, max_samples: int | None = None,
+                 shuffle_captions: int | None = None, **kwargs) -> PairedDataset:
     """The first `max_samples` samples (all when None; shapes: 2000) of dataset `name`.
 
     kwargs: `image_size`, `seed` for shapes; None values are ignored (so a CLI can pass its flags).
+    `shuffle_captions=SEED` permutes captions across samples (a null baseline, same fingerprint).
     """
+    ds = _load(name, split, max_samples, **kwargs)
+    return ds if shuffle_captions is None else CaptionsShuffled(ds, shuffle_captions)
+
+
+def _load(name: str, split: str | None, max_samples: int | None, **kwargs) -> PairedDataset:
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if max_samples is not None and (isinstance(max_samples, bool) or int(max_samples) != max_samples
                                     or max_samples <= 0):
@@ -61,7 +92,7 @@ def from_description(desc: dict) -> PairedDataset:
         name, n = desc["name"], int(desc["n_samples"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"dataset description without a valid name / n_samples: {desc!r}") from e
-    ds = load_dataset(name, split=desc.get("split"), max_samples=n,
+    ds = load_dataset(name, split=desc.get("split"), max_samples=n, shuffle_captions=desc.get("shuffle_captions"),
                       **{k: desc[k] for k in SHAPES_ARGS if name == "shapes" and k in desc})
     want = desc.get("fingerprint")
     if want is not None and ds.fingerprint != want:

@@ -262,3 +262,14 @@ def test_unknown_dataset_lists_choices():
         data.load_dataset("imagenet")
     assert all(n in str(e.value) for n in data.DATASETS)
     assert set(data.DATASETS) == {"shapes", "coco", "flowers102"}
+
+
+def test_shuffled_captions_are_a_permutation_with_the_same_fingerprint():
+    ds = data.load_dataset("shapes", max_samples=50)
+    null = data.load_dataset("shapes", max_samples=50, shuffle_captions=3)
+    assert null.fingerprint == ds.fingerprint
+    assert sorted(null.caption(i) for i in range(50)) == sorted(ds.caption(i) for i in range(50))
+    assert sum(null.caption(i) != ds.caption(i) for i in range(50)) > 40
+    assert null.image(7).tobytes() == ds.image(7).tobytes()
+    again = data.from_description(null.describe())
+    assert [again.caption(i) for i in range(50)] == [null.caption(i) for i in range(50)]
