@@ -96,6 +96,8 @@ def train(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> TrainResult:
                                shuffle_captions=cfg.shuffle_captions)
         encoder = cls(cfg.checkpoint, device=device, token=cfg.token)
         if cfg.image_size is not None:
+            if not hasattr(encoder, "image_size"):
+                raise UserError(f"--image_size applies to EfficientNetLite; {cfg.model} uses its own processor")
             encoder.image_size = cfg.image_size
         layers = encoder.resolve_layers(cfg.layers)
         batch_size = cfg.batch_size or (16 if modality == "image" else 256)
@@ -157,7 +159,7 @@ def _record(cfg, sae_cfg, ds, encoder, layers, batch_size, writer, device) -> di
         "sae": {**asdict(sae_cfg), "batch_size": batch_size, "seed": cfg.seed,
                 "train_on_padding": cfg.train_on_padding},
         "layers": layers, "n_layers_model": encoder.n_layers, "layer_info": layer_info,
-        "acts_dtype": cfg.acts_dtype,
+        "acts_dtype": cfg.acts_dtype, "image_size": getattr(encoder, "image_size", None),
         "versions": _versions(), "device": str(device),
     }
 
