@@ -1,0 +1,161 @@
+"""Benchmark of the correlation engine behind wmppc.py / comp_sharedness.py. Prints ratios (the
+machine is noisy; reference timings are taken right before and after the timed work).
+
+  (a) dense path throughput as a fraction of plain torch.mm on the same shapes (target >= 0.8)
+  (b) sparse path speed-up over the dense path on top-k codes, same numbers (target >= 20x, equal to 1e-5)
+  (c) peak RSS of an all-layers wMPPC at N=50000, F=6144, 12 layers each (target <= 4 GiB)
+
+    uv run bench/bench_wmppc.py            # full sizes: several minutes on 2 cores
+    uv run bench/bench_wmppc.py --quick    # small sizes, a minute
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.synthetic import make_run, random_sae_state  # noqa: E402
+
+from correlation import Correlator  # noqa: E402
+from runs import Run  # noqa: E402
+from wmppc import wmppc  # noqa: E402
+
+K = 32
+GIB = 2**30
+
+
+def build_pair(root: Path, n: int, n_features: int, n_layers: int) -> tuple[Run, Run]:
+    """Two runs over the same n samples, d = F/8, activations sharing random latent factors (so that
+    correlations have structure), random SAE weights."""
+    d = n_features // 8
+
+    def layer_rows(seed: int):
+        mix = np.random.default_rng(seed).normal(size=(16, d)).astype(np.float32)
+
+        def rows(start: int, stop: int) -> np.ndarray:
+            z = np.random.default_rng([0, start]).normal(size=(stop - start, 16)).astype(np.float32)
+            noise = np.random.default_rng([seed, start]).normal(size=(stop - start, d)).astype(np.float32)
+            return z @ mix + noise
+        return rows
+
+    runs = []
+    for r, name in enumerate(("A", "B")):
+        seeds = {layer: 1000 * (r + 1) + layer for layer in range(n_layers)}
+        runs.append(make_run(root, name, {l: layer_rows(s) for l, s in seeds.items()},
+                             {l: random_sae_state(d, n_features, s, b_scale=0.0) for l, s in seeds.items()},
+                             K, n_samples=n))
+    return runs[0], runs[1]
+
+
+def mm_seconds(n: int, n_features: int, reps: int = 2) -> float:
+    """Best time of one [F, N] @ [N, F] product: a layer pair's worth of plain torch.mm."""
+    x, y = torch.randn(n, n_features), torch.randn(n, n_features)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(x.T, y)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def bench_speed(root: Path, n: int, n_features: int, n_layers: int) -> None:
+    run_a, run_b = build_pair(root, n, n_features, n_layers)
+    pairs = n_layers ** 2
+    print(f"(a)/(b): two runs of {n_layers} layers, N={n}, F={n_features}, d={n_features // 8}, k={K}, "
+          f"{torch.get_num_threads()} threads")
+
+    mm_before = mm_seconds(n, n_features)
+    relu, t_dense = timed(lambda: Correlator("relu", "cpu", cache=False, progress=False).pair_stats(run_a, run_b))
+    mm_after = mm_seconds(n, n_features)
+    t_ref = pairs * (mm_before + mm_after) / 2
+    print(f"(a) dense relu, {pairs} layer pairs: {t_dense:.1f} s; torch.mm on the same shapes: {t_ref:.1f} s "
+          f"(one pair {mm_before:.2f} s before, {mm_after:.2f} s after)")
+    print(f"(a) dense throughput / torch.mm throughput = {t_ref / t_dense:.2f}   (target >= 0.8)")
+
+    dense, t_dense_topk = timed(lambda: Correlator("topk", "cpu", cache=False, method="dense",
+                                                   progress=False).pair_stats(run_a, run_b))
+    engine = Correlator("topk", "cpu", cache=False, progress=False)
+    sparse, t_sparse = timed(lambda: engine.pair_stats(run_a, run_b))
+    _, t_sparse_warm = timed(lambda: engine.pair_stats(run_a, run_b))  # top-k codes already in memory
+    diff = max(float(np.abs(dense[p].rho_F - sparse[p].rho_F).max()) for p in dense)
+    same = np.mean([np.mean(dense[p].match_F == sparse[p].match_F) for p in dense])
+    print(f"(b) top-k codes: dense path {t_dense_topk:.1f} s, sparse path {t_sparse:.1f} s "
+          f"(of which {t_sparse - t_sparse_warm:.1f} s computing the top-k codes of {2 * n_layers} layers)")
+    print(f"(b) sparse speed-up = {t_dense_topk / t_sparse:.1f}x end to end   (target >= 20x); "
+          f"{t_dense_topk / t_sparse_warm:.1f}x with the codes in memory")
+    print(f"(b) max |rho dense - rho sparse| = {diff:.2e} (target <= 1e-5); same match for {100 * same:.2f}% of features")
+
+
+def mem_child(root: str, codes: str, n_layers: int) -> None:
+    """Runs in its own process so that ru_maxrss is this computation's peak alone."""
+    run_a, run_b = Run.open(root, "A"), Run.open(root, "B")
+    engine = Correlator(codes, "cpu", cache=False, progress=False)
+    t = time.perf_counter()
+    if n_layers == len(run_a.layers):
+        res = wmppc(run_a, run_b, engine)
+        value = res.all_layers
+    else:  # the first n_layers x n_layers pairs: same accumulator groups, hence same peak, as all pairs
+        stats = engine.pair_stats(run_a, run_b, [(a, b) for a in run_a.layers[:n_layers] for b in run_b.layers[:n_layers]])
+        value = float(np.mean([s.rho_F.mean() for s in stats.values()]))
+    print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "seconds": time.perf_counter() - t, "value": value}))
+
+
+def bench_memory(root: Path, n: int, n_features: int, n_layers: int, dense_layers: int) -> None:
+    build_pair(root, n, n_features, n_layers)
+    print(f"(c) two runs of {n_layers} layers, N={n}, F={n_features}, d={n_features // 8}")
+    for codes, layers in (("topk", n_layers), ("relu", dense_layers)):
+        out = subprocess.run([sys.executable, __file__, "--mem_child", str(root), "--codes", codes,
+                              "--mem_child_layers", str(layers)], capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"memory child failed:\n{out.stderr}")
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        what = "all-layers wMPPC" if layers == n_layers else f"the first {layers}x{layers} layer pairs"
+        print(f"(c) {codes} codes, {what}: peak RSS {res['peak_rss_bytes'] / GIB:.2f} GiB "
+              f"in {res['seconds']:.0f} s   (target <= 4 GiB)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes")
+    p.add_argument("--workdir", help="where to write the synthetic runs (default: a temporary folder)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["speed", "memory"])
+    p.add_argument("--dense_mem_layers", type=int, default=3,
+                   help="(c) dense relu: layer pairs measured (a 12x12 dense pass takes hours on 2 cores)")
+    p.add_argument("--mem_child", help=argparse.SUPPRESS)
+    p.add_argument("--codes", help=argparse.SUPPRESS)
+    p.add_argument("--mem_child_layers", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.mem_child:
+        return mem_child(args.mem_child, args.codes, args.mem_child_layers)
+    speed = (4000, 1024, 3) if args.quick else (20000, 3072, 6)
+    memory = (8000, 2048, 4) if args.quick else (50000, 6144, 12)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_wmppc-"))
+    try:
+        if "speed" not in args.skip:
+            bench_speed(work / "speed", *speed)
+        if "memory" not in args.skip:
+            bench_memory(work / "memory", *memory, min(args.dense_mem_layers, memory[2]))
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Comparative Sharedness (SPEC §7): the features of a model M shared with every model of a group G
+and poorly with every model of a group H, last layer of each run.
+
+    Delta_i = S_i^M * ((min_{g in G} rho_i^{M->g})^2 - (max_{h in H} rho_i^{M->h})^2)
+
+    uv run comp_sharedness.py --source M --min_group G1 G2 --max_group H1 H2 [--top N] [--json out.json]
+
+Both groups must be non-empty (SPEC §10): with H empty the score is just "shared with G", which
+`wmppc.py`'s correlations already answer; an empty G would make every feature "shared".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from correlation import Correlator, add_engine_args, check_output, engine_from_args, open_runs
+from errors import UserError, cli
+from runs import Run
+
+
+class Sharedness(NamedTuple):
+    source: str
+    min_group: list[str]
+    max_group: list[str]
+    codes: str
+    layers: dict[str, int]
+    """The (last) layer used for each run, source included."""
+    delta_F: np.ndarray
+    mass_F: np.ndarray
+    rho: dict[str, np.ndarray]
+    """run -> [F] rho_i^{M->run}."""
+    match: dict[str, np.ndarray]
+    """run -> [F] best-matching feature of run."""
+
+
+def check_groups(source: str, min_group: list[str], max_group: list[str]) -> None:
+    for flag, group in (("--min_group", min_group), ("--max_group", max_group)):
+        if not group:
+            raise UserError(f"{flag} is empty: give at least one run")
+        if source in group:
+            raise UserError(f"the source {source!r} is listed in its own {flag}")
+        if len(set(group)) != len(group):
+            raise UserError(f"{flag} lists a run twice: {' '.join(group)}")
+    both = sorted(set(min_group) & set(max_group))
+    if both:
+        raise UserError(f"{', '.join(both)} in both --min_group and --max_group")
+
+
+def comp_sharedness(source: Run, min_group: list[Run], max_group: list[Run], engine: Correlator) -> Sharedness:
+    check_groups(source.name, [r.name for r in min_group], [r.name for r in max_group])
+    a = source.layers[-1]
+    stats = {r.name: engine.pair_stats(source, r, [(a, r.layers[-1])])[a, r.layers[-1]] for r in min_group + max_group}
+    mass_F = stats[min_group[0].name].mass_F
+    # a true minimum over G (the paper's code starts it at 0, which cancels the G term)
+    g_min_F = np.min([stats[r.name].rho_F for r in min_group], axis=0)
+    h_max_F = np.max([stats[r.name].rho_F for r in max_group], axis=0)
+    return Sharedness(source.name, [r.name for r in min_group], [r.name for r in max_group], engine.codes,
+                      {r.name: r.layers[-1] for r in [source, *min_group, *max_group]},
+                      mass_F * (g_min_F ** 2 - h_max_F ** 2), mass_F,
+                      {n: s.rho_F for n, s in stats.items()}, {n: s.match_F for n, s in stats.items()})
+
+
+def top_features(res: Sharedness, top: int | None = None) -> list[dict]:
+    """The `top` features by Delta (default: 1% of the features, at least one), best first."""
+    if top is None:
+        top = max(1, math.ceil(len(res.delta_F) / 100))
+    order = np.argsort(-res.delta_F, kind="stable")[:top]
+    return [{"feature": int(i), "delta": float(res.delta_F[i]), "mass": float(res.mass_F[i]),
+             "rho": {n: float(r[i]) for n, r in res.rho.items()},
+             "match": {n: int(m[i]) for n, m in res.match.items()}} for i in order]
+
+
+def format_features(res: Sharedness, feats: list[dict]) -> str:
+    runs = [*res.min_group, *res.max_group]
+    width = max(15, *(len(n) + 4 for n in runs))
+    head = (f"Comparative Sharedness of {res.source!r} (layer {res.layers[res.source]}, {len(res.delta_F)} features, "
+            f"{res.codes} codes): top {len(feats)} by Delta\n"
+            f"min over {', '.join(f'{n} (layer {res.layers[n]})' for n in res.min_group)}; "
+            f"max over {', '.join(f'{n} (layer {res.layers[n]})' for n in res.max_group)}\n"
+            f"cells: rho (best-matching feature)\n")
+    names = [("min " if n in res.min_group else "max ") + n for n in runs]
+    lines = [f"{'feature':>8} {'delta':>11} {'mass':>11} |" + "".join(" " + n.rjust(width) for n in names)]
+    for f in feats:
+        cells = "".join(" " + f"{f['rho'][n]:+.3f} ({f['match'][n]})".rjust(width) for n in runs)
+        lines.append(f"{f['feature']:>8} {f['delta']:>11.4g} {f['mass']:>11.4g} |{cells}")
+    return head + "\n".join(lines)
+
+
+@cli
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Comparative Sharedness of the features of one run (SPEC §7)")
+    p.add_argument("--source", required=True, help="run M whose features are ranked")
+    p.add_argument("--min_group", nargs="*", default=[], help="runs G: a feature must be shared with all of them")
+    p.add_argument("--max_group", nargs="*", default=[], help="runs H: a feature must be shared with none of them")
+    p.add_argument("--top", type=int, help="number of features shown (default: 1%% of the features)")
+    p.add_argument("--json", help="write the top features to this JSON file")
+    add_engine_args(p)
+    args = p.parse_args(argv)
+    check_groups(args.source, args.min_group, args.max_group)
+    if args.top is not None and args.top < 1:
+        raise UserError(f"--top must be at least 1, got {args.top}")
+    check_output(args.json, "--json")
+    engine = engine_from_args(args)
+    source, *others = open_runs(args.root, [args.source, *args.min_group, *args.max_group])
+    res = comp_sharedness(source, others[:len(args.min_group)], others[len(args.min_group):], engine)
+    feats = top_features(res, args.top)
+    print(format_features(res, feats))
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"source": res.source, "min_group": res.min_group, "max_group": res.max_group, "codes": res.codes,
+             "layers": res.layers, "features": feats}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Synthetic runs on disk, for tests and benchmarks: known activations and SAE weights, no model."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's flat modules
+
+from runs import Run, RunWriter  # noqa: E402
+
+Rows = Callable[[int, int], np.ndarray]
+"""(start, stop) -> rows start..stop of a layer's activations, for data too big to hold at once."""
+
+
+def random_sae_state(d: int, n_features: int, seed: int = 0, b_scale: float = 0.1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    W_enc = torch.randn(d, n_features, generator=g) / math.sqrt(d)
+    return {"W_enc": W_enc, "W_dec": (W_enc.T / W_enc.T.norm(dim=1, keepdim=True).clamp_min(1e-12)).contiguous(),
+            "b_dec": torch.randn(d, generator=g) * b_scale}
+
+
+def make_run(root: str | Path, name: str, acts_by_layer: dict[int, np.ndarray | Rows],
+             sae_states: dict[int, dict[str, torch.Tensor]], top_k: int = 4, fingerprint: str = "synthetic-0",
+             n_samples: int | None = None, overwrite: bool = False, chunk: int = 8192) -> Run:
+    """Write a complete run whose layer l has activations acts_by_layer[l] ([N, d] array or Rows, then
+    give n_samples) and SAE sae_states[l]."""
+    layers = sorted(acts_by_layer)
+    if n_samples is None:
+        n_samples = len(next(iter(acts_by_layer.values())))
+    writer = RunWriter(root, name, overwrite=overwrite)
+    info = {}
+    for layer in layers:
+        state = sae_states[layer]
+        d, n_features = state["W_enc"].shape
+        mm = writer.acts(layer, n_samples, d)
+        src = acts_by_layer[layer]
+        for start in range(0, n_samples, chunk):
+            stop = min(n_samples, start + chunk)
+            mm[start:stop] = src[start:stop] if isinstance(src, np.ndarray) else src(start, stop)
+        writer.save_sae(layer, {k: v.contiguous() for k, v in state.items()})
+        info[str(layer)] = {"d_model": d, "n_features": n_features}
+    writer.finish({
+        "runname": name, "modality": "image", "model": "Synthetic", "checkpoint": "none", "token": "cls",
+        "dataset": {"name": "synthetic", "split": "train", "n_samples": n_samples, "fingerprint": fingerprint},
+        "sae": {"top_k": top_k, "expansion_factor": 4, "lr": 5e-5, "batch_size": 16, "seed": 0},
+        "layers": layers, "layer_info": info})
+    return Run.open(root, name)
