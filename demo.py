@@ -21,6 +21,7 @@ import numpy as np
 
 import data
 import report
+import show
 from report import IMAGE, NULL, TEXT
 from comp_sharedness import comp_sharedness, top_features
 from correlation import Correlator
@@ -66,9 +67,10 @@ def _train_or_reuse(cfg: DemoConfig, name: str, root: Path) -> tuple[Run, float]
             run = Run.open(root, name)
             want = data.load_dataset("shapes", max_samples=cfg.max_samples,
                                      shuffle_captions=extra.get("shuffle_captions")).describe()
-            same = run.meta["dataset"] == want and run.meta.get("image_size") == tcfg.image_size and (
-                cfg.layers is None and run.layers == list(range(run.meta["n_layers_model"]))
-                or cfg.layers is not None and run.layers == sorted(set(cfg.layers)))
+            n_layers = run.meta["n_layers_model"]
+            layers = range(n_layers) if cfg.layers is None else {layer % n_layers for layer in cfg.layers}
+            same = (run.meta["dataset"] == want and run.meta.get("image_size") == tcfg.image_size
+                    and run.layers == sorted(layers))
             if same:
                 print(f"reusing {run.path} (same settings)")
                 return run, 0.0
@@ -124,7 +126,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     sharedness_json = out / "comp_sharedness.json"
     sharedness_json.write_text(json.dumps({"source": IMAGE, "min_group": [TEXT], "max_group": [NULL],
                                            "codes": shared.codes, "layers": shared.layers, "features": feats}, indent=1))
-    gallery = report.previews(runs[IMAGE], sharedness_json, out / "imgs")
+    gallery_dir = out / "imgs" / "shared"
+    show.main(["--from_json", str(sharedness_json), "--root", str(root), "--out", str(gallery_dir), "--overwrite",
+               "--device", cfg.device])
+    grids = [str(next((gallery_dir / IMAGE).glob(f"feat{f['feature']}_*.jpg")).relative_to(out)) for f in feats]
 
     results = {
         "config": cfg.__dict__, "runs": {n: r.meta for n, r in runs.items()}, "train_seconds": seconds,
@@ -132,7 +137,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                                 "layer_matrix": p.layer_matrix.tolist(), "source_layers": p.source_layers,
                                 "target_layers": p.target_layers} for (a, b), p in pairs.items()},
         "sharedness": {"source": IMAGE, "min_group": [TEXT], "max_group": [NULL], "features": feats},
-        "gallery": gallery, "seconds": time.perf_counter() - t0,
+        "gallery": str((gallery_dir / "index.html").relative_to(out)), "grids": grids, "seconds": time.perf_counter() - t0,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))

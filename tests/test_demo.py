@@ -1,0 +1,92 @@
+"""demo.py end to end at a small size: the report's numbers agree with the runs on disk."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import demo
+from report import IMAGE, NULL, TEXT
+from runs import Run
+
+
+def _codes64(run: Run, layer: int) -> np.ndarray:
+    sae = run.sae(layer)
+    x = np.asarray(run.acts(layer), dtype=np.float64)
+    return np.maximum((x - sae.b_dec.double().numpy()) @ sae.W_enc.double().numpy(), 0)
+
+
+def _rho_mass(a_NF: np.ndarray, b_NG: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force float64 reference: signed max Pearson of every feature of A over B; constant -> 0."""
+    ac, bc = a_NF - a_NF.mean(0), b_NG - b_NG.mean(0)
+    na, nb = np.sqrt((ac ** 2).sum(0)), np.sqrt((bc ** 2).sum(0))
+    corr = np.divide(ac.T @ bc, np.outer(na, nb), out=np.zeros((a_NF.shape[1], b_NG.shape[1])),
+                     where=np.outer(na, nb) > 0)
+    return corr.max(1), a_NF.sum(0)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    demo.main(["--out", str(out), "--max_samples", "120", "--layers", "0", "-1", "--image_size", "64", "--top", "4"])
+    return out
+
+
+def test_demo_writes_the_report(demo_run, capsys):
+    for f in ("report.html", "report.md", "results.json", "comp_sharedness.json", "wmppc_runs.png",
+              f"wmppc_{IMAGE}_{TEXT}.png", f"wmppc_{IMAGE}_{NULL}.png"):
+        assert (demo_run / f).is_file(), f
+    res = json.loads((demo_run / "results.json").read_text())
+    assert (demo_run / res["gallery"]).is_file()
+    for grid in res["grids"]:
+        assert (demo_run / grid).is_file()
+    html = (demo_run / "report.html").read_text()
+    assert "http://" not in html and "https://" not in html  # opens offline
+    for run in (IMAGE, TEXT, NULL):
+        assert Run.open(demo_run / "sae_features", run).meta["complete"]
+
+
+def test_report_numbers_match_runs_on_disk(demo_run):
+    res = json.loads((demo_run / "results.json").read_text())
+    root = demo_run / "sae_features"
+    runs = {n: Run.open(root, n) for n in (IMAGE, TEXT, NULL)}
+    for target in (TEXT, NULL):
+        a, b = runs[IMAGE], runs[target]
+        rho, mass = _rho_mass(_codes64(a, -1), _codes64(b, -1))
+        expected_last = (mass * rho).sum() / mass.sum()
+        got = res["wmppc"][f"{IMAGE}->{target}"]
+        assert got["last_layer"] == pytest.approx(expected_last, abs=1e-5)
+        # all layers: each feature's best over B's layers, averaged over A's layers weighted by feature count
+        per_layer, weights = [], []
+        for la in a.layers:
+            ca = _codes64(a, la)
+            rho_all = np.max([_rho_mass(ca, _codes64(b, lb))[0] for lb in b.layers], axis=0)
+            m = ca.sum(0)
+            per_layer.append((m * rho_all).sum() / m.sum())
+            weights.append(ca.shape[1])
+        assert got["all_layers"] == pytest.approx(np.average(per_layer, weights=weights), abs=1e-5)
+        md = (demo_run / "report.md").read_text()
+        assert f"{got['all_layers']:.3f} / {got['last_layer']:.3f}" in md
+    # Comparative Sharedness: Delta = S * (rho_text^2 - rho_null^2), sorted
+    rho_t, mass = _rho_mass(_codes64(runs[IMAGE], -1), _codes64(runs[TEXT], -1))
+    rho_n, _ = _rho_mass(_codes64(runs[IMAGE], -1), _codes64(runs[NULL], -1))
+    delta = mass * (rho_t ** 2 - rho_n ** 2)
+    feats = res["sharedness"]["features"]
+    assert [f["feature"] for f in feats] == list(np.argsort(-delta, kind="stable")[:4])
+    for f in feats:
+        assert f["delta"] == pytest.approx(delta[f["feature"]], rel=1e-4, abs=1e-6)
+
+
+def test_second_demo_reuses_runs(demo_run, capsys):
+    demo.main(["--out", str(demo_run), "--max_samples", "120", "--layers", "0", "-1", "--image_size", "64",
+               "--top", "4"])
+    out = capsys.readouterr().out
+    assert out.count("reusing") == 3 and "report:" in out
+
+
+def test_other_settings_need_overwrite(demo_run, capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--out", str(demo_run), "--max_samples", "60", "--layers", "0", "-1", "--image_size", "64"])
+    assert e.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err
