@@ -95,7 +95,7 @@ body{{font:15px/1.5 system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px
 h1{{margin-bottom:.2em}} .headline{{background:#eef4ff;border-left:4px solid #3b6fd8;padding:.7em 1em;font-weight:600}}
 table{{border-collapse:collapse;margin:.6em 0 1.4em;font-size:14px}} th,td{{border-bottom:1px solid #dde2ea;padding:.3em .7em;text-align:right}}
 th{{background:#f5f7fa}} td:first-child,th:first-child{{text-align:left}}
-.plots img{{max-width:100%;margin:.4em 0}} .grids{{display:flex;flex-wrap:wrap;gap:12px}}
+.plots{{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}} .plots img{{max-width:min(100%,520px);margin:.4em 0}} .grids{{display:flex;flex-wrap:wrap;gap:12px}}
 figure{{margin:0;width:200px}} figure img{{width:200px;border-radius:4px}} figcaption{{font-size:13px;color:#555}}
 </style></head><body>
 <h1>saeshare demo report</h1><p>{html.escape(INTRO)}</p>

@@ -89,6 +89,10 @@ class Encoder:
         return self.model(**inputs)
 
     # --- shared -------------------------------------------------------------------------------------
+    def hf_id(self) -> str:
+        """What `from_pretrained` gets: a local folder as an absolute path, else the hub id."""
+        return str(Path(self.checkpoint).expanduser()) if _is_local(self.checkpoint) else self.checkpoint
+
     @property
     def n_layers(self) -> int:
         return len(self.blocks)
@@ -254,9 +258,6 @@ class _HFImage(Encoder):
     n_prefix_tokens = 1
     block_paths = ("encoder.layer", "layers", "encoder.layers")
 
-    def hf_id(self) -> str:
-        return str(Path(self.checkpoint).expanduser()) if _is_local(self.checkpoint) else self.checkpoint
-
     def load(self):
         from transformers import AutoImageProcessor, AutoModel
 
@@ -327,9 +328,8 @@ class _HFText(Encoder):
     def load(self):
         from transformers import AutoModel, AutoTokenizer
 
-        ckpt = str(Path(self.checkpoint).expanduser()) if _is_local(self.checkpoint) else self.checkpoint
-        self.tokenizer = AutoTokenizer.from_pretrained(ckpt)
-        return AutoModel.from_pretrained(ckpt)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.hf_id())
+        return AutoModel.from_pretrained(self.hf_id())
 
     def find_blocks(self):
         return _first_attr(self.model, self.block_paths)
@@ -354,10 +354,8 @@ class Bert(_HFText):
     checkpoint_flag = "--bert_model_name"
     default_checkpoint = "bert-large-uncased"
 
-    def load(self):
-        if self.checkpoint in MINILM_NAMES:
-            self.checkpoint = minilm_path()
-        return super().load()
+    def hf_id(self) -> str:
+        return minilm_path() if self.checkpoint in MINILM_NAMES else super().hf_id()
 
 
 @register
