@@ -62,17 +62,25 @@ def headline(res: dict) -> str:
 INTRO = (f"Two real pretrained encoders that ship in PyPI packages, EfficientNet-Lite0 (`{IMAGE}`, images) and "
          f"all-MiniLM-L6-v2 (`{TEXT}`, the captions of the same images), and a null run (`{NULL}`: the same text "
          "model over captions shuffled across samples, so anything it shares with the images is chance). A top-k "
-         "SAE is trained on every layer of each (paper defaults), on the built-in `shapes` dataset.")
+         "SAE is trained on every layer of each, on the built-in `shapes` dataset.")
 READING = ("wMPPC A -> B is the activation-mass-weighted mean, over A's features, of the best Pearson correlation "
            "with any feature of B: 1 means every concept of A is found in B. Comparative Sharedness ranks "
            f"the features of `{IMAGE}` shared with `{TEXT}` but not with `{NULL}`: "
            "Delta = S * (rho_text^2 - rho_null^2).")
 
 
+def settings(res: dict) -> str:
+    sae = next(iter(res["runs"].values()))["sae"]
+    batches = ", ".join(f"{n}: {m['sae']['batch_size']}" for n, m in res["runs"].items())
+    return (f"SAE settings: top_k {sae['top_k']}, expansion factor {sae['expansion_factor']}, lr {sae['lr']:g}, "
+            f"one epoch; batch ({batches}). The paper's lr 5e-5 is tuned for COCO's thousands of steps; "
+            "`uv run demo.py --paper_defaults` uses it.")
+
+
 def write(res: dict, out: Path) -> None:
     s = _sections(res)
     runs = res["runs"]
-    md = [f"# saeshare demo report\n\n{INTRO}\n\n**{headline(res)}**\n\n{READING}\n",
+    md = [f"# saeshare demo report\n\n{INTRO} {settings(res)}\n\n**{headline(res)}**\n\n{READING}\n",
           "## Runs\n", _md_table(RUN_HEAD, s["run_rows"]),
           "\n## wMPPC (row -> column; all layers / last layer)\n", _md_table(["source"] + s["names"], s["wm_rows"]),
           f"\n![wMPPC between runs](wmppc_runs.png)\n![{IMAGE} -> {TEXT} per layer pair](wmppc_{IMAGE}_{TEXT}.png)"
@@ -98,7 +106,7 @@ th{{background:#f5f7fa}} td:first-child,th:first-child{{text-align:left}}
 .plots{{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}} .plots img{{max-width:min(100%,520px);margin:.4em 0}} .grids{{display:flex;flex-wrap:wrap;gap:12px}}
 figure{{margin:0;width:200px}} figure img{{width:200px;border-radius:4px}} figcaption{{font-size:13px;color:#555}}
 </style></head><body>
-<h1>saeshare demo report</h1><p>{html.escape(INTRO)}</p>
+<h1>saeshare demo report</h1><p>{html.escape(INTRO)} {html.escape(settings(res))}</p>
 <p class="headline">{html.escape(headline(res))}</p><p>{html.escape(READING)}</p>
 <h2>Runs</h2>{_html_table(RUN_HEAD, s["run_rows"])}
 <h2>wMPPC (row &rarr; column; all layers / last layer)</h2>{_html_table(["source"] + s["names"], s["wm_rows"])}

@@ -25,6 +25,10 @@ from sae import SaeConfig, SaeTrainer
 from wrappedmodels import ENCODERS, TOKENS, Encoder, get_encoder_class
 
 
+DEFAULT_BATCH = {"image": 16, "text": 256}
+"""Encoder batch of the paper's code: 16 images or 256 captions (one SAE step per batch)."""
+
+
 @dataclass
 class TrainConfig:
     runname: str
@@ -100,7 +104,7 @@ def train(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> TrainResult:
                 raise UserError(f"--image_size applies to EfficientNetLite; {cfg.model} uses its own processor")
             encoder.image_size = cfg.image_size
         layers = encoder.resolve_layers(cfg.layers)
-        batch_size = cfg.batch_size or (16 if modality == "image" else 256)
+        batch_size = cfg.batch_size or DEFAULT_BATCH[modality]
         meta = _record(cfg, sae_cfg, ds, encoder, layers, batch_size, writer, device)
         run_dir = writer.finish(meta)
     except BaseException:
