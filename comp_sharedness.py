@@ -94,13 +94,15 @@ def format_features(res: Sharedness, feats: list[dict]) -> str:
 @cli
 def main(argv=None):
     p = argparse.ArgumentParser(description="Comparative Sharedness of the features of one run (SPEC §7)")
-    p.add_argument("--source", required=True, help="run M whose features are ranked")
+    p.add_argument("--source", help="run M whose features are ranked")
     p.add_argument("--min_group", nargs="*", default=[], help="runs G: a feature must be shared with all of them")
     p.add_argument("--max_group", nargs="*", default=[], help="runs H: a feature must be shared with none of them")
     p.add_argument("--top", type=int, help="number of features shown (default: 1%% of the features)")
     p.add_argument("--json", help="write the top features to this JSON file")
     add_engine_args(p)
     args = p.parse_args(argv)
+    if not args.source:
+        raise UserError("--source is required: the run whose features are ranked")
     check_groups(args.source, args.min_group, args.max_group)
     if args.top is not None and args.top < 1:
         raise UserError(f"--top must be at least 1, got {args.top}")

@@ -15,16 +15,17 @@ Two paths give the same numbers (to ~1e-6):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import warnings
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from errors import UserError
@@ -34,7 +35,7 @@ from sae import TopKSAE
 CACHE_VERSION = 1
 """Bump when the numbers the engine returns change meaning; old cache files are then ignored."""
 DEFAULT_CHUNK = 2048
-DEFAULT_MEM_GB = 2.0
+DEFAULT_MEM_GB = 1.0
 _SPARSE_BLOCK = 1 << 16
 """Products generated per scatter-add in the sparse path (~1.5 MiB of keys and values: stays in cache)."""
 
@@ -142,6 +143,20 @@ def _plan(sizes_a: list[tuple[int, int]], sizes_b: list[tuple[int, int]], cells:
         if n_gb == 1:  # more A groups would only cost more
             break
     return best[1], best[2]
+
+
+@contextlib.contextmanager
+def _one_thread_per_op():
+    """For loops of many small CPU ops: with several OpenMP threads every op ends at a barrier, which
+    costs a whole scheduler time slice whenever another process holds a core (measured 10-30x slower
+    on a shared 2-core machine). Single-threaded ops run by independent Python threads instead (torch
+    releases the GIL) use every core and never wait for one another."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(n)
 
 
 def _pack(sizes: list[tuple[int, int]], cap: int) -> list[list[Unit]]:
@@ -305,7 +320,7 @@ class Correlator:
         float64, so the chunks are centred before the product and float32 accumulation (BLAS speed,
         half the memory) loses no digits to cancellation; tests check it against float64 to 1e-5.
         Memory: one float32 accumulator of at most mem_bytes, [features of an A group, features of a
-        B group]; groups as large as possible so that codes are recomputed as rarely as possible."""
+        B group], plus one chunk of codes per group; see _plan for the choice of groups."""
         mom_a = {a: self._layer_moments(run_a, a) for a in la}
         mom_b = {b: self._layer_moments(run_b, b) for b in lb}
         sizes_a = [(a, len(mom_a[a].mean_F)) for a in la]
@@ -402,6 +417,8 @@ class Correlator:
         for a in la:
             mom_a = self._layer_moments(run_a, a)
             vals, idx = self._topk_codes(run_a, a)
+            if run_a.meta.get("run_id") != run_b.meta.get("run_id"):  # A's layers are needed once each
+                self._topk.pop((run_a.meta.get("run_id") or str(run_a.path), a))
             k = idx.shape[1]
             flat_v = vals.reshape(-1)
             keep = flat_v != 0
@@ -423,20 +440,35 @@ class Correlator:
     def _sparse_pair(self, acc, feat, sample, value, mom_a: Moments, vals_b, idx_b, mom_b: Moments, n: int):
         n_a, n_b = len(mom_a.mean_F), len(mom_b.mean_F)
         rows = self._sparse_rows(n_a, n_b)
-        step = max(1, _SPARSE_BLOCK // idx_b.shape[1])
         rho = torch.empty(n_a, dtype=torch.float64, device=self.device)
         match = torch.empty(n_a, dtype=torch.long, device=self.device)
         bounds = torch.searchsorted(feat, torch.arange(0, n_a + rows, rows, device=self.device)).tolist()
         for blk, r0 in enumerate(range(0, n_a, rows)):
             r1 = min(n_a, r0 + rows)
             block = acc[:(r1 - r0) * n_b].zero_()
-            for e0 in range(bounds[blk], bounds[blk + 1], step):
-                e = slice(e0, min(e0 + step, bounds[blk + 1]))
-                s = sample[e]
-                keys = ((feat[e] - r0) * n_b)[:, None] + idx_b[s]
-                block.index_add_(0, keys.reshape(-1), (value[e, None] * vals_b[s]).reshape(-1))
+            lo, hi = bounds[blk], bounds[blk + 1]
+            if self.device.type == "cpu":
+                with _one_thread_per_op() as threads, ThreadPoolExecutor(threads) as pool:
+                    # threads take disjoint runs of features, hence disjoint rows of the block
+                    cuts = [lo, *(int(torch.searchsorted(feat, feat[lo + (hi - lo) * t // threads]))
+                                  for t in range(1, threads) if hi > lo), hi]
+                    list(pool.map(lambda e: self._scatter(block, feat, sample, value, vals_b, idx_b, r0, n_b, *e),
+                                  zip(cuts[:-1], cuts[1:])))
+            else:
+                self._scatter(block, feat, sample, value, vals_b, idx_b, r0, n_b, lo, hi)
             corr = block.view(r1 - r0, n_b)
             corr.addr_(mom_a.mean_F[r0:r1], mom_b.mean_F, alpha=-n)
             corr.mul_(mom_a.inv_F[r0:r1, None]).mul_(mom_b.inv_F[None, :])
             rho[r0:r1], match[r0:r1] = corr.max(dim=1)
         return rho, match
+
+    @staticmethod
+    def _scatter(block, feat, sample, value, vals_b, idx_b, r0: int, n_b: int, lo: int, hi: int) -> None:
+        """block[(i - r0) * F_B + j] += x_i(n) y_j(n) for the entries lo..hi of A (feature i, sample n)
+        and the k active codes j of B on sample n."""
+        step = max(1, _SPARSE_BLOCK // idx_b.shape[1])
+        for e0 in range(lo, hi, step):
+            e = slice(e0, min(e0 + step, hi))
+            s = sample[e]
+            keys = ((feat[e] - r0) * n_b)[:, None] + idx_b[s]
+            block.index_add_(0, keys.reshape(-1), (value[e, None] * vals_b[s]).reshape(-1))

@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's flat modules
-
-from runs import Run, RunWriter  # noqa: E402
+from runs import Run, RunWriter
 
 Rows = Callable[[int, int], np.ndarray]
 """(start, stop) -> rows start..stop of a layer's activations, for data too big to hold at once."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from synthetic import make_run, random_sae_state  # also puts the project on sys.path
+from synthetic import make_run, random_sae_state
 
 import comp_sharedness
 import correlation
@@ -369,6 +369,7 @@ def test_wmppc_bad_input(runs, tmp_path, data, capsys, argv, setup, needle):
 
 
 CS_BAD = [
+    (["--min_group", "G1", "--max_group", "H1"], "--source is required"),
     (["--source", "M", "--min_group", "--max_group", "H1"], "--min_group is empty"),
     (["--source", "M", "--min_group", "G1"], "--max_group is empty"),
     (["--source", "M", "--min_group", "G1", "M", "--max_group", "H1"], "its own --min_group"),
