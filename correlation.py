@@ -119,10 +119,20 @@ def _codes_into(out_Nf: torch.Tensor, sae: TopKSAE, x_ND: torch.Tensor, codes: s
 
 def _moments(sum_F: torch.Tensor, sq_F: torch.Tensor, constant_F: torch.Tensor, n: int) -> Moments:
     mean = sum_F / n
-    var = sq_F / n - mean.square()  # float64 sums: cancellation only matters for |mean|/std > 1e5
-    constant = constant_F | (var <= 0)
+    var = sq_F / n - mean.square()
+    # a std below 1e-6 |mean| is below the precision of float32 codes (a d-term float32 dot product):
+    # such a feature is constant for our purpose, which also keeps 1/std finite
+    constant = constant_F | (var <= 1e-12 * mean.square())
     inv = torch.where(constant, torch.zeros_like(var), 1 / (n * var.clamp_min(1e-300)).sqrt())
     return Moments(mean, inv, sum_F)
+
+
+def _align(n: int, up: bool = False) -> int:
+    """n rounded to a multiple of 64 (when n > 64): BLAS runs at full speed on rows of a multiple of
+    64 floats (measured 172 vs 105 GFLOPS for 14592 vs 14563 columns)."""
+    if n <= 64:
+        return n
+    return -(-n // 64) * 64 if up else n // 64 * 64
 
 
 def _plan(sizes_a: list[tuple[int, int]], sizes_b: list[tuple[int, int]], cells: int) -> tuple[int, int]:
@@ -132,8 +142,8 @@ def _plan(sizes_a: list[tuple[int, int]], sizes_b: list[tuple[int, int]], cells:
     tot_a, tot_b = sum(n for _, n in sizes_a), sum(n for _, n in sizes_b)
     best = None
     for n_ga in range(1, tot_a + 1):
-        cap_a = -(-tot_a // n_ga)
-        cap_b = min(tot_b, cells // cap_a)
+        cap_a = min(tot_a, _align(-(-tot_a // n_ga), up=True))
+        cap_b = min(tot_b, _align(cells // cap_a))
         if cap_b == 0:
             continue
         n_gb = -(-tot_b // cap_b)

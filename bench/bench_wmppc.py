@@ -136,7 +136,10 @@ def mem_child(root: str, codes: str, n_layers: int) -> None:
     t = time.perf_counter()
     if n_layers == len(run_a.layers):
         value = wmppc(run_a, run_b, engine).all_layers
-    else:
+    else:  # a subset of the layer pairs; load every SAE as the full run would (Run keeps them)
+        for run in (run_a, run_b):
+            for layer in run.layers:
+                run.sae(layer)
         stats = engine.pair_stats(run_a, run_b, [(a, b) for a in run_a.layers[:n_layers] for b in run_b.layers[:n_layers]])
         value = float(np.mean([s.rho_F.mean() for s in stats.values()]))
     print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
