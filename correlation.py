@@ -117,14 +117,13 @@ def _codes_into(out_Nf: torch.Tensor, sae: TopKSAE, x_ND: torch.Tensor, codes: s
     return out_Nf.copy_(dense.scatter_(1, top.top_indices, top.top_acts)[:, cols])
 
 
-def _moments(sum_F: torch.Tensor, sq_F: torch.Tensor, constant_F: torch.Tensor, n: int) -> Moments:
-    mean = sum_F / n
-    var = sq_F / n - mean.square()
+def _moments(mean_F: torch.Tensor, var_F: torch.Tensor, mass_F: torch.Tensor, constant_F: torch.Tensor,
+             n: int) -> Moments:
     # a std below 1e-6 |mean| is below the precision of float32 codes (a d-term float32 dot product):
     # such a feature is constant for our purpose, which also keeps 1/std finite
-    constant = constant_F | (var <= 1e-12 * mean.square())
-    inv = torch.where(constant, torch.zeros_like(var), 1 / (n * var.clamp_min(1e-300)).sqrt())
-    return Moments(mean, inv, sum_F)
+    constant = constant_F | (var_F <= 1e-12 * mean_F.square())
+    inv = torch.where(constant, torch.zeros_like(var_F), 1 / (n * var_F.clamp_min(1e-300)).sqrt())
+    return Moments(mean_F, inv, mass_F)
 
 
 def _align(n: int, up: bool = False) -> int:
@@ -270,6 +269,7 @@ class Correlator:
             tmp.unlink(missing_ok=True)
 
     # ---- computation ----------------------------------------------------------------------------------
+    @torch.no_grad()
     def _compute(self, run_a: Run, run_b: Run, la: list[int], lb: list[int]) -> dict[tuple[int, int], PairStats]:
         """PairStats for every pair of la x lb (nothing cached)."""
         for run, layers in ((run_a, la), (run_b, lb)):
@@ -309,21 +309,27 @@ class Correlator:
         sae, n = run.sae(layer, self.device), run.n_samples
         chunks = self._chunks(n)
         self._tick(total=len(chunks))
-        sum_F = torch.zeros(sae.n_features, dtype=torch.float64, device=self.device)
-        sq_F = sum_F.clone()
+        sum_F, mean_F, m2_F = (torch.zeros(sae.n_features, dtype=torch.float64, device=self.device) for _ in range(3))
         lo_F = torch.full((sae.n_features,), math.inf, device=self.device)
         hi_F = -lo_F
-        buf, sq = (torch.empty(min(n, self.chunk_size) * sae.n_features, device=self.device) for _ in range(2))
+        buf, dev = (torch.empty(min(n, self.chunk_size) * sae.n_features, device=self.device) for _ in range(2))
+        seen = 0
         for start in chunks:
             x = self._read(run, layer, start)
             c = _codes_into(buf[:x.shape[0] * sae.n_features].view(x.shape[0], -1), sae, x, self.codes, slice(None))
-            # float32 squares summed in float64: their rounding errors are unbiased and average out
-            sum_F += c.sum(0, dtype=torch.float64)
-            sq_F += torch.mul(c, c, out=sq[:c.numel()].view_as(c)).sum(0, dtype=torch.float64)
+            # per chunk: float32 sums (torch reduces by cascade, ~1e-7 relative) and the squared deviations
+            # from the chunk's own mean, then Chan et al.'s float64 merge: no cancellation, whatever mean/std
+            r, s_c = c.shape[0], c.sum(0)
+            d = torch.sub(c, s_c / r, out=dev[:c.numel()].view_as(c))
+            delta = s_c.double() / r - mean_F
+            mean_F += delta * (r / (seen + r))
+            m2_F += d.mul_(d).sum(0).double() + delta.square() * (seen * r / (seen + r))
+            sum_F += s_c.double()
+            seen += r
             lo_F = torch.minimum(lo_F, c.amin(0))
             hi_F = torch.maximum(hi_F, c.amax(0))
             self._tick(done=1)
-        return _moments(sum_F, sq_F, lo_F == hi_F, n)
+        return _moments(mean_F, m2_F / n, sum_F, lo_F == hi_F, n)
 
     def _dense(self, run_a: Run, run_b: Run, la: list[int], lb: list[int]):
         """Blocked products of centred codes. Choice of precision: the means come from a first pass in
@@ -389,13 +395,18 @@ class Correlator:
         (N*k*12 bytes: small enough to keep while the other run's layers go by)."""
         key = (run.meta.get("run_id") or str(run.path), layer)
         if key not in self._topk:
-            self._tick(total=len(self._chunks(run.n_samples)))
-            vals, idx = [], []
-            for _, top in run.iter_codes(layer, "topk", self.chunk_size, self.device):
-                vals.append(top.top_acts)
-                idx.append(top.top_indices)
+            sae, n = run.sae(layer, self.device), run.n_samples
+            chunks = self._chunks(n)
+            self._tick(total=len(chunks))
+            vals = torch.empty(n, sae.top_k, device=self.device)
+            idx = torch.empty(n, sae.top_k, dtype=torch.long, device=self.device)
+            buf = torch.empty(min(n, self.chunk_size) * sae.n_features, device=self.device)
+            for start in chunks:
+                x = self._read(run, layer, start)
+                pre = _codes_into(buf[:x.shape[0] * sae.n_features].view(x.shape[0], -1), sae, x, "relu", slice(None))
+                torch.topk(pre, sae.top_k, dim=-1, sorted=False, out=(vals[start:start + len(x)], idx[start:start + len(x)]))
                 self._tick(done=1)
-            self._topk[key] = torch.cat(vals), torch.cat(idx)
+            self._topk[key] = vals, idx
         return self._topk[key]
 
     def _sparse_moments(self, run: Run, layer: int) -> Moments:
@@ -412,7 +423,8 @@ class Correlator:
         # a feature left out of a sample's top-k is 0 there: constant iff never active, or active
         # on every sample with one value
         constant = (count_F == 0) | ((count_F == n) & (lo_F == hi_F))
-        return _moments(sum_F, sq_F, constant, n)
+        mean_F = sum_F / n
+        return _moments(mean_F, sq_F / n - mean_F.square(), sum_F, constant, n)  # float64 sums
 
     def _sparse(self, run_a: Run, run_b: Run, la: list[int], lb: list[int]):
         """Cross-products from the active codes only (zeros contribute nothing), float64:

@@ -1,11 +1,11 @@
 """Benchmark of the correlation engine behind wmppc.py / comp_sharedness.py. Prints ratios (the
-machine is noisy; reference timings are taken right before and after the timed work).
+machine is shared and noisy: the torch.mm reference of (a) is timed between the engine's own products).
 
   (a) dense path throughput as a fraction of plain torch.mm on the same shapes (target >= 0.8)
   (b) sparse path speed-up over the dense path on top-k codes, same numbers (target >= 20x, equal to 1e-5)
   (c) peak RSS of an all-layers wMPPC at N=50000, F=6144, 12 layers each (target <= 4 GiB)
 
-    uv run bench/bench_wmppc.py            # full sizes: several minutes on 2 cores
+    uv run bench/bench_wmppc.py            # full sizes: ~15 minutes on 2 cores
     uv run bench/bench_wmppc.py --quick    # small sizes, a minute
 """
 from __future__ import annotations
@@ -59,31 +59,22 @@ def build_pair(root: Path, n: int, n_features: int, n_layers: int) -> tuple[Run,
     return runs[0], runs[1]
 
 
-def mm_seconds(n: int, n_features: int, reps: int = 3) -> float:
-    """Median time of one [F, N] @ [N, F] product: a layer pair's worth of plain torch.mm."""
-    x, y = torch.randn(n, n_features), torch.randn(n, n_features)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.mm(x.T, y)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
 def timed(fn):
     t = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t
 
 
-def timed_inside(fn, owner, name: str):
-    """(fn(), wall seconds, seconds spent inside owner.name during fn)."""
+def timed_inside(fn, owner, name: str, after=None):
+    """(fn(), wall seconds, seconds spent inside owner.name during fn); after() runs after each call."""
     orig, spent = getattr(owner, name), [0.0]
 
     def wrapper(*args, **kwargs):
         t = time.perf_counter()
         out = orig(*args, **kwargs)
         spent[0] += time.perf_counter() - t
+        if after is not None:
+            after()
         return out
     setattr(owner, name, wrapper)
     try:
@@ -103,15 +94,24 @@ def bench_speed(root: Path, n: int, n_features: int, n_layers: int) -> None:
     print(f"(a)/(b): two runs of {n_layers} layers, N={n}, F={n_features}, d={n_features // 8}, k={K}, "
           f"{torch.get_num_threads()} threads; {load()}")
 
-    mm_before = mm_seconds(n, n_features)
-    # the share of time in the products does not depend on how busy the machine is, unlike a
-    # comparison with a torch.mm timed at another moment
+    # torch.mm is timed on one chunk's product ([F, chunk] @ [chunk, F], the unit of a layer pair's
+    # product) between the engine's own products, all through the run, so that a busy machine slows
+    # both sides alike (this box is shared: timings taken before and after drift by up to 2x)
+    chunk = correlation.DEFAULT_CHUNK
+    x, y, out = torch.randn(chunk, n_features), torch.randn(chunk, n_features), torch.empty(n_features, n_features)
+    ref: list[float] = []
+
+    def reference():
+        t = time.perf_counter()
+        torch.mm(x.T, y, out=out)
+        ref.append(time.perf_counter() - t)
     _, t_dense, t_products = timed_inside(
-        lambda: Correlator("relu", "cpu", cache=False, progress=False).pair_stats(run_a, run_b), torch.Tensor, "addmm_")
-    mm_after = mm_seconds(n, n_features)
-    t_ref = pairs * (mm_before + mm_after) / 2
+        lambda: Correlator("relu", "cpu", cache=False, progress=False).pair_stats(run_a, run_b),
+        torch.Tensor, "addmm_", after=reference)
+    t_dense -= sum(ref)
+    t_ref = pairs * (n / chunk) * float(np.median(ref))
     print(f"(a) dense relu, {pairs} layer pairs: {t_dense:.1f} s; torch.mm on the same shapes: {t_ref:.1f} s "
-          f"(one pair {mm_before:.2f} s before, {mm_after:.2f} s after); {load()}")
+          f"({len(ref)} timings of one chunk's product, {min(ref):.3f}-{max(ref):.3f} s); {load()}")
     print(f"(a) dense throughput / torch.mm throughput = {t_ref / t_dense:.2f}   (target >= 0.8)")
     print(f"(a) share of the dense path's time in its float32 products (addmm_) = {t_products / t_dense:.2f}")
 
@@ -129,6 +129,15 @@ def bench_speed(root: Path, n: int, n_features: int, n_layers: int) -> None:
           f"of features; {load()}")
 
 
+def peak_rss_self() -> int:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss across
+    execve, so a child would report its parent's peak at fork time."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def mem_child(root: str, codes: str, n_layers: int) -> None:
     """Runs in its own process so that ru_maxrss is this computation's peak alone."""
     run_a, run_b = Run.open(root, "A"), Run.open(root, "B")
@@ -142,7 +151,7 @@ def mem_child(root: str, codes: str, n_layers: int) -> None:
                 run.sae(layer)
         stats = engine.pair_stats(run_a, run_b, [(a, b) for a in run_a.layers[:n_layers] for b in run_b.layers[:n_layers]])
         value = float(np.mean([s.rho_F.mean() for s in stats.values()]))
-    print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    print(json.dumps({"peak_rss_bytes": peak_rss_self(),
                       "seconds": time.perf_counter() - t, "value": value}))
 
 
