@@ -10,7 +10,6 @@ Both groups must be non-empty (SPEC §10): with H empty the score is just "share
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from correlation import Correlator, add_engine_args, check_output, engine_from_args, open_runs
-from errors import UserError, cli
+from errors import ArgumentParser, UserError, cli
 from runs import Run
 
 
@@ -93,7 +92,7 @@ def format_features(res: Sharedness, feats: list[dict]) -> str:
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Comparative Sharedness of the features of one run (SPEC §7)")
+    p = ArgumentParser(description="Comparative Sharedness of the features of one run (SPEC §7)")
     p.add_argument("--source", help="run M whose features are ranked")
     p.add_argument("--min_group", nargs="*", default=[], help="runs G: a feature must be shared with all of them")
     p.add_argument("--max_group", nargs="*", default=[], help="runs H: a feature must be shared with none of them")

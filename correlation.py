@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from errors import UserError
+from errors import UserError, resolve_device
 from runs import CODES, DEFAULT_ROOT, Run, check_comparable
 from sae import TopKSAE
 
@@ -64,18 +64,6 @@ class Unit(NamedTuple):
     layer: int
     start: int
     stop: int
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for but no CUDA GPU is available; use --device cpu")
-    return dev
 
 
 def open_runs(root: str | Path, names: Iterable[str]) -> list[Run]:

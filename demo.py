@@ -25,7 +25,7 @@ import show
 from report import IMAGE, NULL, TEXT
 from comp_sharedness import comp_sharedness, top_features
 from correlation import Correlator
-from errors import UserError, cli
+from errors import ArgumentParser, UserError, cli
 from runs import Run
 from sae import SaeConfig
 from train import DEFAULT_BATCH, TrainConfig, train
@@ -154,7 +154,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=DemoConfig.out)
     p.add_argument("--max_samples", type=int, default=DemoConfig.max_samples)
     p.add_argument("--image_size", type=int, default=DemoConfig.image_size)

@@ -29,8 +29,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
 import data
-from correlation import DEFAULT_CHUNK, open_runs, resolve_device
-from errors import UserError, cli
+from correlation import DEFAULT_CHUNK, open_runs
+from errors import ArgumentParser, UserError, cli, resolve_device
 from gallery import Card, Group, fmt, write_index
 from runs import CODES, DEFAULT_ROOT, Run
 
@@ -321,7 +321,7 @@ def show_json(args: argparse.Namespace) -> None:
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Feature previews: top-9 grids and an HTML gallery (SPEC §8)")
+    p = ArgumentParser(description="Feature previews: top-9 grids and an HTML gallery (SPEC §8)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--run", help="run whose features are shown")
     what.add_argument("--from_json", help="a comp_sharedness.py --json output: each source feature beside its "

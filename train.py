@@ -5,7 +5,6 @@ stores the pooled token of every sample; features are computed from those after 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import time
@@ -19,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import data
-from errors import UserError
+from errors import ArgumentParser, UserError, resolve_device
 from runs import DEFAULT_ROOT, FLOAT16_MAX, RunWriter
 from sae import SaeConfig, SaeTrainer
 from wrappedmodels import ENCODERS, TOKENS, Encoder, get_encoder_class
@@ -64,14 +63,6 @@ class TrainResult(NamedTuple):
     run_dir: Path
     meta: dict
     seconds: float
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device here (use --device cpu or auto)")
-    return torch.device(device)
 
 
 class _Samples(Dataset):
@@ -189,9 +180,9 @@ def _versions() -> dict:
 
 
 # --- command line ---------------------------------------------------------------------------------------
-def build_parser(modality: str) -> argparse.ArgumentParser:
+def build_parser(modality: str) -> ArgumentParser:
     families = [n for n, c in ENCODERS.items() if c.modality == modality]
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=f"Train a top-k SAE on every requested layer of a {modality} encoder and record the pooled "
                     f"activations of every sample into sae_features/<runname>/.")
     p.add_argument("--model", required=True, help=f"encoder family: {', '.join(families)}")

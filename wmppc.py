@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -14,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from correlation import Correlator, PairStats, add_engine_args, check_output, engine_from_args, open_runs
-from errors import UserError, cli
+from errors import ArgumentParser, UserError, cli
 from runs import Run
 
 
@@ -107,7 +106,7 @@ def plot_heatmap(values: np.ndarray, rows: list[str], cols: list[str], ylabel: s
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description="wMPPC between SAE runs (SPEC §6)")
+    p = ArgumentParser(description="wMPPC between SAE runs (SPEC §6)")
     p.add_argument("--source", help="run A")
     p.add_argument("--target", help="run B")
     p.add_argument("--runs", nargs="*", help="several runs: every ordered pair (instead of --source/--target)")

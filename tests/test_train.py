@@ -166,6 +166,7 @@ def test_bad_input_is_one_clear_line(tmp_path, ckpt_dir, capsys):
     msg = _one_error_line(capsys, [*bert, *base, "--dataset", "coco"])
     assert "coco" in msg and "shapes" in msg
     assert "--max_samples must be positive" in _one_error_line(capsys, [*bert, *base[:-1], "0"])
+    assert "invalid int value: 'x'" in _one_error_line(capsys, [*bert, *base, "--layers", "x"])  # argparse too
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -347,6 +346,7 @@ WMPPC_BAD = [
     (["--runs", "A", "B", "A"], None, "twice"),
     (["--source", "A", "--target", "B", "--json", "/nonexistent/dir/x.json"], None, "does not exist"),
     (["--source", "A", "--target", "B", "--device", "gpu0"], None, "unknown --device"),
+    (["--source", "A", "--target", "B", "--chunk_size", "many"], None, "invalid int value: 'many'"),
 ]
 
 
@@ -378,6 +378,7 @@ CS_BAD = [
     (["--source", "M", "--min_group", "G1", "--max_group", "nope"], "no run 'nope'"),
     (["--source", "M", "--min_group", "G1", "--max_group", "H1", "--codes", "x"], "unknown --codes"),
     (["--source", "M", "--min_group", "G1", "--max_group", "H1", "--top", "0"], "--top"),
+    (["--source", "M", "--min_group", "G1", "--max_group", "H1", "--topp", "3"], "unrecognized arguments: --topp"),
 ]
 
 
