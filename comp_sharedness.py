@@ -10,16 +10,17 @@ Both groups must be non-empty (SPEC §10): with H empty the score is just "share
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 
-from correlation import Correlator, add_engine_args, check_output, engine_from_args, open_runs
-from errors import ArgumentParser, UserError, cli
-from runs import Run
+from correlation import Correlator, EngineOptions, tqdm_progress
+from errors import ArgumentParser, UserError, check_at_least, cli
+from options import add_options, check_output, options_from
+from results import SharedFeature, SharednessReport
+from runs import Run, open_runs
 
 
 class Sharedness(NamedTuple):
@@ -64,17 +65,18 @@ def comp_sharedness(source: Run, min_group: list[Run], max_group: list[Run], eng
                       {n: s.rho_F for n, s in stats.items()}, {n: s.match_F for n, s in stats.items()})
 
 
-def top_features(res: Sharedness, top: int | None = None) -> list[dict]:
+def top_features(res: Sharedness, top: int | None = None) -> SharednessReport:
     """The `top` features by Delta (default: 1% of the features, at least one), best first."""
     if top is None:
         top = max(1, math.ceil(len(res.delta_F) / 100))
     order = np.argsort(-res.delta_F, kind="stable")[:top]
-    return [{"feature": int(i), "delta": float(res.delta_F[i]), "mass": float(res.mass_F[i]),
-             "rho": {n: float(r[i]) for n, r in res.rho.items()},
-             "match": {n: int(m[i]) for n, m in res.match.items()}} for i in order]
+    feats = [SharedFeature(int(i), float(res.delta_F[i]), {n: float(r[i]) for n, r in res.rho.items()},
+                           {n: int(m[i]) for n, m in res.match.items()}, float(res.mass_F[i]))
+             for i in order]
+    return SharednessReport(res.source, res.min_group, res.max_group, feats, res.codes, res.layers)
 
 
-def format_features(res: Sharedness, feats: list[dict]) -> str:
+def format_features(res: Sharedness, feats: list[SharedFeature]) -> str:
     runs = [*res.min_group, *res.max_group]
     width = max(15, *(len(n) + 4 for n in runs))
     head = (f"Comparative Sharedness of {res.source!r} (layer {res.layers[res.source]}, {len(res.delta_F)} features, "
@@ -85,36 +87,45 @@ def format_features(res: Sharedness, feats: list[dict]) -> str:
     names = [("min " if n in res.min_group else "max ") + n for n in runs]
     lines = [f"{'feature':>8} {'delta':>11} {'mass':>11} |" + "".join(" " + n.rjust(width) for n in names)]
     for f in feats:
-        cells = "".join(" " + f"{f['rho'][n]:+.3f} ({f['match'][n]})".rjust(width) for n in runs)
-        lines.append(f"{f['feature']:>8} {f['delta']:>11.4g} {f['mass']:>11.4g} |{cells}")
+        cells = "".join(" " + f"{f.rho[n]:+.3f} ({f.match[n]})".rjust(width) for n in runs)
+        lines.append(f"{f.feature:>8} {f.delta:>11.4g} {f.mass:>11.4g} |{cells}")
     return head + "\n".join(lines)
+
+
+@dataclass
+class SharednessArgs(EngineOptions):
+    source: str | None = None
+    """Run M whose features are ranked."""
+    min_group: list[str] = field(default_factory=list)
+    """Runs G: a feature must be shared with all of them."""
+    max_group: list[str] = field(default_factory=list)
+    """Runs H: a feature must be shared with none of them."""
+    top: int | None = None
+    """Number of features shown (default: 1% of the features)."""
+    json: str | None = None
+    """Write the top features to this JSON file (show.py --from_json reads it)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.source:
+            raise UserError("--source is required: the run whose features are ranked")
+        check_groups(self.source, self.min_group, self.max_group)
+        check_at_least("top", self.top, 1)
+        check_output(self.json, "--json")
 
 
 @cli
 def main(argv=None):
     p = ArgumentParser(description="Comparative Sharedness of the features of one run (SPEC §7)")
-    p.add_argument("--source", help="run M whose features are ranked")
-    p.add_argument("--min_group", nargs="*", default=[], help="runs G: a feature must be shared with all of them")
-    p.add_argument("--max_group", nargs="*", default=[], help="runs H: a feature must be shared with none of them")
-    p.add_argument("--top", type=int, help="number of features shown (default: 1%% of the features)")
-    p.add_argument("--json", help="write the top features to this JSON file")
-    add_engine_args(p)
-    args = p.parse_args(argv)
-    if not args.source:
-        raise UserError("--source is required: the run whose features are ranked")
-    check_groups(args.source, args.min_group, args.max_group)
-    if args.top is not None and args.top < 1:
-        raise UserError(f"--top must be at least 1, got {args.top}")
-    check_output(args.json, "--json")
-    engine = engine_from_args(args)
+    add_options(p, SharednessArgs)
+    args = options_from(SharednessArgs, p.parse_args(argv))
+    engine = Correlator(args, progress=tqdm_progress("correlations"))
     source, *others = open_runs(args.root, [args.source, *args.min_group, *args.max_group])
     res = comp_sharedness(source, others[:len(args.min_group)], others[len(args.min_group):], engine)
-    feats = top_features(res, args.top)
-    print(format_features(res, feats))
+    report = top_features(res, args.top)
+    print(format_features(res, report.features))
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"source": res.source, "min_group": res.min_group, "max_group": res.max_group, "codes": res.codes,
-             "layers": res.layers, "features": feats}, indent=1))
+        report.save(args.json)
 
 
 if __name__ == "__main__":

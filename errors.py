@@ -12,6 +12,19 @@ class UserError(Exception):
     """A mistake in the input (flags, runs, files, offline resources); its message is the whole answer."""
 
 
+class OptionError(UserError):
+    """A bad option value. The library names the option by its config field (`chunk_size`); a command
+    line re-raises it with the flag's spelling (`--chunk_size`) through `as_flag`."""
+
+    def __init__(self, option: str, template: str):
+        """`template` names the option as `{opt}`."""
+        self.option, self.template = option, template
+        super().__init__(template.format(opt=option))
+
+    def as_flag(self) -> UserError:
+        return UserError(self.template.format(opt=f"--{self.option}"))
+
+
 def cli(main):
     """Wrap a CLI entry point: UserError and Ctrl-C become one line on stderr and exit code 2 / 130."""
 
@@ -19,6 +32,9 @@ def cli(main):
     def wrapper(argv=None):
         try:
             return main(argv)
+        except OptionError as e:
+            print(f"error: {e.as_flag()}", file=sys.stderr)
+            sys.exit(2)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
@@ -37,13 +53,24 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def resolve_device(device: str) -> torch.device:
-    """--device: auto is cuda when present, else cpu."""
+    """`auto` is cuda when present, else cpu."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise UserError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
+        raise OptionError("device", f"unknown {{opt}} {device!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for but no CUDA GPU is available; use --device cpu")
+        raise OptionError("device", f"{{opt}} {device} asked for but no CUDA GPU is available; use {{opt}} cpu")
     return dev
+
+
+def check_positive(option: str, value: float | None) -> None:
+    """None passes (an unset option)."""
+    if value is not None and not value > 0:
+        raise OptionError(option, f"{{opt}} must be positive, got {value}")
+
+
+def check_at_least(option: str, value: float | None, minimum: float) -> None:
+    if value is not None and not value >= minimum:
+        raise OptionError(option, f"{{opt}} must be at least {minimum:g}, got {value}")

@@ -1,24 +1,28 @@
-"""Runs on disk (SPEC §9): an atomic writer and a validating reader that computes features in chunks."""
+"""Runs on disk (SPEC §9): typed run metadata, an atomic writer and a validating reader that computes
+features in chunks."""
 from __future__ import annotations
 
-import json
-import os
-import shutil
+import dataclasses
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from errors import UserError
-from sae import TopKSAE
+from data import DatasetInfo
+from errors import OptionError, UserError
+from records import Record, staged_dir, write_atomic
+from sae import EncoderOutput, SaeConfig, TopKSAE
 
-SCHEMA = 1
 DEFAULT_ROOT = "sae_features"
-CODES = ("relu", "topk")
+Codes = Literal["relu", "topk"]
+CODES: tuple[str, ...] = Codes.__args__
+"""What a feature's activation is: `relu`, the dense ReLU pre-activations (the paper's code), or
+`topk`, the SAE's k kept codes."""
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -30,33 +34,103 @@ def acts_file(layer: int) -> str:
     return f"layer{layer:02d}.acts.npy"
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+def check_codes(codes: str) -> None:
+    if codes not in CODES:
+        raise OptionError("codes", f"unknown {{opt}} {codes!r}; choose from {', '.join(CODES)}")
+
+
+@dataclass
+class SaeSettings(SaeConfig):
+    """How a run's SAEs were trained: the SAE's own settings and the loop's."""
+    batch_size: int = 16
+    """Encoder batch (one SAE step per batch)."""
+    seed: int = 0
+    train_on_padding: bool = False
+
+
+@dataclass
+class LayerInfo:
+    """Shapes and quality of one layer's SAE (the metrics are absent in runs made without training)."""
+    d_model: int
+    n_features: int
+    fvu: float | None = None
+    """FVU over all training tokens, while training."""
+    l0: float | None = None
+    dead_fraction: float | None = None
+    tokens_seen: int | None = None
+    fvu_pooled: float | None = None
+    """FVU of the final SAE on the recorded pooled tokens (the vectors the analyses read)."""
+
+
+@dataclass
+class RunMeta(Record):
+    """run.json. Schema 2 adds "kind" and writes every field; schema-1 files (which may lack the
+    optional fields) are read with their defaults."""
+    KIND = "run"
+    SCHEMA = 2
+
+    runname: str
+    modality: Literal["image", "text"]
+    model: str
+    """Encoder family (--model)."""
+    checkpoint: str
+    token: str
+    """The pooled token recorded per sample (SPEC §4.2)."""
+    dataset: DatasetInfo
+    sae: SaeSettings
+    layers: list[int]
+    """Recorded blocks, increasing."""
+    layer_info: dict[int, LayerInfo]
+    n_layers_model: int | None = None
+    """Blocks of the encoder (the recorded ones may be fewer)."""
+    acts_dtype: Literal["float32", "float16"] = "float32"
+    image_size: int | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    device: str | None = None
+    run_id: str = ""
+    """New for every write of the run: cached results of an older run with the same name are never read."""
+    complete: bool = False
+    """True only once every file of the run is written."""
+
+    @classmethod
+    def migrate(cls, obj: dict, schema: int) -> dict:
+        if schema == 1:
+            return obj
+        return super().migrate(obj, schema)
 
 
 class RunWriter:
     """Builds a run in a hidden temporary folder and renames it into place once every file is written,
-    so an interrupted command never leaves `<root>/<runname>` half-written."""
+    so an interrupted command never leaves `<root>/<runname>` half-written. A context manager:
+
+        with RunWriter(root, name) as w: ...; w.finish(meta)
+    """
 
     def __init__(self, root: str | Path, runname: str, overwrite: bool = False):
         if not runname or "/" in runname or runname.startswith("."):
-            raise UserError(f"invalid --runname {runname!r}: use a plain folder name")
-        self.root = Path(root)
-        self.final = self.root / runname
+            raise OptionError("runname", f"invalid {{opt}} {runname!r}: use a plain folder name")
+        self.final = Path(root) / runname
         self.overwrite = overwrite
-        self._check_free()
-        self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(f".{runname}.tmp-*"):  # left by an interrupted command
-            shutil.rmtree(stale, ignore_errors=True)
-        self.tmp = self.root / f".{runname}.tmp-{os.getpid()}"
-        self.tmp.mkdir()
+        self._check_free(self.final)  # before any work
         self._memmaps: dict[int, np.memmap] = {}
+        self._finished = False
 
-    def _check_free(self) -> None:
-        if self.final.exists() and not self.overwrite:
+    def _check_free(self, final: Path) -> None:
+        if final.exists() and not self.overwrite:
             raise UserError(f"run {str(self.final)!r} already exists; pass --overwrite to replace it")
+
+    def __enter__(self) -> "RunWriter":
+        self._stage = staged_dir(self.final, self._check_free)
+        self.tmp = self._stage.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool | None:
+        self._memmaps.clear()
+        if exc[0] is None and not self._finished:  # never move a run without run.json into place
+            err = RuntimeError("RunWriter closed without finish()")
+            self._stage.__exit__(RuntimeError, err, None)
+            raise err
+        return self._stage.__exit__(*exc)
 
     def acts(self, layer: int, n_samples: int, d_model: int, dtype: str = "float32") -> np.memmap:
         """A writable [N, d] array backed by the run's `layer{LL}.acts.npy`."""
@@ -66,42 +140,22 @@ class RunWriter:
         return mm
 
     def save_sae(self, layer: int, state: dict[str, torch.Tensor]) -> None:
-        tmp = self.tmp / f".{sae_file(layer)}.tmp"
-        save_file(state, str(tmp))
-        os.replace(tmp, self.tmp / sae_file(layer))
+        write_atomic(self.tmp / sae_file(layer), lambda tmp: save_file(state, str(tmp)))
 
-    def finish(self, meta: dict) -> Path:
+    def finish(self, meta: RunMeta) -> RunMeta:
+        """Write run.json last, with a new run_id and complete = true; the folder moves into place on exit."""
         for mm in self._memmaps.values():
             mm.flush()
-        self._memmaps.clear()
-        meta = {"schema": SCHEMA, **meta, "run_id": uuid.uuid4().hex, "complete": True}
-        _write_json_atomic(self.tmp / "run.json", meta)
-        self._check_free()
-        old = None
-        if self.final.exists():
-            old = self.root / f".{self.final.name}.old-{os.getpid()}"
-            os.replace(self.final, old)
-        os.replace(self.tmp, self.final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.final
-
-    def abort(self) -> None:
-        self._memmaps.clear()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-class TopkCodes(NamedTuple):
-    top_acts: torch.Tensor
-    """[n, k] activations (zeros where ReLU cut a kept feature)."""
-    top_indices: torch.Tensor
-    """[n, k] feature ids."""
+        meta = dataclasses.replace(meta, run_id=uuid.uuid4().hex, complete=True)
+        meta.save(self.tmp / "run.json")
+        self._finished = True
+        return meta
 
 
 class Run:
     """A complete run read from disk. Features are never materialised for all samples at once."""
 
-    def __init__(self, path: Path, meta: dict):
+    def __init__(self, path: Path, meta: RunMeta):
         self.path, self.meta = path, meta
         self._sae_cache: dict[int, TopKSAE] = {}
 
@@ -113,17 +167,9 @@ class Run:
             known = sorted(p.name for p in Path(root).iterdir() if (p / "run.json").is_file()) if Path(root).is_dir() else []
             hint = f"; runs in {root}: {', '.join(known)}" if known else f"; no runs in {root!s}"
             raise UserError(f"no run {name!r} in {str(root)!r}{hint}")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"corrupt {meta_path}: {e}") from None
-        if meta.get("schema") != SCHEMA:
-            raise UserError(f"{meta_path}: schema {meta.get('schema')!r}, this version reads schema {SCHEMA}")
-        if meta.get("complete") is not True:
+        meta = RunMeta.load(meta_path, f"corrupt {meta_path}")
+        if not meta.complete:
             raise UserError(f"run {name!r} is incomplete (interrupted?); train it again with --overwrite")
-        for key in ("layers", "dataset", "sae"):
-            if key not in meta:
-                raise UserError(f"corrupt {meta_path}: missing key {key!r}")
         run = cls(path, meta)
         for layer in run.layers:
             for f in (sae_file(layer), acts_file(layer)):
@@ -137,19 +183,24 @@ class Run:
 
     @property
     def layers(self) -> list[int]:
-        return list(self.meta["layers"])
+        return list(self.meta.layers)
 
     @property
     def n_samples(self) -> int:
-        return int(self.meta["dataset"]["n_samples"])
+        return self.meta.dataset.n_samples
 
     @property
     def fingerprint(self) -> str:
-        return self.meta["dataset"]["fingerprint"]
+        return self.meta.dataset.fingerprint
 
     @property
     def top_k(self) -> int:
-        return int(self.meta["sae"]["top_k"])
+        return self.meta.sae.top_k
+
+    @property
+    def key(self) -> str:
+        """Identifies this write of the run (memo and cache keys)."""
+        return self.meta.run_id or str(self.path)
 
     def resolve_layer(self, layer: int) -> int:
         """-1 (or any negative index) counts from the last recorded layer."""
@@ -174,6 +225,11 @@ class Run:
                             f"expected [{self.n_samples}, d] float32/float16")
         return arr
 
+    def read_acts(self, layer: int, rows: slice | np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Selected rows of a layer's pooled activations as float32 [n, d]. The file is mapped only for
+        this read, so resident memory does not grow with N."""
+        return torch.from_numpy(np.array(self.acts(layer)[rows], dtype=np.float32)).to(device)
+
     def sae(self, layer: int, device: str | torch.device = "cpu") -> TopKSAE:
         layer = self.resolve_layer(layer)
         if layer not in self._sae_cache:
@@ -188,27 +244,29 @@ class Run:
         return self.sae(layer).n_features
 
     def iter_codes(self, layer: int, codes: str = "relu", chunk_size: int = 4096,
-                   device: str | torch.device = "cpu") -> Iterator[tuple[int, torch.Tensor | TopkCodes]]:
+                   device: str | torch.device = "cpu") -> Iterator[tuple[int, torch.Tensor | EncoderOutput]]:
         """Yield (start, codes of samples start..start+n) per chunk: a dense [n, F] float32 tensor for
-        `relu`, TopkCodes for `topk`."""
-        if codes not in CODES:
-            raise UserError(f"unknown --codes {codes!r}; choose from {', '.join(CODES)}")
-        acts = self.acts(layer)
+        `relu`, the SAE's EncoderOutput for `topk`."""
+        check_codes(codes)
         sae = self.sae(layer, device)
-        for start in range(0, acts.shape[0], chunk_size):
-            x = torch.from_numpy(np.array(acts[start:start + chunk_size], dtype=np.float32)).to(device)
-            yield start, (sae.pre_acts(x) if codes == "relu" else TopkCodes(*sae.encode(x)))
+        for start in range(0, self.n_samples, chunk_size):
+            x = self.read_acts(layer, slice(start, start + chunk_size), device)
+            yield start, (sae.pre_acts(x) if codes == "relu" else sae.encode(x))
 
     def dense_codes(self, layer: int, codes: str = "relu", rows: np.ndarray | slice | None = None,
                     device: str | torch.device = "cpu") -> torch.Tensor:
         """Dense [n, F] codes of selected samples (for small selections and tests)."""
-        acts = self.acts(layer)
-        x = torch.from_numpy(np.array(acts[rows if rows is not None else slice(None)], dtype=np.float32)).to(device)
+        check_codes(codes)
+        x = self.read_acts(layer, rows if rows is not None else slice(None), device)
         sae = self.sae(layer, device)
-        if codes == "relu":
-            return sae.pre_acts(x)
-        top = sae.encode(x)
-        return torch.zeros(x.shape[0], sae.n_features, device=device).scatter_(1, top.top_indices, top.top_acts)
+        return sae.pre_acts(x) if codes == "relu" else sae.encode(x).dense(sae.n_features)
+
+
+def open_runs(root: str | Path, names: list[str]) -> list[Run]:
+    """Open complete runs over the same samples (one clear UserError otherwise)."""
+    runs = [Run.open(root, name) for name in names]
+    check_comparable(runs)
+    return runs
 
 
 def check_comparable(runs: list[Run]) -> None:
@@ -218,5 +276,5 @@ def check_comparable(runs: list[Run]) -> None:
         if r.fingerprint != first.fingerprint:
             raise UserError(
                 f"runs {first.name!r} and {r.name!r} cover different datasets "
-                f"({first.meta['dataset'].get('name')}, {first.n_samples} samples, fingerprint {first.fingerprint[:12]} vs "
-                f"{r.meta['dataset'].get('name')}, {r.n_samples} samples, fingerprint {r.fingerprint[:12]})")
+                f"({first.meta.dataset.name}, {first.n_samples} samples, fingerprint {first.fingerprint[:12]} vs "
+                f"{r.meta.dataset.name}, {r.n_samples} samples, fingerprint {r.fingerprint[:12]})")

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from errors import check_at_least, check_positive
+
 
 @dataclass
 class SaeConfig:
@@ -28,12 +30,46 @@ class SaeConfig:
     """A feature is dead once it has not fired for this many tokens (AuxK and the dead fraction);
     capped at half the tokens seen so that a short run still measures something."""
 
+    def __post_init__(self):
+        for name in ("top_k", "expansion_factor", "lr", "dead_tokens"):
+            check_positive(name, getattr(self, name))
+        check_at_least("lr_warmup_steps", self.lr_warmup_steps, 0)
+        check_at_least("auxk_alpha", self.auxk_alpha, 0)
+
 
 class EncoderOutput(NamedTuple):
+    """The top-k codes of N samples."""
     top_acts: Tensor
-    """[N, k] activations of the kept features."""
+    """[N, k] activations of the kept features (zeros where ReLU cut a kept feature)."""
     top_indices: Tensor
     """[N, k] feature ids of the kept features."""
+
+    def dense(self, n_features: int) -> Tensor:
+        """The same codes as a dense [N, F] tensor (zeros elsewhere)."""
+        out = self.top_acts.new_zeros(self.top_acts.shape[0], n_features)
+        return out.scatter_(1, self.top_indices, self.top_acts)
+
+
+class Fvu:
+    """Fraction of variance unexplained, sum |x - x_hat|^2 / sum |x - mean x|^2, accumulated over
+    batches in float64 (no cancellation whatever the scale of x)."""
+
+    def __init__(self):
+        self.sq_err, self.sum_sq, self.n = 0.0, 0.0, 0
+        self.sum_D: Tensor | float = 0.0
+
+    @torch.no_grad()
+    def update(self, x_ND: Tensor, x_hat_ND: Tensor) -> None:
+        x = x_ND.double()
+        self.sq_err += float((x - x_hat_ND.double()).pow(2).sum())
+        self.sum_D = self.sum_D + x.sum(0)
+        self.sum_sq += float(x.pow(2).sum())
+        self.n += x.shape[0]
+
+    def value(self) -> float:
+        """NaN before any data or when x is constant (no variance to explain)."""
+        total = self.sum_sq - float(torch.as_tensor(self.sum_D).pow(2).sum()) / max(self.n, 1)
+        return self.sq_err / total if total > 0 else float("nan")
 
 
 class ForwardOutput(NamedTuple):
@@ -126,10 +162,8 @@ class SaeTrainer:
         self.tokens_seen = 0
         n = self.sae.n_features
         self.last_fired_F = torch.zeros(n, dtype=torch.long, device=device)  # token count when last fired
-        # float64 running sums for FVU over all data seen: sum|x - x_hat|^2 against total variance
-        self.sq_err = 0.0
-        self.sum_x_D = torch.zeros(d_model, dtype=torch.float64, device=device)
-        self.sum_sq = 0.0
+        self.fvu = Fvu()
+        """Over all data seen while training."""
         self.l0_sum = 0.0
 
     def _dead_mask(self, window: int) -> Tensor:
@@ -156,20 +190,15 @@ class SaeTrainer:
             fired = out.top_acts > 0
             self.last_fired_F[out.top_indices[fired]] = self.tokens_seen
             self.l0_sum += float(fired.sum())
-            x64 = x_ND.double()
-            self.sq_err += float((x64 - out.x_hat.double()).pow(2).sum())
-            self.sum_x_D += x64.sum(0)
-            self.sum_sq += float(x64.pow(2).sum())
+            self.fvu.update(x_ND, out.x_hat)
         self.step += 1
         return float(out.mse.detach())
 
     def metrics(self) -> SaeMetrics:
-        n = max(self.tokens_seen, 1)
-        total_var = self.sum_sq - float(self.sum_x_D.pow(2).sum()) / n
         window = max(1, min(self.cfg.dead_tokens, self.tokens_seen // 2))
         return SaeMetrics(
-            fvu=self.sq_err / total_var if total_var > 0 else float("nan"),
-            l0=self.l0_sum / n,
+            fvu=self.fvu.value(),
+            l0=self.l0_sum / max(self.tokens_seen, 1),
             dead_fraction=float(self._dead_mask(window).float().mean()),
             tokens_seen=self.tokens_seen,
         )

@@ -12,14 +12,10 @@ run's tiles also show the caption the model read. A feature is 0 on a grey tile.
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import json
-import os
-import shutil
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,10 +25,13 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
 import data
-from correlation import DEFAULT_CHUNK, open_runs
-from errors import ArgumentParser, UserError, cli, resolve_device
+from correlation import DEFAULT_CHUNK, AnalysisOptions
+from errors import ArgumentParser, UserError, check_at_least, cli
 from gallery import Card, Group, fmt, write_index
-from runs import CODES, DEFAULT_ROOT, Run
+from options import add_options, options_from
+from records import staged_dir
+from results import SharedFeature, SharednessReport
+from runs import Run, check_codes, open_runs
 
 TOP = 9
 """Samples per grid (3x3)."""
@@ -61,10 +60,7 @@ def feature_stats(run: Run, layer: int, codes: str = "relu", k: int = TOP, chunk
                   device: str | torch.device = "cpu", progress: bool = True) -> FeatureStats:
     """Mass, active count and top-k samples of every feature of a layer in one pass over the samples:
     each chunk's codes are merged into a running top-k, so memory is [k + chunk, F], never [N, F]."""
-    if codes not in CODES:
-        raise UserError(f"unknown --codes {codes!r}; choose from {', '.join(CODES)}")
-    if chunk_size < 1:
-        raise UserError(f"--chunk_size must be positive, got {chunk_size}")
+    check_codes(codes)
     layer = run.resolve_layer(layer)
     n_features = run.n_features(layer)
     mass_F = torch.zeros(n_features, dtype=torch.float64, device=device)
@@ -135,10 +131,10 @@ class Samples:
 
     def __init__(self, run: Run):
         try:
-            self.ds = data.from_description(run.meta["dataset"])
+            self.ds = data.from_description(run.meta.dataset)
         except UserError as e:
             raise UserError(f"run {run.name!r}: cannot re-create its dataset to show its samples: {e}") from None
-        self.captions = run.meta.get("modality") == "text"
+        self.captions = run.meta.modality == "text"
         """A text run's tiles show the caption it read."""
         self.tile = functools.lru_cache(maxsize=256)(lambda n: fit_tile(self.ds.image(n)))
 
@@ -184,170 +180,167 @@ def check_out(out: Path, overwrite: bool) -> None:
             raise UserError(f"{out} exists and is not a gallery folder (no index.html): not replacing it")
 
 
-@contextmanager
-def staged(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Build the gallery in a hidden sibling folder and swap it into place at the end: an interrupted
-    command leaves the previous gallery intact and no half-written one."""
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        check_out(out, overwrite)
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _dataset_label(run: Run) -> str:
-    d = run.meta["dataset"]
-    return f"{d.get('name')} ({d.get('split')}, {d.get('n_samples')} samples)"
+    d = run.meta.dataset
+    return f"{d.name} ({d.split}, {d.n_samples} samples)"
 
 
-# ---- the two modes ----------------------------------------------------------------------------------------
-def show_run(args: argparse.Namespace) -> None:
-    run = Run.open(args.root, args.run)
-    layer = run.resolve_layer(args.layer)
+# ---- the two galleries ------------------------------------------------------------------------------------
+@dataclass
+class GalleryOptions(AnalysisOptions):
+    """How a gallery is made (what it shows is a run, or a Comparative Sharedness output)."""
+    layer: int | None = None
+    """Layer of --run (default: the last recorded; -1 = last)."""
+    features: list[int] | None = None
+    """Show only these features of --run (shown even if active on fewer than --min_active samples)."""
+    min_active: int = MIN_ACTIVE
+    """Skip features active on fewer samples."""
+    max_features: int = MAX_FEATURES
+    """Show at most this many features, largest activation mass first; with --from_json, the first of the
+    JSON (0 = all)."""
+    out: str | None = None
+    """Output folder (default: imgs/<run>, or imgs/<json file stem> with --from_json)."""
+    overwrite: bool = False
+    """Replace an existing gallery in --out."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_at_least("min_active", self.min_active, 0)
+        check_at_least("max_features", self.max_features, 0)
+
+
+class Gallery(NamedTuple):
+    index: Path
+    """The gallery page."""
+    grids: dict[tuple[str, int], Path]
+    """(run, feature) -> its grid image."""
+
+
+def _written(out: Path, cards: Sequence[tuple[str, Card]]) -> Gallery:
+    out = out.resolve()
+    return Gallery(out / "index.html", {(run, c.feature): out / c.image for run, c in cards})
+
+
+def run_gallery(run: Run, opts: GalleryOptions) -> Gallery:
+    """Grids and page of one layer of a run, in opts.out (default imgs/<run>)."""
+    layer = run.resolve_layer(-1 if opts.layer is None else opts.layer)
     n_features = run.n_features(layer)
-    bad = [f for f in args.features or () if not 0 <= f < n_features]
+    bad = [f for f in opts.features or () if not 0 <= f < n_features]
     if bad:
         raise UserError(f"--features {' '.join(map(str, bad))}: layer {layer} of run {run.name!r} has features "
                         f"0..{n_features - 1}")
-    out = Path(args.out or Path("imgs") / run.name)
-    check_out(out, args.overwrite)
+    out = Path(opts.out or Path("imgs") / run.name)
+    check_out(out, opts.overwrite)
     samples = Samples(run)
-    codes = args.codes or "relu"
-    stats = feature_stats(run, layer, codes, chunk_size=args.chunk_size, device=resolve_device(args.device))
-    n_eligible = int((stats.n_active_F >= args.min_active).sum())
-    if args.features:
-        feats = sorted(set(args.features), key=lambda f: (-stats.mass_F[f], f))
-        rare = [f for f in feats if stats.n_active_F[f] < args.min_active]
-        if rare:
-            print(f"note: shown because asked for, though active on fewer than {args.min_active} samples: "
-                  + ", ".join(f"{f} ({stats.n_active_F[f]})" for f in rare), file=sys.stderr)
-        shown = f"{len(feats)} asked for"
-    else:
-        feats = select_features(stats, args.min_active, args.max_features)
-        shown = (f"{len(feats)} of the {n_eligible} active on >= {args.min_active} samples, largest mass first"
-                 if len(feats) < n_eligible else f"all {n_eligible} active on >= {args.min_active} samples")
-    info = run.meta.get("layer_info", {}).get(str(layer), {})
-    fvu = f", FVU {info['fvu']:.3g}" if "fvu" in info else ""
-    meta = [("model", f"{run.meta.get('model')} ({run.meta.get('modality')})"),
-            ("checkpoint", str(run.meta.get("checkpoint"))), ("layer", f"{layer} (token {run.meta.get('token')})"),
-            ("dataset", _dataset_label(run)), ("SAE", f"{n_features} features, top-k {run.top_k}{fvu}"),
-            ("codes", codes), ("shown", shown)]
-    with staged(out, args.overwrite) as tmp:
+    codes = opts.codes or "relu"
+    stats = feature_stats(run, layer, codes, chunk_size=opts.chunk_size, device=opts.torch_device)
+    feats, shown = _chosen(stats, opts)
+    info = run.meta.layer_info.get(layer)
+    fvu = f", FVU {info.fvu:.3g}" if info is not None and info.fvu is not None else ""
+    meta = [("model", f"{run.meta.model} ({run.meta.modality})"), ("checkpoint", run.meta.checkpoint),
+            ("layer", f"{layer} (token {run.meta.token})"), ("dataset", _dataset_label(run)),
+            ("SAE", f"{n_features} features, top-k {run.top_k}{fvu}"), ("codes", codes), ("shown", shown)]
+    with staged_dir(out, lambda final: check_out(final, opts.overwrite)) as tmp:
         cards = [samples.card(tmp, "", f, stats, f"feature {f}")
                  for f in tqdm(feats, desc="grids", unit="feature", disable=None, leave=False)]
         write_index(tmp / "index.html", f"{run.name} · layer {layer}", meta, cards,
                     [("mass", "activation mass"), ("active", "active samples"), ("feature", "feature id")])
     print(f"wrote {len(cards)} grids and {out / 'index.html'} (layer {layer} of {run.name!r}: {shown})")
+    return _written(out, [(run.name, c) for c in cards])
 
 
-def load_sharedness(path: str) -> dict:
-    """A comp_sharedness.py --json output, checked: {"source", "min_group", "max_group", "features":
-    [{"feature", "delta", "rho": {run: r}, "match": {run: j}}]}; optional "layers" {run: layer}, "codes"."""
-    try:
-        obj = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise UserError(f"--from_json {path}: {e.strerror or e}") from None
-    except ValueError as e:
-        raise UserError(f"--from_json {path}: not JSON ({e})") from None
-    try:
-        others = [*obj["min_group"], *obj["max_group"]]
-        for f in obj["features"]:
-            int(f["feature"]), float(f["delta"])
-            for r in others:
-                int(f["match"][r]), float(f["rho"][r])
-        if not isinstance(obj["source"], str) or not isinstance(obj.get("layers", {}), dict):
-            raise TypeError('"source" must be a run name and "layers" an object {run: layer}')
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"--from_json {path} is not a comp_sharedness.py --json output "
-                        f"({type(e).__name__}: {e})") from None
-    return obj
+def _chosen(stats: FeatureStats, opts: GalleryOptions) -> tuple[list[int], str]:
+    """The features to show, and how they were chosen."""
+    n_eligible = int((stats.n_active_F >= opts.min_active).sum())
+    if opts.features:
+        feats = sorted(set(opts.features), key=lambda f: (-stats.mass_F[f], f))
+        rare = [f for f in feats if stats.n_active_F[f] < opts.min_active]
+        if rare:
+            print(f"note: shown because asked for, though active on fewer than {opts.min_active} samples: "
+                  + ", ".join(f"{f} ({stats.n_active_F[f]})" for f in rare), file=sys.stderr)
+        return feats, f"{len(feats)} asked for"
+    feats = select_features(stats, opts.min_active, opts.max_features)
+    return feats, (f"{len(feats)} of the {n_eligible} active on >= {opts.min_active} samples, largest mass first"
+                   if len(feats) < n_eligible else f"all {n_eligible} active on >= {opts.min_active} samples")
 
 
-def show_json(args: argparse.Namespace) -> None:
-    res = load_sharedness(args.from_json)
-    feats = res["features"][:args.max_features or None]
-    runs = open_runs(args.root, [res["source"], *res["min_group"], *res["max_group"]])
-    source, others = runs[0], runs[1:]
-    layers = {r.name: r.resolve_layer(int(res.get("layers", {}).get(r.name, -1))) for r in runs}
-    wanted = {source.name: [int(f["feature"]) for f in feats],
-              **{r.name: [int(f["match"][r.name]) for f in feats] for r in others}}
+def _check_report_features(feats: list[SharedFeature], runs: list[Run], layers: dict[str, int], what: str) -> None:
+    wanted = {runs[0].name: [f.feature for f in feats], **{r.name: [f.match[r.name] for f in feats] for r in runs[1:]}}
     for r in runs:
         n = r.n_features(layers[r.name])
         bad = sorted({j for j in wanted[r.name] if not 0 <= j < n})
         if bad:
-            raise UserError(f"--from_json {args.from_json} names features {bad} of run {r.name!r}, whose layer "
+            raise UserError(f"{what} names features {bad} of run {r.name!r}, whose layer "
                             f"{layers[r.name]} has features 0..{n - 1}: was the run trained again since?")
-    out = Path(args.out or Path("imgs") / Path(args.from_json).stem)
-    check_out(out, args.overwrite)
-    codes = args.codes or res.get("codes") or "relu"
+
+
+def sharedness_gallery(report: SharednessReport, opts: GalleryOptions, what: str = "the sharedness output") -> Gallery:
+    """Each selected source feature beside its best match in every run of G and H, in opts.out."""
+    feats = report.features[:opts.max_features or None]
+    runs = open_runs(opts.root, [report.source, *report.min_group, *report.max_group])
+    source, others = runs[0], runs[1:]
+    layers = {r.name: r.resolve_layer((report.layers or {}).get(r.name, -1)) for r in runs}
+    _check_report_features(feats, runs, layers, what)
+    out = Path(opts.out)
+    check_out(out, opts.overwrite)
+    codes = opts.codes or report.codes
     samples = {r.name: Samples(r) for r in runs}
-    device = resolve_device(args.device)
-    stats = {r.name: feature_stats(r, layers[r.name], codes, chunk_size=args.chunk_size, device=device) for r in runs}
-    group_of = {**{n: "G" for n in res["min_group"]}, **{n: "H" for n in res["max_group"]}}
-    with staged(out, args.overwrite) as tmp:
+    stats = {r.name: feature_stats(r, layers[r.name], codes, chunk_size=opts.chunk_size, device=opts.torch_device)
+             for r in runs}
+    group_of = {**{n: "G" for n in report.min_group}, **{n: "H" for n in report.max_group}}
+    written: list[tuple[str, Card]] = []
+    with staged_dir(out, lambda final: check_out(final, opts.overwrite)) as tmp:
         for r in runs:
             (tmp / r.name).mkdir(exist_ok=True)
         groups = []
         for f in tqdm(feats, desc="grids", unit="feature", disable=None, leave=False):
-            i, delta = int(f["feature"]), float(f["delta"])
-            cards = [samples[source.name].card(tmp, f"{source.name}/", i, stats[source.name], f"{source.name} #{i}",
-                                               [("group", "M")], "source")]
+            cards = [(source.name, samples[source.name].card(tmp, f"{source.name}/", f.feature, stats[source.name],
+                                                             f"{source.name} #{f.feature}", [("group", "M")], "source"))]
             for r in others:
-                j, rho, group = int(f["match"][r.name]), float(f["rho"][r.name]), group_of[r.name]
-                cards.append(samples[r.name].card(tmp, f"{r.name}/", j, stats[r.name], f"{r.name} #{j}",
-                                                  [("rho", f"{rho:+.3f}"), ("group", group)], group))
-            mass = float(stats[source.name].mass_F[i])
-            groups.append(Group(f"{source.name} feature {i}", i, [("Δ", fmt(delta)), ("mass", fmt(mass))],
-                                {"delta": delta, "mass": mass}, cards))
+                j, group = f.match[r.name], group_of[r.name]
+                cards.append((r.name, samples[r.name].card(tmp, f"{r.name}/", j, stats[r.name], f"{r.name} #{j}",
+                                                           [("rho", f"{f.rho[r.name]:+.3f}"), ("group", group)], group)))
+            mass = float(stats[source.name].mass_F[f.feature])
+            groups.append(Group(f"{source.name} feature {f.feature}", f.feature, [("Δ", fmt(f.delta)), ("mass", fmt(mass))],
+                                {"delta": f.delta, "mass": mass}, [c for _, c in cards]))
+            written += cards
         with_layers = {k: ", ".join(f"{n} (layer {layers[n]})" for n in names)
-                       for k, names in (("M", [source.name]), ("G", res["min_group"]), ("H", res["max_group"]))}
+                       for k, names in (("M", [source.name]), ("G", report.min_group), ("H", report.max_group))}
         meta = [("source M", with_layers["M"]), ("G: shared with all of", with_layers["G"]),
                 ("H: shared with none of", with_layers["H"]), ("dataset", _dataset_label(source)),
-                ("codes", codes), ("shown", f"{len(groups)} of {len(res['features'])} features of the JSON")]
+                ("codes", codes), ("shown", f"{len(groups)} of {len(report.features)} features of the JSON")]
         write_index(tmp / "index.html", f"Comparative Sharedness · {source.name}", meta, groups,
                     [("delta", "Δ"), ("mass", "activation mass"), ("feature", "feature id")])
     print(f"wrote {len(groups)} feature groups and {out / 'index.html'}")
+    return _written(out, written)
+
+
+@dataclass
+class ShowArgs(GalleryOptions):
+    run: str | None = None
+    """Run whose features are shown."""
+    from_json: str | None = None
+    """A comp_sharedness.py --json output: each source feature beside its best match in every run of G and H."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if (self.run is None) == (self.from_json is None):
+            raise UserError("give one of --run RUN or --from_json FILE")
+        if self.from_json and (self.layer is not None or self.features):
+            raise UserError("--layer and --features go with --run; the JSON of --from_json fixes layers and features")
 
 
 @cli
 def main(argv=None):
     p = ArgumentParser(description="Feature previews: top-9 grids and an HTML gallery (SPEC §8)")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--run", help="run whose features are shown")
-    what.add_argument("--from_json", help="a comp_sharedness.py --json output: each source feature beside its "
-                                          "best match in every run of G and H")
-    p.add_argument("--layer", type=int, help="layer of --run (default: the last recorded; -1 = last)")
-    p.add_argument("--features", type=int, nargs="+", metavar="ID",
-                   help="show only these features of --run (shown even if active on fewer than --min_active samples)")
-    p.add_argument("--min_active", type=int, default=MIN_ACTIVE,
-                   help="skip features active on fewer samples (default: %(default)s)")
-    p.add_argument("--max_features", type=int, default=MAX_FEATURES,
-                   help="show at most this many features, largest activation mass first; with --from_json, the "
-                        "first of the JSON (default: %(default)s; 0 = all)")
-    p.add_argument("--out", help="output folder (default: imgs/<run>, or imgs/<json file stem> with --from_json)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing gallery in --out")
-    p.add_argument("--root", default=DEFAULT_ROOT, help="folder holding the runs (default: %(default)s)")
-    p.add_argument("--codes", choices=CODES, help="relu (default; with --from_json: the JSON's codes) or topk")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK, help="samples per chunk (default: %(default)s)")
-    args = p.parse_args(argv)
-    if args.min_active < 0 or args.max_features < 0:
-        raise UserError("--min_active and --max_features must be >= 0")
-    if args.from_json and (args.layer is not None or args.features):
-        raise UserError("--layer and --features go with --run; the JSON of --from_json fixes layers and features")
-    if args.layer is None:
-        args.layer = -1
-    (show_run if args.run else show_json)(args)
+    add_options(p, ShowArgs)
+    args = options_from(ShowArgs, p.parse_args(argv))
+    if args.run:
+        run_gallery(Run.open(args.root, args.run), args)
+    else:
+        report = SharednessReport.load(args.from_json, f"--from_json {args.from_json}")
+        args.out = args.out or str(Path("imgs") / Path(args.from_json).stem)
+        sharedness_gallery(report, args, f"--from_json {args.from_json}")
 
 
 if __name__ == "__main__":

@@ -6,27 +6,17 @@
 """
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
-from correlation import Correlator, PairStats, add_engine_args, check_output, engine_from_args, open_runs
+from corr_cache import PairStats
+from correlation import Correlator, EngineOptions, tqdm_progress
 from errors import ArgumentParser, UserError, cli
-from runs import Run
-
-
-class Wmppc(NamedTuple):
-    source: str
-    target: str
-    codes: str
-    source_layers: list[int]
-    target_layers: list[int]
-    layer_matrix: np.ndarray
-    """[L_A, L_B]: wMPPC of layer a of A against layer b of B (indexed by position in the layer lists)."""
-    all_layers: float
-    last_layer: float
+from options import add_options, check_output, options_from
+from results import Wmppc, WmppcTable
+from runs import Run, open_runs
 
 
 def weighted_mppc(rho_F: np.ndarray, mass_F: np.ndarray, what: str) -> float:
@@ -50,12 +40,12 @@ def wmppc(run_a: Run, run_b: Run, engine: Correlator) -> Wmppc:
         rho_all_F = np.max([stats[a, b].rho_F for b in lb], axis=0)  # each feature's best layer of B
         per_layer.append(weighted_mppc(rho_all_F, stats[a, lb[0]].mass_F, f"layer {a} of {run_a.name!r}"))
         n_features.append(len(rho_all_F))
-    return Wmppc(run_a.name, run_b.name, engine.codes, la, lb, matrix,
-                 float(np.average(per_layer, weights=n_features)), float(matrix[-1, -1]))
+    return Wmppc(run_a.name, run_b.name, engine.codes, float(np.average(per_layer, weights=n_features)),
+                 float(matrix[-1, -1]), matrix, la, lb)
 
 
-def wmppc_table(runs: list[Run], engine: Correlator) -> tuple[np.ndarray, np.ndarray]:
-    """[R, R] all-layers and last-layer wMPPC, row -> column; NaN on the diagonal (not computed)."""
+def wmppc_table(runs: list[Run], engine: Correlator) -> WmppcTable:
+    """All-layers and last-layer wMPPC of every ordered pair, row -> column; NaN on the diagonal (not computed)."""
     all_rr = np.full((len(runs), len(runs)), np.nan)
     last_rr = all_rr.copy()
     for i, a in enumerate(runs):
@@ -63,7 +53,7 @@ def wmppc_table(runs: list[Run], engine: Correlator) -> tuple[np.ndarray, np.nda
             if i != j:
                 res = wmppc(a, b, engine)
                 all_rr[i, j], last_rr[i, j] = res.all_layers, res.last_layer
-    return all_rr, last_rr
+    return WmppcTable([r.name for r in runs], engine.codes, all_rr, last_rr)
 
 
 def _fmt_table(title: str, names: list[str], values: np.ndarray) -> str:
@@ -72,10 +62,6 @@ def _fmt_table(title: str, names: list[str], values: np.ndarray) -> str:
     for name, row in zip(names, values):
         lines.append(f"{name:>{width}}" + "".join(f" {'-' if np.isnan(v) else f'{v:.4f}':>{width}}" for v in row))
     return "\n".join(lines)
-
-
-def _nan_to_none(values: np.ndarray) -> list[list[float | None]]:
-    return [[None if np.isnan(v) else float(v) for v in row] for row in values]
 
 
 def plot_heatmap(values: np.ndarray, rows: list[str], cols: list[str], ylabel: str, xlabel: str,
@@ -104,51 +90,56 @@ def plot_heatmap(values: np.ndarray, rows: list[str], cols: list[str], ylabel: s
     plt.close(fig)
 
 
+@dataclass
+class WmppcArgs(EngineOptions):
+    source: str | None = None
+    """Run A."""
+    target: str | None = None
+    """Run B."""
+    runs: list[str] | None = None
+    """Several runs: every ordered pair (instead of --source/--target)."""
+    json: str | None = None
+    """Write the results to this JSON file."""
+    plot: str | None = None
+    """Write a heatmap PNG: the layer-pair matrix, or with --runs the all-layers matrix."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.runs is not None:
+            if self.source or self.target:
+                raise UserError("give either --source and --target, or --runs, not both")
+            if len(self.runs) < 2:
+                raise UserError("--runs needs at least two runs")
+            if len(set(self.runs)) != len(self.runs):
+                raise UserError(f"--runs lists a run twice: {' '.join(self.runs)}")
+        elif not (self.source and self.target):
+            raise UserError("give --source A --target B, or --runs A B ...")
+        check_output(self.json, "--json")
+        check_output(self.plot, "--plot")
+
+
 @cli
 def main(argv=None):
     p = ArgumentParser(description="wMPPC between SAE runs (SPEC §6)")
-    p.add_argument("--source", help="run A")
-    p.add_argument("--target", help="run B")
-    p.add_argument("--runs", nargs="*", help="several runs: every ordered pair (instead of --source/--target)")
-    p.add_argument("--json", help="write the results to this JSON file")
-    p.add_argument("--plot", help="write a heatmap PNG: the layer-pair matrix, or with --runs the all-layers matrix")
-    add_engine_args(p)
-    args = p.parse_args(argv)
-    if args.runs is not None:
-        if args.source or args.target:
-            raise UserError("give either --source and --target, or --runs, not both")
-        if len(args.runs) < 2:
-            raise UserError("--runs needs at least two runs")
-        if len(set(args.runs)) != len(args.runs):
-            raise UserError(f"--runs lists a run twice: {' '.join(args.runs)}")
-    elif not (args.source and args.target):
-        raise UserError("give --source A --target B, or --runs A B ...")
-    check_output(args.json, "--json")
-    check_output(args.plot, "--plot")
-    engine = engine_from_args(args)
-
+    add_options(p, WmppcArgs)
+    args = options_from(WmppcArgs, p.parse_args(argv))
+    engine = Correlator(args, progress=tqdm_progress("correlations"))
     if args.runs is None:
         res = wmppc(*open_runs(args.root, [args.source, args.target]), engine)
         print(f"All Layers : {res.all_layers:.4f} | Last layer : {res.last_layer:.4f}")
-        out = {"source": res.source, "target": res.target, "codes": res.codes, "all_layers": res.all_layers,
-               "last_layer": res.last_layer, "layer_matrix": res.layer_matrix.tolist(),
-               "source_layers": res.source_layers, "target_layers": res.target_layers}
         if args.plot:
             plot_heatmap(res.layer_matrix, [str(a) for a in res.source_layers], [str(b) for b in res.target_layers],
                          f"{res.source} layer", f"{res.target} layer",
                          f"wMPPC {res.source} -> {res.target} ({res.codes} codes)", args.plot)
     else:
-        runs = open_runs(args.root, args.runs)
-        all_rr, last_rr = wmppc_table(runs, engine)
-        print(_fmt_table("All layers (row -> column)", args.runs, all_rr))
-        print(_fmt_table("\nLast layer (row -> column)", args.runs, last_rr))
-        out = {"runs": args.runs, "codes": engine.codes, "all_layers": _nan_to_none(all_rr),
-               "last_layer": _nan_to_none(last_rr)}
+        res = wmppc_table(open_runs(args.root, args.runs), engine)
+        print(_fmt_table("All layers (row -> column)", args.runs, res.all_layers))
+        print(_fmt_table("\nLast layer (row -> column)", args.runs, res.last_layer))
         if args.plot:
-            plot_heatmap(all_rr, args.runs, args.runs, "source", "target",
-                         f"wMPPC, all layers ({engine.codes} codes)", args.plot)
+            plot_heatmap(res.all_layers, args.runs, args.runs, "source", "target",
+                         f"wMPPC, all layers ({res.codes} codes)", args.plot)
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        res.save(args.json)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ A new encoder family is one subclass decorated with `@register`.
 from __future__ import annotations
 
 import contextlib
+import socket
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,6 +22,10 @@ TOKENS = ("first", "cls", "eot", "last", "mean")
 
 
 def register(cls: type["Encoder"]) -> type["Encoder"]:
+    """Class decorator: add an encoder family under its class name (which is its --model)."""
+    if cls.__name__ in ENCODERS:
+        raise ValueError(f"encoder family {cls.__name__!r} is registered twice "
+                         f"({ENCODERS[cls.__name__].__module__} and {cls.__module__})")
     ENCODERS[cls.__name__] = cls
     return cls
 
@@ -32,11 +37,42 @@ def get_encoder_class(name: str, modality: str | None = None) -> type["Encoder"]
     return ENCODERS[name]
 
 
+NETWORK_MODULES = ("huggingface_hub", "requests", "httpx", "urllib3", "urllib.error")
+
+
+def is_network_error(err: BaseException | None) -> bool:
+    """The error, or one it was raised from, is a hub or network failure (offline, unreachable, not on
+    the hub), as opposed to a bug or a bad local file."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if (type(err).__module__.startswith(NETWORK_MODULES)
+                or isinstance(err, (ConnectionError, TimeoutError, socket.gaierror))
+                or (isinstance(err, OSError) and "huggingface.co" in str(err))):  # transformers' own hub errors
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def _load_error(family: str, flag: str, checkpoint: str, err: BaseException) -> UserError:
     reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
     return UserError(
         f"cannot load {family} checkpoint {checkpoint!r} ({type(err).__name__}: {reason}). Models come from the "
         f"Hugging Face hub, which needs network; offline, pass a local directory to {flag} or run `uv run demo.py`")
+
+
+def layer_ids(layers: list[int] | None, n_layers: int, what: str) -> list[int]:
+    """Sorted unique block ids of a model of `n_layers` blocks; negative ids count from the last block;
+    None = every block."""
+    if not layers:
+        return list(range(n_layers))
+    out = set()
+    for layer in layers:
+        if not -n_layers <= layer < n_layers:
+            raise UserError(f"layer {layer} out of range: {what} has {n_layers} layers (0..{n_layers - 1}, "
+                            "or -1 for the last)")
+        out.add(layer % n_layers)
+    return sorted(out)
 
 
 class _StopForward(Exception):
@@ -61,11 +97,13 @@ class Encoder:
         self.token = token or self.default_token
         if self.token not in TOKENS:
             raise UserError(f"unknown --token {self.token!r}; choose from {', '.join(TOKENS)}")
+        if self.checkpoint.startswith(("/", "./", "../", "~")) and not _is_local(self.checkpoint):
+            raise UserError(f"{self.checkpoint_flag} {self.checkpoint}: no such checkpoint folder")
         try:
             self.model = self.load().eval().requires_grad_(False).to(self.device)
-        except UserError:
-            raise
-        except (OSError, ValueError, RuntimeError, KeyError, ImportError, TypeError) as e:
+        except Exception as e:
+            if not is_network_error(e):
+                raise  # a bug or a bad local file: the traceback is the report
             raise _load_error(type(self).__name__, self.checkpoint_flag, self.checkpoint, e) from None
         self.blocks: list[nn.Module] = list(self.find_blocks())
 
@@ -98,16 +136,7 @@ class Encoder:
         return len(self.blocks)
 
     def resolve_layers(self, layers: list[int] | None) -> list[int]:
-        """Sorted unique layer ids; negative ids count from the last block; None = every block."""
-        if not layers:
-            return list(range(self.n_layers))
-        out = set()
-        for layer in layers:
-            if not -self.n_layers <= layer < self.n_layers:
-                raise UserError(f"layer {layer} out of range: {type(self).__name__} {self.checkpoint!r} has "
-                                f"{self.n_layers} layers (0..{self.n_layers - 1}, or -1 for the last)")
-            out.add(layer % self.n_layers)
-        return sorted(out)
+        return layer_ids(layers, self.n_layers, f"{type(self).__name__} {self.checkpoint!r}")
 
     def as_tokens(self, out: Any) -> Tensor:
         """A block's output as [B, T, D]: first element of a tuple; a CNN map [B, C, H, W] as H*W tokens."""

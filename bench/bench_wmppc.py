@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.synthetic import make_run, random_sae_state  # noqa: E402
+from tests.synthetic import engine, make_run, random_sae_state  # noqa: E402
 
+import corr_dense  # noqa: E402
+import corr_sparse  # noqa: E402
 import correlation  # noqa: E402
-from correlation import Correlator  # noqa: E402
 from runs import Run  # noqa: E402
 from wmppc import wmppc  # noqa: E402
 
@@ -106,7 +107,7 @@ def bench_speed(root: Path, n: int, n_features: int, n_layers: int) -> None:
         torch.mm(x.T, y, out=out)
         ref.append(time.perf_counter() - t)
     _, t_dense, t_products = timed_inside(
-        lambda: Correlator("relu", "cpu", cache=False, progress=False).pair_stats(run_a, run_b),
+        lambda: engine("relu", no_cache=True).pair_stats(run_a, run_b),
         torch.Tensor, "addmm_", after=reference)
     t_dense -= sum(ref)
     t_ref = pairs * (n / chunk) * float(np.median(ref))
@@ -115,10 +116,9 @@ def bench_speed(root: Path, n: int, n_features: int, n_layers: int) -> None:
     print(f"(a) dense throughput / torch.mm throughput = {t_ref / t_dense:.2f}   (target >= 0.8)")
     print(f"(a) share of the dense path's time in its float32 products (addmm_) = {t_products / t_dense:.2f}")
 
-    dense, t_dense_topk = timed(lambda: Correlator("topk", "cpu", cache=False, method="dense",
-                                                   progress=False).pair_stats(run_a, run_b))
+    dense, t_dense_topk = timed(lambda: engine("topk", no_cache=True, method="dense").pair_stats(run_a, run_b))
     sparse, t_sparse, t_codes = timed_inside(
-        lambda: Correlator("topk", "cpu", cache=False, progress=False).pair_stats(run_a, run_b), Correlator, "_topk_codes")
+        lambda: engine("topk", no_cache=True).pair_stats(run_a, run_b), corr_sparse, "topk_table")
     diff = max(float(np.abs(dense[p].rho_F - sparse[p].rho_F).max()) for p in dense)
     same = np.mean([np.mean(dense[p].match_F == sparse[p].match_F) for p in dense])
     print(f"(b) top-k codes: dense path {t_dense_topk:.1f} s, sparse path {t_sparse:.1f} s "
@@ -141,15 +141,15 @@ def peak_rss_self() -> int:
 def mem_child(root: str, codes: str, n_layers: int) -> None:
     """Runs in its own process so that ru_maxrss is this computation's peak alone."""
     run_a, run_b = Run.open(root, "A"), Run.open(root, "B")
-    engine = Correlator(codes, "cpu", cache=False, progress=False)
+    eng = engine(codes, no_cache=True)
     t = time.perf_counter()
     if n_layers == len(run_a.layers):
-        value = wmppc(run_a, run_b, engine).all_layers
+        value = wmppc(run_a, run_b, eng).all_layers
     else:  # a subset of the layer pairs; load every SAE as the full run would (Run keeps them)
         for run in (run_a, run_b):
             for layer in run.layers:
                 run.sae(layer)
-        stats = engine.pair_stats(run_a, run_b, [(a, b) for a in run_a.layers[:n_layers] for b in run_b.layers[:n_layers]])
+        stats = eng.pair_stats(run_a, run_b, [(a, b) for a in run_a.layers[:n_layers] for b in run_b.layers[:n_layers]])
         value = float(np.mean([s.rho_F.mean() for s in stats.values()]))
     print(json.dumps({"peak_rss_bytes": peak_rss_self(),
                       "seconds": time.perf_counter() - t, "value": value}))
@@ -163,9 +163,9 @@ def peak_rss(root: Path, codes: str, n_layers: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def dense_plan(n_features: int, n_layers: int) -> tuple[int, int]:
-    sizes = [(layer, n_features) for layer in range(n_layers)]
-    return correlation._plan(sizes, sizes, int(correlation.DEFAULT_MEM_GB * GIB) // 4)
+def dense_plan(n_features: int, n_layers: int) -> corr_dense.Plan:
+    sizes = [corr_dense.LayerSize(layer, n_features) for layer in range(n_layers)]
+    return corr_dense.plan(sizes, sizes, int(correlation.DEFAULT_MEM_GB * GIB) // 4)
 
 
 def bench_memory(root: Path, n: int, n_features: int, n_layers: int, dense_n: int, dense_layers: int) -> None:

@@ -3,23 +3,24 @@
 so that `shapes` stays instant."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
 
-from data.base import PairedDataset, fingerprint
+from data.base import DatasetInfo, PairedDataset, fingerprint
+from data.hub import HUB, load_folder, load_hub
 from data.shapes import ShapesConfig, ShapesDataset, attribute_matrix, attribute_names
 from errors import UserError
 
-HUB_NAMES = ("coco", "flowers102")
-DATASETS = ("shapes", *HUB_NAMES)
+DATASETS = ("shapes", *HUB)
 """Names --dataset accepts, besides the path of a local imagefolder."""
 DATASETS_HELP = "shapes (built-in, offline), coco, flowers102 (hub), or the path of a folder with metadata.jsonl"
 SHAPES_DEFAULT_SAMPLES = 2000
 SHAPES_ARGS = ("image_size", "seed")
 """Extra arguments of shapes, kept by describe() so that from_description() re-creates it."""
 
-__all__ = ["DATASETS", "DATASETS_HELP", "PairedDataset", "ShapesConfig", "ShapesDataset", "attribute_matrix",
+__all__ = ["DATASETS", "DATASETS_HELP", "DatasetInfo", "PairedDataset", "ShapesConfig", "ShapesDataset", "attribute_matrix",
            "attribute_names", "fingerprint", "from_description", "load_dataset"]
 
 
@@ -42,7 +43,7 @@ class CaptionsShuffled(PairedDataset):
         return self.ds.attributes(i)
 
     def describe(self):
-        return {**self.ds.describe(), "shuffle_captions": self.seed}
+        return dataclasses.replace(self.ds.describe(), shuffle_captions=self.seed)
 
 
 def load_dataset(name: str, split: str | None = None, max_samples: int | None = None,
@@ -75,27 +76,20 @@ def _load(name: str, split: str | None, max_samples: int | None, **kwargs) -> Pa
         except (TypeError, ValueError) as e:
             raise UserError(f"shapes: bad option ({e})") from e
         return ShapesDataset(config)
-    if name in HUB_NAMES:
-        from data.hub import load_hub
-
+    if name in HUB:
         return load_hub(name, split, max_samples)
     if os.path.isdir(os.path.expanduser(name)) or os.sep in name or name.startswith((".", "~")):
-        from data.hub import load_folder
-
         return load_folder(name, split, max_samples)
     raise UserError(f"unknown dataset {name!r}: choose {DATASETS_HELP}")
 
 
-def from_description(desc: dict) -> PairedDataset:
+def from_description(desc: DatasetInfo) -> PairedDataset:
     """Re-create the dataset a run was made on (same samples, order and fingerprint) from describe()."""
-    try:
-        name, n = desc["name"], int(desc["n_samples"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"dataset description without a valid name / n_samples: {desc!r}") from e
-    ds = load_dataset(name, split=desc.get("split"), max_samples=n, shuffle_captions=desc.get("shuffle_captions"),
-                      **{k: desc[k] for k in SHAPES_ARGS if name == "shapes" and k in desc})
-    want = desc.get("fingerprint")
-    if want is not None and ds.fingerprint != want:
+    name, n = desc.name, desc.n_samples
+    ds = load_dataset(name, split=desc.split, max_samples=n, shuffle_captions=desc.shuffle_captions,
+                      **({k: getattr(desc, k) for k in SHAPES_ARGS} if name == "shapes" else {}))
+    want = desc.fingerprint
+    if ds.fingerprint != want:
         raise UserError(f"dataset {name!r} no longer matches the run: {len(ds)} samples with fingerprint "
                         f"{ds.fingerprint[:12]}, the run has {n} with {str(want)[:12]}")
     return ds

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from functools import cached_property
 
 from PIL import Image
@@ -13,6 +14,24 @@ def fingerprint(name: str, split: str, sample_ids: list[str]) -> str:
     samples, different as soon as one sample or the order differs."""
     blob = json.dumps({"name": name, "split": split, "sample_ids": list(sample_ids)}, ensure_ascii=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a run records of its dataset (run.json's "dataset"): enough for `data.from_description` to
+    re-create the same samples in the same order."""
+    name: str
+    """--dataset: "shapes", "coco", "flowers102", or the absolute path of a local folder."""
+    split: str
+    n_samples: int
+    fingerprint: str
+    """sha256 of (name, split, sample ids in order): runs are comparable only when theirs are equal."""
+    image_size: int | None = None
+    """shapes only: side of the generated images."""
+    seed: int | None = None
+    """shapes only: generator seed."""
+    shuffle_captions: int | None = None
+    """A null run's caption permutation seed (captions shuffled across samples)."""
 
 
 class PairedDataset:
@@ -44,9 +63,9 @@ class PairedDataset:
     def fingerprint(self) -> str:
         return fingerprint(self.name, self.split, self.sample_ids)
 
-    def describe(self) -> dict:
+    def describe(self) -> DatasetInfo:
         """For run.json; `data.from_description` re-creates the same dataset from it."""
-        return {"name": self.name, "split": self.split, "n_samples": len(self), "fingerprint": self.fingerprint}
+        return DatasetInfo(self.name, self.split, len(self), self.fingerprint)
 
     def _check(self, i: int) -> int:
         if not 0 <= i < len(self):

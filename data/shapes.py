@@ -3,12 +3,13 @@ exactly what is drawn, and the ground truth kept per sample so that features can
 from __future__ import annotations
 
 import random
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data.base import PairedDataset
+from data.base import DatasetInfo, PairedDataset
 from errors import UserError
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
@@ -132,8 +133,8 @@ class ShapesDataset(PairedDataset):
         a = self._attrs[self._check(i)]
         return {**a, "shapes": [dict(s) for s in a["shapes"]]}  # a copy: callers may mutate it
 
-    def describe(self) -> dict:
-        return {**super().describe(), "image_size": self.config.image_size, "seed": self.config.seed}
+    def describe(self) -> DatasetInfo:
+        return dataclasses.replace(super().describe(), image_size=self.config.image_size, seed=self.config.seed)
 
 
 def attribute_names() -> list[str]:

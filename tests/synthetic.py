@@ -8,7 +8,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from runs import Run, RunWriter
+from correlation import Correlator, EngineOptions
+from data import DatasetInfo
+from runs import LayerInfo, Run, RunMeta, RunWriter, SaeSettings
 
 Rows = Callable[[int, int], np.ndarray]
 """(start, stop) -> rows start..stop of a layer's activations, for data too big to hold at once."""
@@ -23,27 +25,32 @@ def random_sae_state(d: int, n_features: int, seed: int = 0, b_scale: float = 0.
 
 def make_run(root: str | Path, name: str, acts_by_layer: dict[int, np.ndarray | Rows],
              sae_states: dict[int, dict[str, torch.Tensor]], top_k: int = 4, fingerprint: str = "synthetic-0",
-             n_samples: int | None = None, overwrite: bool = False, chunk: int = 8192) -> Run:
+             n_samples: int | None = None, overwrite: bool = False, chunk: int = 8192, modality: str = "image",
+             dataset: DatasetInfo | None = None) -> Run:
     """Write a complete run whose layer l has activations acts_by_layer[l] ([N, d] array or Rows, then
-    give n_samples) and SAE sae_states[l]."""
+    give n_samples) and SAE sae_states[l], over `dataset` (default: a "synthetic" one of that fingerprint)."""
     layers = sorted(acts_by_layer)
     if n_samples is None:
         n_samples = len(next(iter(acts_by_layer.values())))
-    writer = RunWriter(root, name, overwrite=overwrite)
     info = {}
-    for layer in layers:
-        state = sae_states[layer]
-        d, n_features = state["W_enc"].shape
-        mm = writer.acts(layer, n_samples, d)
-        src = acts_by_layer[layer]
-        for start in range(0, n_samples, chunk):
-            stop = min(n_samples, start + chunk)
-            mm[start:stop] = src[start:stop] if isinstance(src, np.ndarray) else src(start, stop)
-        writer.save_sae(layer, {k: v.contiguous() for k, v in state.items()})
-        info[str(layer)] = {"d_model": d, "n_features": n_features}
-    writer.finish({
-        "runname": name, "modality": "image", "model": "Synthetic", "checkpoint": "none", "token": "cls",
-        "dataset": {"name": "synthetic", "split": "train", "n_samples": n_samples, "fingerprint": fingerprint},
-        "sae": {"top_k": top_k, "expansion_factor": 4, "lr": 5e-5, "batch_size": 16, "seed": 0},
-        "layers": layers, "layer_info": info})
+    with RunWriter(root, name, overwrite=overwrite) as writer:
+        for layer in layers:
+            state = sae_states[layer]
+            d, n_features = state["W_enc"].shape
+            mm = writer.acts(layer, n_samples, d)
+            src = acts_by_layer[layer]
+            for start in range(0, n_samples, chunk):
+                stop = min(n_samples, start + chunk)
+                mm[start:stop] = src[start:stop] if isinstance(src, np.ndarray) else src(start, stop)
+            writer.save_sae(layer, {k: v.contiguous() for k, v in state.items()})
+            info[layer] = LayerInfo(d, n_features)
+        writer.finish(RunMeta(
+            runname=name, modality=modality, model="Synthetic", checkpoint="none", token="cls",
+            dataset=dataset or DatasetInfo("synthetic", "train", n_samples, fingerprint),
+            sae=SaeSettings(top_k=top_k, expansion_factor=4), layers=layers, layer_info=info))
     return Run.open(root, name)
+
+
+def engine(codes: str = "relu", method: str | None = None, **opts) -> Correlator:
+    """A CPU engine without a progress bar; `opts` are EngineOptions fields."""
+    return Correlator(EngineOptions(codes=codes, device="cpu", **opts), method=method)

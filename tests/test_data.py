@@ -14,6 +14,7 @@ from PIL import Image
 import data
 from data.base import fingerprint
 from errors import UserError
+from records import from_jsonable, to_jsonable
 
 # The test's own idea of the colour names, independent of data/shapes.py's palette.
 PALETTE = {"red": (255, 0, 0), "green": (0, 160, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
@@ -148,6 +149,10 @@ def test_shapes_bad_options():
 
 
 # --- fingerprint and describe -----------------------------------------------------------------
+def stored(desc: dict) -> data.DatasetInfo:
+    """A dataset description as read back from run.json."""
+    return from_jsonable(data.DatasetInfo, desc, "dataset")
+
 
 def test_fingerprint():
     f = fingerprint("coco", "train", ["1", "2"])
@@ -163,16 +168,16 @@ def test_fingerprint():
 
 def test_from_description_round_trip():
     ds = data.load_dataset("shapes", max_samples=12, image_size=64, seed=3)
-    desc = json.loads(json.dumps(ds.describe()))  # as stored in run.json
+    desc = json.loads(json.dumps(to_jsonable(ds.describe())))  # as stored in run.json
     assert desc["n_samples"] == 12 and desc["fingerprint"] == ds.fingerprint and desc["name"] == "shapes"
-    again = data.from_description(desc)
+    again = data.from_description(stored(desc))
     assert again.sample_ids == ds.sample_ids and again.fingerprint == ds.fingerprint
     assert [again.caption(i) for i in range(12)] == [ds.caption(i) for i in range(12)]
     assert np.array_equal(np.asarray(again.image(11)), np.asarray(ds.image(11)))
     with pytest.raises(UserError, match="no longer matches"):
-        data.from_description({**desc, "fingerprint": "0" * 64})
-    with pytest.raises(UserError):
-        data.from_description({"split": "default"})
+        data.from_description(stored({**desc, "fingerprint": "0" * 64}))
+    with pytest.raises(ValueError, match="missing key 'dataset.name'"):  # refused when run.json is read
+        stored({"split": "default"})
 
 
 # --- local folders ----------------------------------------------------------------------------
@@ -203,8 +208,7 @@ def test_imagefolder_round_trip(tmp_path, monkeypatch):
     for i, r in enumerate(rows):
         im = ds.image(i)
         assert im.mode == "RGB" and colour_name(im.getpixel((0, 0))) in r["text"]
-    desc = json.loads(json.dumps(ds.describe()))
-    again = data.from_description(desc)
+    again = data.from_description(stored(json.loads(json.dumps(to_jsonable(ds.describe())))))
     assert again.fingerprint == ds.fingerprint and again.sample_ids == ds.sample_ids
     first2 = data.load_dataset(str(tmp_path / "imgs"), max_samples=2)
     assert first2.sample_ids == ds.sample_ids[:2] and first2.fingerprint != ds.fingerprint
@@ -254,7 +258,7 @@ def test_hub_offline_fails_fast_and_clearly(name):
     msg = str(e.value)
     assert name in msg and "shapes" in msg and "\n" not in msg
     with pytest.raises(UserError):
-        data.from_description({"name": name, "split": "train", "n_samples": 10, "fingerprint": "0" * 64})
+        data.from_description(stored({"name": name, "split": "train", "n_samples": 10, "fingerprint": "0" * 64}))
 
 
 def test_unknown_dataset_lists_choices():

@@ -44,7 +44,7 @@ def test_demo_writes_the_report(demo_run, capsys):
     html = (demo_run / "report.html").read_text()
     assert "http://" not in html and "https://" not in html  # opens offline
     for run in (IMAGE, TEXT, NULL):
-        assert Run.open(demo_run / "sae_features", run).meta["complete"]
+        assert Run.open(demo_run / "sae_features", run).meta.complete
 
 
 def test_report_numbers_match_runs_on_disk(demo_run):

@@ -44,12 +44,8 @@ def shapes_run(root, name, modality, seed, layers=(1, 3)):
     ds = data.load_dataset("shapes", max_samples=N, image_size=IMAGE_SIZE)
     rng = np.random.default_rng(seed)
     built = {layer: _layer(rng, seed * 10 + layer) for layer in layers}
-    make_run(root, name, {l: x for l, (x, _) in built.items()}, {l: s for l, (_, s) in built.items()}, top_k=4,
-             fingerprint=ds.fingerprint)
-    path = Path(root) / name / "run.json"
-    meta = json.loads(path.read_text())
-    path.write_text(json.dumps({**meta, "modality": modality, "dataset": ds.describe()}))
-    return Run.open(root, name)
+    return make_run(root, name, {l: x for l, (x, _) in built.items()}, {l: s for l, (_, s) in built.items()},
+                    top_k=4, modality=modality, dataset=ds.describe())
 
 
 @pytest.fixture(scope="module")

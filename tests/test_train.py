@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import train_image
 import train_text
 import wrappedmodels
-from runs import Run
+from runs import Run, RunMeta
 from sae import TopKSAE
 from tiny_models import checkpoint_for
 
@@ -50,9 +50,9 @@ def run_cli(family, ckpt, root, runname, *extra, n=12):
 @pytest.mark.parametrize("family", sorted(FAMILY_ARGS))
 def test_every_family_trains_and_records_a_run(family, ckpt_dir, tmp_path):
     run = run_cli(family, checkpoint_for(family, ckpt_dir), tmp_path, "r", "--layers", "0", "-1")
-    meta = run.meta
+    meta = json.loads((run.path / "run.json").read_text())  # the file format of SPEC §9
     n_layers = meta["n_layers_model"]
-    assert meta["complete"] is True and meta["schema"] == 1
+    assert meta["complete"] is True and meta["schema"] == RunMeta.SCHEMA == 2
     assert meta["model"] == family and meta["layers"] == [0, n_layers - 1]
     assert meta["token"] == wrappedmodels.ENCODERS[family].default_token
     assert meta["dataset"]["name"] == "shapes" and meta["dataset"]["n_samples"] == 12
@@ -100,7 +100,7 @@ def test_token_first_reproduces_index_0_and_constant_token_is_refused(tmp_path, 
     vit = run_cli("ViT", checkpoint_for("ViT", ckpt_dir), tmp_path, "vfirst", "--layers", "1", "--token", "first")
     vcls = run_cli("ViT", checkpoint_for("ViT", ckpt_dir), tmp_path, "vcls", "--layers", "1")
     np.testing.assert_array_equal(vit.acts(1), vcls.acts(1))
-    assert vit.meta["token"] == "first" and vcls.meta["token"] == "cls"
+    assert vit.meta.token == "first" and vcls.meta.token == "cls"
 
 
 def test_padding_is_excluded_unless_asked(tmp_path, ckpt_dir):
@@ -112,8 +112,8 @@ def test_padding_is_excluded_unless_asked(tmp_path, ckpt_dir):
     tok = wrappedmodels.ENCODERS["Bert"](ckpt).tokenizer
     ds = data.load_dataset("shapes", max_samples=12)
     real = sum(len(tok(ds.caption(i))["input_ids"]) for i in range(12))
-    assert a.meta["layer_info"]["1"]["tokens_seen"] == real
-    assert b.meta["layer_info"]["1"]["tokens_seen"] > real
+    assert a.meta.layer_info[1].tokens_seen == real
+    assert b.meta.layer_info[1].tokens_seen > real
 
 
 def test_one_encoder_pass_per_sample(tmp_path, monkeypatch):
@@ -180,7 +180,7 @@ def test_existing_run_is_not_overwritten_without_flag(tmp_path, ckpt_dir, capsys
     assert {p.name: p.read_bytes() for p in run.path.iterdir()} == before
     train_text.main(argv + ["--overwrite"])
     again = Run.open(tmp_path, "keep")
-    assert again.layers == [0] and again.n_samples == 5 and again.meta["run_id"] != run.meta["run_id"]
+    assert again.layers == [0] and again.n_samples == 5 and again.meta.run_id != run.meta.run_id
 
 
 def test_interrupted_run_leaves_nothing_that_claims_complete(tmp_path, ckpt_dir, monkeypatch):
@@ -217,7 +217,7 @@ def test_killed_process_leaves_no_complete_run(tmp_path):
     assert not any(json.loads(p.read_text()).get("complete") for p in tmp_path.rglob("run.json"))
     train_image.main(["--model", "EfficientNetLite", "--runname", "k", "--root", str(tmp_path), "--max_samples", "4",
                       "--image_size", "64", "--layers", "0"])
-    assert os.listdir(tmp_path) == ["k"] and Run.open(tmp_path, "k").meta["complete"] is True
+    assert os.listdir(tmp_path) == ["k"] and Run.open(tmp_path, "k").meta.complete is True
 
 
 def test_sae_file_loads_back_into_the_same_model(tmp_path, ckpt_dir):
@@ -235,5 +235,5 @@ def test_real_offline_models_on_shapes(tmp_path):
                             "--max_samples", "64", "--image_size", "128"])
     t, i = Run.open(tmp_path, "minilm"), Run.open(tmp_path, "eff")
     assert t.layers == list(range(6)) and i.layers == list(range(16))
-    assert t.meta["layer_info"]["5"]["d_model"] == 384 and i.meta["layer_info"]["15"]["d_model"] == 320
+    assert t.meta.layer_info[5].d_model == 384 and i.meta.layer_info[15].d_model == 320
     assert t.fingerprint == i.fingerprint

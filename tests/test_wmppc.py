@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from synthetic import make_run, random_sae_state
+from synthetic import engine, make_run, random_sae_state
 
 import comp_sharedness
-import correlation
 import wmppc
 from correlation import Correlator
+from errors import UserError
 
 N = 300
 K = 4
@@ -106,8 +106,7 @@ def check_stats(stats, c, rho, mass):
 ])
 def test_pair_stats_match_reference(runs, codes, method, mem_bytes):
     run_a, run_b = runs
-    eng = Correlator(codes, device="cpu", chunk_size=128, mem_bytes=mem_bytes, cache=False, method=method,
-                     progress=False)
+    eng = engine(codes, chunk_size=128, mem_gb=mem_bytes / 2**30, no_cache=True, method=method)
     stats = eng.pair_stats(run_a, run_b)
     assert list(stats) == [(a, b) for a in SHAPES_A for b in SHAPES_B]
     for (a, b), s in stats.items():
@@ -119,8 +118,8 @@ def test_pair_stats_match_reference(runs, codes, method, mem_bytes):
 
 def test_sparse_equals_dense_on_topk(runs):
     run_a, run_b = runs
-    dense = Correlator("topk", "cpu", chunk_size=100, cache=False, method="dense", progress=False).pair_stats(run_a, run_b)
-    sparse = Correlator("topk", "cpu", chunk_size=64, cache=False, progress=False).pair_stats(run_a, run_b)
+    dense = engine("topk", chunk_size=100, no_cache=True, method="dense").pair_stats(run_a, run_b)
+    sparse = engine("topk", chunk_size=64, no_cache=True).pair_stats(run_a, run_b)
     for p in dense:
         np.testing.assert_allclose(dense[p].rho_F, sparse[p].rho_F, atol=TOL, rtol=0)
         np.testing.assert_allclose(dense[p].mass_F, sparse[p].mass_F, rtol=1e-6)
@@ -146,7 +145,7 @@ def test_planted_copies_have_rho_one(tmp_path, data, codes):
     st_b["W_dec"] = (st_b["W_enc"].T / st_b["W_enc"].T.norm(dim=1, keepdim=True).clamp_min(1e-12)).contiguous()
     run_a = make_run(tmp_path, "A", {a_layer: acts_a[a_layer]}, {a_layer: st_a[a_layer]}, K)
     run_b = make_run(tmp_path, "B", {7: acts_a[a_layer]}, {7: st_b}, K)
-    eng = Correlator(codes, "cpu", chunk_size=128, cache=False, progress=False)
+    eng = engine(codes, chunk_size=128, no_cache=True)
     s = eng.pair_stats(run_a, run_b)[a_layer, 7]
     codes_a = ref_codes(run_a, a_layer, codes)
     live = copied[codes_a[:, copied].max(0) > codes_a[:, copied].min(0)]  # constant features have rho 0
@@ -163,7 +162,7 @@ def test_planted_copies_have_rho_one(tmp_path, data, codes):
 @pytest.mark.parametrize("codes", ["relu", "topk"])
 def test_wmppc_matches_reference(runs, codes):
     run_a, run_b = runs
-    res = wmppc.wmppc(run_a, run_b, Correlator(codes, "cpu", chunk_size=97, cache=False, progress=False))
+    res = wmppc.wmppc(run_a, run_b, engine(codes, chunk_size=97, no_cache=True))
     ref = {(a, b): ref_pair(run_a, run_b, a, b, codes) for a in SHAPES_A for b in SHAPES_B}
     matrix = [[ref_weighted(ref[a, b][1], ref[a, b][2]) for b in SHAPES_B] for a in SHAPES_A]
     np.testing.assert_allclose(res.layer_matrix, matrix, atol=TOL, rtol=0)
@@ -179,8 +178,8 @@ def test_zero_mass_layer_is_an_error(tmp_path, data):
     dead = {k: torch.zeros_like(v) if k == "W_enc" else v for k, v in st_a[0].items()}
     run_a = make_run(tmp_path, "A", {0: acts_a[0]}, {0: dead}, K)
     run_b = make_run(tmp_path, "B", {1: acts_b[1]}, {1: st_b[1]}, K)
-    with pytest.raises(correlation.UserError, match="activation mass 0"):
-        wmppc.wmppc(run_a, run_b, Correlator("relu", "cpu", cache=False, progress=False))
+    with pytest.raises(UserError, match="activation mass 0"):
+        wmppc.wmppc(run_a, run_b, engine("relu", no_cache=True))
 
 
 # ---- the cache -------------------------------------------------------------------------------------------
@@ -189,25 +188,25 @@ def test_cache_hit_and_invalidation(tmp_path, runs, data, monkeypatch):
     calls = []
     compute = Correlator._compute
     monkeypatch.setattr(Correlator, "_compute", lambda self, *a: calls.append(a[2:]) or compute(self, *a))
-    first = Correlator("relu", "cpu", progress=False).pair_stats(run_a, run_b)
+    first = engine("relu").pair_stats(run_a, run_b)
     assert len(calls) == 1 and len(list((tmp_path / ".cache").glob("*.npz"))) == len(first)
-    again = Correlator("relu", "cpu", progress=False).pair_stats(run_a, run_b)  # fresh engine: from disk
+    again = engine("relu").pair_stats(run_a, run_b)  # fresh engine: from disk
     assert len(calls) == 1
     for p in first:
         for x, y in zip(first[p], again[p]):
             np.testing.assert_array_equal(x, y)
     # comp_sharedness's last-layer pair is one of them: no recomputation either
-    Correlator("relu", "cpu", progress=False).pair_stats(run_a, run_b, [(-1, -1)])
+    engine("relu").pair_stats(run_a, run_b, [(-1, -1)])
     assert len(calls) == 1
     # a damaged entry is recomputed
     victim = next((tmp_path / ".cache").glob("*.npz"))
     victim.write_bytes(b"garbage")
-    Correlator("relu", "cpu", progress=False).pair_stats(run_a, run_b)
+    engine("relu").pair_stats(run_a, run_b)
     assert len(calls) == 2
     # rewriting B (new run_id) invalidates: new numbers, computed again
     (_, _), (acts_b, st_b) = data
     run_b2 = make_run(tmp_path, "B", {b: acts_b[b][::-1].copy() for b in acts_b}, st_b, K, overwrite=True)
-    fresh = Correlator("relu", "cpu", progress=False).pair_stats(run_a, run_b2)
+    fresh = engine("relu").pair_stats(run_a, run_b2)
     assert len(calls) == 3
     check_stats(fresh[5, 3], *ref_pair(run_a, run_b2, 5, 3, "relu"))
     assert not np.allclose(fresh[5, 3].rho_F, first[5, 3].rho_F)
@@ -215,8 +214,8 @@ def test_cache_hit_and_invalidation(tmp_path, runs, data, monkeypatch):
 
 def test_cache_separates_codes(runs):
     run_a, run_b = runs
-    relu = Correlator("relu", "cpu", progress=False).pair_stats(run_a, run_b, [(5, 3)])[5, 3]
-    topk = Correlator("topk", "cpu", progress=False).pair_stats(run_a, run_b, [(5, 3)])[5, 3]
+    relu = engine("relu").pair_stats(run_a, run_b, [(5, 3)])[5, 3]
+    topk = engine("topk").pair_stats(run_a, run_b, [(5, 3)])[5, 3]
     check_stats(topk, *ref_pair(run_a, run_b, 5, 3, "topk"))
     assert not np.allclose(relu.mass_F, topk.mass_F)
 
@@ -238,14 +237,14 @@ def four_runs(tmp_path, data):
 def test_comp_sharedness_matches_reference(four_runs, codes):
     r = four_runs
     res = comp_sharedness.comp_sharedness(r["M"], [r["G1"], r["G2"]], [r["H1"]],
-                                          Correlator(codes, "cpu", cache=False, progress=False))
+                                          engine(codes, no_cache=True))
     rho = {n: ref_pair(r["M"], r[n], 9, 9, codes)[1] for n in ("G1", "G2", "H1")}
     mass = ref_codes(r["M"], 9, codes).sum(0)
     delta = mass * (np.minimum(rho["G1"], rho["G2"]) ** 2 - rho["H1"] ** 2)
     np.testing.assert_allclose(res.delta_F, delta, atol=TOL * mass.max(), rtol=TOL)
-    feats = comp_sharedness.top_features(res)
+    feats = comp_sharedness.top_features(res).features
     assert len(feats) == 1  # 1% of 48 features, rounded up
-    assert feats[0]["feature"] == int(np.argmax(delta))
+    assert feats[0].feature == int(np.argmax(delta))
     assert res.layers == {"M": 9, "G1": 9, "G2": 9, "H1": 9}
 
 
@@ -253,7 +252,7 @@ def test_min_starts_at_infinity(four_runs):
     """With one run in G the G term is its rho squared (the paper's code, starting at 0, gives 0)."""
     r = four_runs
     res = comp_sharedness.comp_sharedness(r["M"], [r["G1"]], [r["H1"]],
-                                          Correlator("relu", "cpu", cache=False, progress=False))
+                                          engine("relu", no_cache=True))
     np.testing.assert_allclose(res.delta_F, res.mass_F * (res.rho["G1"] ** 2 - res.rho["H1"] ** 2))
     assert res.delta_F.max() > 0
 
@@ -265,10 +264,10 @@ def test_wmppc_cli_pair(runs, tmp_path, capsys):
     wmppc.main(["--root", root, "--source", "A", "--target", "B", "--json", str(out_json), "--plot", str(out_png),
                 "--device", "cpu"])
     line = capsys.readouterr().out.strip()
-    res = wmppc.wmppc(*runs, Correlator("relu", "cpu", progress=False))
+    res = wmppc.wmppc(*runs, engine("relu"))
     assert line == f"All Layers : {res.all_layers:.4f} | Last layer : {res.last_layer:.4f}"
     js = json.loads(out_json.read_text())
-    assert set(js) == {"source", "target", "codes", "all_layers", "last_layer", "layer_matrix",
+    assert set(js) == {"schema", "kind", "source", "target", "codes", "all_layers", "last_layer", "layer_matrix",
                        "source_layers", "target_layers"}
     assert (js["source"], js["target"], js["codes"]) == ("A", "B", "relu")
     assert js["source_layers"] == [0, 2, 5] and js["target_layers"] == [1, 3]
@@ -285,8 +284,8 @@ def test_wmppc_cli_runs(four_runs, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "All layers" in text and "Last layer" in text
     js = json.loads(out_json.read_text())
-    assert set(js) == {"runs", "codes", "all_layers", "last_layer"} and js["runs"] == names
-    eng = Correlator("topk", "cpu", progress=False)
+    assert set(js) == {"schema", "kind", "runs", "codes", "all_layers", "last_layer"} and js["runs"] == names
+    eng = engine("topk")
     for i, a in enumerate(names):
         assert js["all_layers"][i][i] is None and js["last_layer"][i][i] is None
         for j, b in enumerate(names):
@@ -303,7 +302,7 @@ def test_comp_sharedness_cli(four_runs, tmp_path, capsys):
                           "--max_group", "H1", "--top", "5", "--json", str(out_json)])
     text = capsys.readouterr().out
     js = json.loads(out_json.read_text())
-    assert {"source", "min_group", "max_group", "features"} <= set(js)
+    assert {"schema", "source", "min_group", "max_group", "features"} <= set(js)
     assert (js["source"], js["min_group"], js["max_group"]) == ("M", ["G1", "G2"], ["H1"])
     assert js["layers"] == {"M": 9, "G1": 9, "G2": 9, "H1": 9}
     feats = js["features"]
@@ -406,6 +405,6 @@ def test_comp_sharedness_incomplete_and_other_dataset(four_runs, tmp_path, capsy
 
 def test_top_default_is_one_percent(four_runs):
     r = four_runs
-    res = comp_sharedness.comp_sharedness(r["M"], [r["G1"]], [r["H1"]], Correlator("relu", "cpu", progress=False))
-    assert len(comp_sharedness.top_features(res)) == math.ceil(48 / 100)
-    assert len(comp_sharedness.top_features(res, 1000)) == 48
+    res = comp_sharedness.comp_sharedness(r["M"], [r["G1"]], [r["H1"]], engine("relu"))
+    assert len(comp_sharedness.top_features(res).features) == math.ceil(48 / 100)
+    assert len(comp_sharedness.top_features(res, 1000).features) == 48

@@ -1,0 +1,70 @@
+"""The engine's on-disk cache: one file of PairStats per (run A, run B, layer pair, codes) under
+`<root>/.cache/`. Keys hold each run's run_id, so a rewritten run's stale entries are never read."""
+from __future__ import annotations
+
+import warnings
+import zipfile
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from records import write_atomic
+
+CACHE_VERSION = 1
+"""Bump when the numbers the engine returns change meaning; old cache files are then ignored."""
+
+
+class PairStats(NamedTuple):
+    """What the engine knows of layer a of A against layer b of B."""
+    rho_F: np.ndarray
+    """[F_A] float64: max_j corr(f_i^A, f_j^B), in [-1, 1]; 0 for a constant feature."""
+    match_F: np.ndarray
+    """[F_A] int64: the feature j of B reaching the maximum."""
+    mass_F: np.ndarray
+    """[F_A] float64: S_i = sum_n f_i^A(n)."""
+
+
+class PairKey(NamedTuple):
+    run_a: str
+    """run_id of A."""
+    run_b: str
+    layer_a: int
+    layer_b: int
+    codes: str
+
+
+class PairCache:
+    """Reads and writes PairStats files; `folder=None` disables it. A damaged entry reads as missing
+    (it is recomputed and replaced); a failed write is a warning, never an error."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+
+    def path(self, key: PairKey) -> Path:
+        return self.folder / (f"corr-v{CACHE_VERSION}-{key.run_a}-{key.run_b}-{key.layer_a:02d}-{key.layer_b:02d}-"
+                              f"{key.codes}.npz")
+
+    def load(self, key: PairKey, n_features: int) -> PairStats | None:
+        if self.folder is None or not self.path(key).is_file():
+            return None
+        try:
+            with np.load(self.path(key), allow_pickle=False) as z:
+                stats = PairStats(z["rho_F"], z["match_F"], z["mass_F"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None
+        return stats if all(x.shape == (n_features,) for x in stats) else None
+
+    def save(self, key: PairKey, stats: PairStats) -> None:
+        if self.folder is None:
+            return
+        try:
+            self.folder.mkdir(exist_ok=True)
+            write_atomic(self.path(key), lambda tmp: _savez(tmp, stats))
+        except OSError as e:
+            warnings.warn(f"could not write the correlation cache {self.path(key)}: {e}")
+
+
+def _savez(path: Path, stats: PairStats) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would add ".npz" to a path
+        np.savez(f, **stats._asdict())

@@ -1,0 +1,90 @@
+"""Command-line flags declared once, as documented dataclass fields (in the manner of sparsify's
+config.py): the field's name is the flag (`--top_k`), its default the flag's default, its docstring
+the help. `Literal[...]` fields are checked by `check_choices` with one clear line, not argparse's."""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from errors import OptionError, UserError
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (a string literal right under a field) of a dataclass and its bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), **help_extra: str) -> None:
+    """One flag per field of dataclass `cls` (but `skip`). `help_extra[field]` is appended to the help."""
+    hints, docs = get_type_hints(cls), field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        tp = _unwrap_optional(hints[f.name])
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        help_ = " ".join(x for x in (docs.get(f.name, ""), help_extra.get(f.name, "")) if x).replace("%", "%%")
+        kw: dict[str, Any] = {"help": help_ + ("" if required or default in (None, False) else " (default: %(default)s)")}
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
+        elif get_origin(tp) is list:
+            kw.update(nargs="*" if isinstance(default, list) else "+", type=get_args(tp)[0])
+        elif get_origin(tp) is Literal:
+            kw.update(type=type(get_args(tp)[0]), metavar="{" + ",".join(map(str, get_args(tp))) + "}")
+        else:
+            kw["type"] = tp
+        if required:
+            kw["required"] = True
+        else:
+            kw["default"] = default
+        parser.add_argument(f"--{f.name}", **kw)
+
+
+def options_from(cls: type, args: argparse.Namespace, **values: Any):
+    """`cls` built from the parsed flags of its fields (`values` override or complete them)."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    return cls(**{**kwargs, **values})
+
+
+def check_choices(obj: Any) -> None:
+    """Every Literal-typed field of a dataclass instance holds one of its values."""
+    for name, tp in get_type_hints(type(obj)).items():
+        tp = _unwrap_optional(tp)
+        value = getattr(obj, name, None)
+        if get_origin(tp) is Literal and value is not None and value not in get_args(tp):
+            raise OptionError(name, f"unknown {{opt}} {value!r}; choose from {', '.join(map(str, get_args(tp)))}")
+
+
+def check_output(path: str | None, flag: str) -> None:
+    """Fail before the computation, not after it, when an output file cannot be written."""
+    if path is not None and not Path(path).resolve().parent.is_dir():
+        raise UserError(f"{flag} {path}: folder {str(Path(path).resolve().parent)!r} does not exist")

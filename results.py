@@ -1,0 +1,115 @@
+"""Result files (SPEC §6, §7, §14): what wmppc.py, comp_sharedness.py and demo.py write and
+show.py, report.py read, as typed records with a schema number (see records.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from records import Record
+from runs import RunMeta
+
+
+@dataclass
+class Wmppc(Record):
+    """wMPPC of run A -> run B."""
+    KIND = "wmppc"
+    SCHEMA = 1
+
+    source: str
+    target: str
+    codes: str
+    all_layers: float
+    """Every feature of every layer of A takes its best match over all layers of B; per-layer values
+    averaged weighted by feature count."""
+    last_layer: float
+    """Last recorded layer of A against last of B."""
+    layer_matrix: np.ndarray
+    """[L_A, L_B]: wMPPC of layer a of A against layer b of B (indexed by position in the layer lists)."""
+    source_layers: list[int]
+    target_layers: list[int]
+
+
+@dataclass
+class WmppcTable(Record):
+    """wMPPC of every ordered pair of runs, row -> column; NaN (JSON null) on the diagonal."""
+    KIND = "wmppc_table"
+    SCHEMA = 1
+
+    runs: list[str]
+    codes: str
+    all_layers: np.ndarray
+    """[R, R]."""
+    last_layer: np.ndarray
+    """[R, R]."""
+
+
+@dataclass
+class SharedFeature:
+    """One feature of M ranked by Comparative Sharedness."""
+    feature: int
+    delta: float
+    rho: dict[str, float]
+    """run of G or H -> rho_i^{M->run}."""
+    match: dict[str, int]
+    """run of G or H -> its best-matching feature."""
+    mass: float | None = None
+    """Activation mass S_i (may be absent from a hand-made file: show.py computes it anyway)."""
+
+
+@dataclass
+class SharednessReport(Record):
+    """The top features of comp_sharedness.py (its --json; show.py --from_json reads it)."""
+    KIND = "comp_sharedness"
+    SCHEMA = 1
+    DESCRIPTION = "a comp_sharedness.py --json output"
+
+    source: str
+    min_group: list[str]
+    max_group: list[str]
+    features: list[SharedFeature]
+    """Best first."""
+    codes: str = "relu"
+    layers: dict[str, int] | None = None
+    """The layer used for each run, source included (None: the last recorded layer of each)."""
+
+    @classmethod
+    def migrate(cls, obj: dict, schema: int | None) -> dict:
+        if schema is None:  # written before result files had a schema: the same keys
+            return obj
+        return super().migrate(obj, schema)
+
+
+@dataclass
+class AttributeMatch:
+    """The ground-truth attribute (shapes) best correlated with a shared feature and with its match."""
+    feature: int
+    attribute: str
+    r: float
+    match_attribute: str
+    match_r: float
+
+
+@dataclass
+class DemoResults(Record):
+    """Everything demo.py measured; report.py renders it."""
+    KIND = "demo"
+    SCHEMA = 1
+
+    config: dict[str, Any]
+    """The demo's settings."""
+    runs: dict[str, RunMeta]
+    train_seconds: dict[str, float]
+    """0 for a reused run."""
+    wmppc: dict[str, Wmppc]
+    """"A->B" -> wMPPC of A -> B, every ordered pair."""
+    sharedness: SharednessReport
+    attributes: list[AttributeMatch]
+    """For each feature of `sharedness`, in order."""
+    gallery: str
+    """Path of the gallery page, relative to the report."""
+    grids: list[str]
+    """The grid image of each feature of `sharedness`, relative to the report."""
+    seconds: float
+    peak_rss_gib: float
