@@ -17,8 +17,8 @@ from typing import NamedTuple
 import numpy as np
 
 from correlation import Correlator, EngineOptions, tqdm_progress
-from errors import ArgumentParser, UserError, check_at_least, cli
-from options import add_options, check_output, options_from
+from errors import UserError, check_at_least, cli
+from options import check_output, parse
 from results import SharedFeature, SharednessReport
 from runs import Run, open_runs
 
@@ -116,9 +116,7 @@ class SharednessArgs(EngineOptions):
 
 @cli
 def main(argv=None):
-    p = ArgumentParser(description="Comparative Sharedness of the features of one run (SPEC §7)")
-    add_options(p, SharednessArgs)
-    args = options_from(SharednessArgs, p.parse_args(argv))
+    args = parse(SharednessArgs, argv, "Comparative Sharedness of the features of one run (SPEC §7)")
     engine = Correlator(args, progress=tqdm_progress("correlations"))
     source, *others = open_runs(args.root, [args.source, *args.min_group, *args.max_group])
     res = comp_sharedness(source, others[:len(args.min_group)], others[len(args.min_group):], engine)

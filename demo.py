@@ -23,8 +23,8 @@ import data
 import report
 from comp_sharedness import comp_sharedness, top_features
 from correlation import Correlator, EngineOptions, tqdm_progress
-from errors import ArgumentParser, check_at_least, cli
-from options import add_options, options_from
+from errors import check_at_least, cli
+from options import parse
 from report import IMAGE, NULL, TEXT
 from results import AttributeMatch, DemoResults
 from runs import Run
@@ -145,9 +145,7 @@ def _attributes(runs: dict[str, Run], feats) -> list[AttributeMatch]:
 
 @cli
 def main(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, DemoConfig)
-    cfg = options_from(DemoConfig, p.parse_args(argv))
+    cfg = parse(DemoConfig, argv, __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     res = run_demo(cfg)
     print(report.summary(res, Path(cfg.out)))
 

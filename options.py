@@ -12,9 +12,11 @@ import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
-from errors import OptionError, UserError
+from errors import ArgumentParser, OptionError, UserError
+
+T = TypeVar("T")
 
 
 @functools.cache
@@ -66,6 +68,13 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
         else:
             kw["default"] = default
         parser.add_argument(f"--{f.name}", **kw)
+
+
+def parse(cls: type[T], argv: list[str] | None, description: str, **parser_kw: Any) -> T:
+    """A command line whose flags are exactly the fields of dataclass `cls`, parsed into a `cls`."""
+    p = ArgumentParser(description=description, **parser_kw)
+    add_options(p, cls)
+    return options_from(cls, p.parse_args(argv))
 
 
 def options_from(cls: type, args: argparse.Namespace, **values: Any):

@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 import data
 from correlation import DEFAULT_CHUNK, AnalysisOptions
-from errors import ArgumentParser, UserError, check_at_least, cli
+from errors import UserError, check_at_least, cli
 from gallery import Card, Group, fmt, write_index
-from options import add_options, options_from
+from options import parse
 from records import staged_dir
 from results import SharedFeature, SharednessReport
 from runs import Run, check_codes, open_runs
@@ -73,11 +73,19 @@ def feature_stats(run: Run, layer: int, codes: str = "relu", k: int = TOP, chunk
         codes_nF = run.dense_codes(layer, codes, slice(start, start + chunk_size), device)
         mass_F += codes_nF.sum(0, dtype=torch.float64)
         n_active_F += (codes_nF > 0).sum(0)
-        top_val_KF, pos_KF = torch.cat([top_val_KF, codes_nF]).topk(k, dim=0)
-        top_idx_KF = torch.where(pos_KF < k, top_idx_KF.gather(0, pos_KF.clamp(max=k - 1)), pos_KF - k + start)
+        top_val_KF, top_idx_KF = merge_top(top_val_KF, top_idx_KF, codes_nF, start)
     keep = min(k, run.n_samples)
     return FeatureStats(mass_F.cpu().numpy(), n_active_F.cpu().numpy(),
                         top_val_KF[:keep].cpu().numpy(), top_idx_KF[:keep].cpu().numpy())
+
+
+def merge_top(top_val_KF: torch.Tensor, top_idx_KF: torch.Tensor, codes_nF: torch.Tensor,
+              start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K largest values of each feature among a running top-K and a chunk of codes of samples
+    start.., with their sample ids."""
+    k = top_val_KF.shape[0]
+    val_KF, pos_KF = torch.cat([top_val_KF, codes_nF]).topk(k, dim=0)
+    return val_KF, torch.where(pos_KF < k, top_idx_KF.gather(0, pos_KF.clamp(max=k - 1)), pos_KF - k + start)
 
 
 def select_features(stats: FeatureStats, min_active: int = MIN_ACTIVE, max_features: int = MAX_FEATURES) -> list[int]:
@@ -332,9 +340,7 @@ class ShowArgs(GalleryOptions):
 
 @cli
 def main(argv=None):
-    p = ArgumentParser(description="Feature previews: top-9 grids and an HTML gallery (SPEC §8)")
-    add_options(p, ShowArgs)
-    args = options_from(ShowArgs, p.parse_args(argv))
+    args = parse(ShowArgs, argv, "Feature previews: top-9 grids and an HTML gallery (SPEC §8)")
     if args.run:
         run_gallery(Run.open(args.root, args.run), args)
     else:

@@ -151,7 +151,7 @@ def _record(cfg: TrainConfig, settings: SaeSettings, ds: data.PairedDataset, enc
     trainers: dict[int, SaeTrainer] = {}
     acts: dict[int, np.ndarray] = {}
     start = 0
-    bar = tqdm(loader, desc=f"{cfg.runname}: {len(layers)} layers", unit="batch")
+    bar = tqdm(loader, desc=f"{cfg.runname}: {len(layers)} layers", unit="batch", disable=None)  # none in logs
     for inputs in bar:
         recorded = encoder.record(inputs, layers)
         for layer in layers:

@@ -13,8 +13,8 @@ import numpy as np
 
 from corr_cache import PairStats
 from correlation import Correlator, EngineOptions, tqdm_progress
-from errors import ArgumentParser, UserError, cli
-from options import add_options, check_output, options_from
+from errors import UserError, cli
+from options import check_output, parse
 from results import Wmppc, WmppcTable
 from runs import Run, open_runs
 
@@ -120,9 +120,7 @@ class WmppcArgs(EngineOptions):
 
 @cli
 def main(argv=None):
-    p = ArgumentParser(description="wMPPC between SAE runs (SPEC §6)")
-    add_options(p, WmppcArgs)
-    args = options_from(WmppcArgs, p.parse_args(argv))
+    args = parse(WmppcArgs, argv, "wMPPC between SAE runs (SPEC §6)")
     engine = Correlator(args, progress=tqdm_progress("correlations"))
     if args.runs is None:
         res = wmppc(*open_runs(args.root, [args.source, args.target]), engine)

@@ -85,8 +85,6 @@ def test_second_demo_reuses_runs(demo_run, capsys):
     assert out.count("reusing") == 3 and "report:" in out
 
 
-def test_other_settings_need_overwrite(demo_run, capsys):
-    with pytest.raises(SystemExit) as e:
-        demo.main(["--out", str(demo_run), "--max_samples", "60", "--layers", "0", "-1", "--image_size", "64"])
-    assert e.value.code == 2
-    assert "--overwrite" in capsys.readouterr().err
+def test_other_settings_need_overwrite(demo_run, error_line):
+    assert "--overwrite" in error_line(demo.main, ["--out", str(demo_run), "--max_samples", "60", "--layers", "0", "-1",
+                                                   "--image_size", "64"])

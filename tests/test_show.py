@@ -76,16 +76,6 @@ def gallery(root, tmp_path_factory):
     return out
 
 
-def run_err(argv, capsys) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        show.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
-
-
 def tiles(grid: Image.Image, captions: bool) -> list[np.ndarray]:
     """The 9 image squares of a grid, row by row."""
     w, h = show.tile_size(captions)
@@ -187,9 +177,9 @@ def test_features_flag_max_features_and_min_active(root, tmp_path, capsys):
     assert 2 in show.select_features(stats, 12, 0) and 2 not in show.select_features(stats, 13, 0)
 
 
-def test_overwrite(root, gallery, tmp_path, capsys):
+def test_overwrite(root, gallery, tmp_path, error_line):
     before = sorted(p.name for p in gallery.iterdir())
-    assert "already exists" in run_err(["--run", "img", "--root", str(root), "--out", str(gallery)], capsys)
+    assert "already exists" in error_line(show.main, ["--run", "img", "--root", str(root), "--out", str(gallery)])
     assert sorted(p.name for p in gallery.iterdir()) == before
     out = tmp_path / "o"
     show.main(["--run", "img", "--root", str(root), "--out", str(out), "--max_features", "2"])
@@ -197,8 +187,8 @@ def test_overwrite(root, gallery, tmp_path, capsys):
     assert [p.name.split("_")[0] for p in out.glob("*.jpg")] == ["feat7"]  # no stale grid left
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("keep")
-    assert "not a gallery" in run_err(["--run", "img", "--root", str(root), "--out", str(tmp_path / "notes"),
-                                       "--overwrite"], capsys)
+    assert "not a gallery" in error_line(show.main, ["--run", "img", "--root", str(root), "--out", str(tmp_path / "notes"),
+                                       "--overwrite"])
     assert not list(tmp_path.glob(".*tmp*"))
 
 
@@ -238,26 +228,26 @@ def test_page_escapes_captions(tmp_path):
 
 
 # ---- bad input --------------------------------------------------------------------------------------------
-def test_bad_input(root, tmp_path, capsys):
+def test_bad_input(root, tmp_path, error_line):
     base = ["--root", str(root), "--out", str(tmp_path / "x")]
-    assert "no run 'nope'" in run_err(["--run", "nope", *base], capsys)
-    assert "layer 2 is not recorded" in run_err(["--run", "img", "--layer", "2", *base], capsys)
-    assert "has features 0..23" in run_err(["--run", "img", "--features", "3", "24", *base], capsys)
-    assert "--layer and --features go with --run" in run_err(["--from_json", "a.json", "--layer", "1", *base], capsys)
-    assert "no such file" in run_err(["--from_json", str(tmp_path / "a.json"), *base], capsys).lower()
+    assert "no run 'nope'" in error_line(show.main, ["--run", "nope", *base])
+    assert "layer 2 is not recorded" in error_line(show.main, ["--run", "img", "--layer", "2", *base])
+    assert "has features 0..23" in error_line(show.main, ["--run", "img", "--features", "3", "24", *base])
+    assert "--layer and --features go with --run" in error_line(show.main, ["--from_json", "a.json", "--layer", "1", *base])
+    assert "no such file" in error_line(show.main, ["--from_json", str(tmp_path / "a.json"), *base]).lower()
     (tmp_path / "bad.json").write_text(json.dumps({"source": "img", "features": []}))
-    err = run_err(["--from_json", str(tmp_path / "bad.json"), *base], capsys)
+    err = error_line(show.main, ["--from_json", str(tmp_path / "bad.json"), *base])
     assert "not a comp_sharedness.py --json output" in err
     (tmp_path / "big.json").write_text(json.dumps({"source": "img", "min_group": ["txt"], "max_group": [], "features": [
         {"feature": 99, "delta": 1, "rho": {"txt": 0.5}, "match": {"txt": 0}}]}))
-    assert "names features [99] of run 'img'" in run_err(["--from_json", str(tmp_path / "big.json"), *base], capsys)
+    assert "names features [99] of run 'img'" in error_line(show.main, ["--from_json", str(tmp_path / "big.json"), *base])
     # a run whose dataset cannot be reached offline
     shutil.copytree(root / "img", tmp_path / "runs" / "coco_run")
     meta_path = tmp_path / "runs" / "coco_run" / "run.json"
     meta = json.loads(meta_path.read_text())
     meta["dataset"] = {**meta["dataset"], "name": "coco", "split": "train"}
     meta_path.write_text(json.dumps(meta))
-    err = run_err(["--run", "coco_run", "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "x")], capsys)
+    err = error_line(show.main, ["--run", "coco_run", "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "x")])
     assert "cannot re-create its dataset" in err and "coco" in err
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))
 

@@ -86,16 +86,13 @@ def test_recorded_token_equals_models_hidden_state(tmp_path, ckpt_dir):
     np.testing.assert_allclose(run.acts(1), hidden[:, 0].numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_token_first_reproduces_index_0_and_constant_token_is_refused(tmp_path, ckpt_dir, capsys):
+def test_token_first_reproduces_index_0_and_constant_token_is_refused(tmp_path, ckpt_dir, error_line):
     ckpt = checkpoint_for("ClipText", ckpt_dir)
     eot = run_cli("ClipText", ckpt, tmp_path, "eot", "--layers", "1")
     assert np.ptp(eot.acts(1), axis=0).max() > 1e-3  # differs across captions
     # open_clip's text tower is causal: position 0 (start-of-text) is the same for every caption
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        run_cli("ClipText", ckpt, tmp_path, "first", "--layers", "1", "--token", "first")
-    assert e.value.code == 2
-    assert "identical for every sample" in _error_line(capsys.readouterr().err)
+    assert "identical for every sample" in error_line(lambda _: run_cli("ClipText", ckpt, tmp_path, "first", "--layers",
+                                                                        "1", "--token", "first"), None)
     assert not (tmp_path / "first").exists()
     vit = run_cli("ViT", checkpoint_for("ViT", ckpt_dir), tmp_path, "vfirst", "--layers", "1", "--token", "first")
     vcls = run_cli("ViT", checkpoint_for("ViT", ckpt_dir), tmp_path, "vcls", "--layers", "1")
@@ -139,44 +136,28 @@ def test_float16_acts(tmp_path, ckpt_dir):
     assert a.acts(1).dtype == np.float16
 
 
-def _error_line(stderr: str) -> str:
-    """The one error line among stderr (progress bars may come before it); never a traceback."""
-    assert "Traceback" not in stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, stderr
-    return errors[0]
-
-
-def _one_error_line(capsys, argv, cli=train_text) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-    assert e.value.code == 2
-    return _error_line(capsys.readouterr().err)
-
-
-def test_bad_input_is_one_clear_line(tmp_path, ckpt_dir, capsys):
+def test_bad_input_is_one_clear_line(tmp_path, ckpt_dir, error_line):
     base = ["--runname", "x", "--root", str(tmp_path), "--max_samples", "4"]
-    assert "unknown --model 'Bart'" in _one_error_line(capsys, ["--model", "Bart", *base])
-    assert "choose from ClipText, Bert, Deberta, SiglipText" in _one_error_line(capsys, ["--model", "ViT", *base])
+    assert "unknown --model 'Bart'" in error_line(train_text.main, ["--model", "Bart", *base])
+    assert "choose from ClipText, Bert, Deberta, SiglipText" in error_line(train_text.main, ["--model", "ViT", *base])
     bert = ["--model", "Bert", "--bert_model_name", checkpoint_for("Bert", ckpt_dir)]
-    assert "layer 7 out of range" in _one_error_line(capsys, [*bert, *base, "--layers", "7"])
-    msg = _one_error_line(capsys, ["--model", "Bert", "--bert_model_name", "bert-base-uncased", *base])
+    assert "layer 7 out of range" in error_line(train_text.main, [*bert, *base, "--layers", "7"])
+    msg = error_line(train_text.main, ["--model", "Bert", "--bert_model_name", "bert-base-uncased", *base])
     assert "bert-base-uncased" in msg and "offline" in msg
-    msg = _one_error_line(capsys, [*bert, *base, "--dataset", "coco"])
+    msg = error_line(train_text.main, [*bert, *base, "--dataset", "coco"])
     assert "coco" in msg and "shapes" in msg
-    assert "--max_samples must be positive" in _one_error_line(capsys, [*bert, *base[:-1], "0"])
-    assert "invalid int value: 'x'" in _one_error_line(capsys, [*bert, *base, "--layers", "x"])  # argparse too
+    assert "--max_samples must be positive" in error_line(train_text.main, [*bert, *base[:-1], "0"])
+    assert "invalid int value: 'x'" in error_line(train_text.main, [*bert, *base, "--layers", "x"])  # argparse too
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
 
 
-def test_existing_run_is_not_overwritten_without_flag(tmp_path, ckpt_dir, capsys):
+def test_existing_run_is_not_overwritten_without_flag(tmp_path, ckpt_dir, error_line):
     ckpt = checkpoint_for("Bert", ckpt_dir)
     run = run_cli("Bert", ckpt, tmp_path, "keep", "--layers", "1")
     before = {p.name: p.read_bytes() for p in run.path.iterdir()}
     argv = ["--model", "Bert", "--bert_model_name", ckpt, "--runname", "keep", "--root", str(tmp_path),
             "--max_samples", "5", "--layers", "0"]
-    assert "already exists" in _one_error_line(capsys, argv) and "--overwrite" in _one_error_line(capsys, argv)
+    assert "already exists" in error_line(train_text.main, argv) and "--overwrite" in error_line(train_text.main, argv)
     assert {p.name: p.read_bytes() for p in run.path.iterdir()} == before
     train_text.main(argv + ["--overwrite"])
     again = Run.open(tmp_path, "keep")
