@@ -75,8 +75,6 @@ def tqdm_progress(desc: str) -> Progress:
     def progress(more_total: int, done: int) -> None:
         bar.total += more_total
         bar.update(done)
-        if bar.n >= bar.total:
-            bar.refresh()
 
     return progress
 

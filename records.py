@@ -157,8 +157,7 @@ def from_jsonable(tp: Any, x: Any, where: str) -> Any:
             raise ValueError(f"{where}: an object expected")
         return {from_jsonable(args[0], k, where): from_jsonable(args[1], v, f"{where}.{k}") for k, v in x.items()}
     if tp is np.ndarray:
-        return np.array([[np.nan if v is None else v for v in row] if isinstance(row, list) else row for row in x],
-                        dtype=np.float64)
+        return np.array(x, dtype=np.float64)  # JSON null (NaN when written) -> NaN
     if tp is typing.Any:
         return x
     if tp is float and isinstance(x, (int, float)) and not isinstance(x, bool):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from records import write_atomic
 from results import DemoResults
 from runs import RunMeta
 
@@ -90,7 +91,7 @@ def write(res: DemoResults, out: Path) -> None:
     for name, meta in runs.items():
         md += [f"\n## SAE quality: `{name}`\n", _md_table(QUALITY_HEAD, _quality_rows(meta))]
     md.append(f"\nTotal {res.seconds:.0f} s, peak memory {res.peak_rss_gib:.2f} GiB.\n")
-    (out / "report.md").write_text("\n".join(md))
+    write_atomic(out / "report.md", lambda tmp: tmp.write_text("\n".join(md)))
 
     quality = "".join(f"<h3>{html.escape(n)}</h3>{_html_table(QUALITY_HEAD, _quality_rows(m))}" for n, m in runs.items())
     cards = "".join(
@@ -116,7 +117,7 @@ figure{{margin:0;width:200px}} figure img{{width:200px;border-radius:4px}} figca
 <div class="grids">{cards}</div><p><a href="{html.escape(res.gallery)}">Open the feature gallery</a></p>
 <h2>SAE quality per layer</h2>{quality}
 <p>Total {res.seconds:.0f} s, peak memory {res.peak_rss_gib:.2f} GiB.</p></body></html>"""
-    (out / "report.html").write_text(page)
+    write_atomic(out / "report.html", lambda tmp: tmp.write_text(page))
 
 
 def summary(res: DemoResults, out: Path) -> str:
