@@ -1,5 +1,6 @@
-"""The engine's on-disk cache: one file of PairStats per (run A, run B, layer pair, codes) under
-`<root>/.cache/`. Keys hold each run's run_id, so a rewritten run's stale entries are never read."""
+"""The analyses' on-disk cache: one file of arrays per (run A, run B, layer pair, what was computed)
+under `<root>/.cache/`. Keys hold each run's key (its run_id, SAE seed, null), so a rewritten run's
+stale entries are never read."""
 from __future__ import annotations
 
 import warnings
@@ -27,44 +28,46 @@ class PairStats(NamedTuple):
 
 class PairKey(NamedTuple):
     run_a: str
-    """run_id of A."""
+    """Run.key of A."""
     run_b: str
     layer_a: int
     layer_b: int
-    codes: str
+    what: str
+    """What the entry holds: the engine's codes ("relu", "topk", with "+ci"), "similarity" ..."""
 
 
 class PairCache:
-    """Reads and writes PairStats files; `folder=None` disables it. A damaged entry reads as missing
-    (it is recomputed and replaced); a failed write is a warning, never an error."""
+    """Reads and writes entries (named float/int arrays); `folder=None` disables it. A damaged entry
+    reads as missing (it is recomputed and replaced); a failed write is a warning, never an error."""
 
     def __init__(self, folder: Path | None):
         self.folder = folder
 
     def path(self, key: PairKey) -> Path:
         return self.folder / (f"corr-v{CACHE_VERSION}-{key.run_a}-{key.run_b}-{key.layer_a:02d}-{key.layer_b:02d}-"
-                              f"{key.codes}.npz")
+                              f"{key.what}.npz")
 
-    def load(self, key: PairKey, n_features: int) -> PairStats | None:
+    def load(self, key: PairKey, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray] | None:
+        """The entry's arrays, if it holds exactly `shapes` (name -> shape)."""
         if self.folder is None or not self.path(key).is_file():
             return None
         try:
             with np.load(self.path(key), allow_pickle=False) as z:
-                stats = PairStats(z["rho_F"], z["match_F"], z["mass_F"])
+                arrays = {name: z[name] for name in shapes}
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             return None
-        return stats if all(x.shape == (n_features,) for x in stats) else None
+        return arrays if all(arrays[n].shape == s for n, s in shapes.items()) else None
 
-    def save(self, key: PairKey, stats: PairStats) -> None:
+    def save(self, key: PairKey, arrays: dict[str, np.ndarray]) -> None:
         if self.folder is None:
             return
         try:
             self.folder.mkdir(exist_ok=True)
-            write_atomic(self.path(key), lambda tmp: _savez(tmp, stats))
+            write_atomic(self.path(key), lambda tmp: _savez(tmp, arrays))
         except OSError as e:
-            warnings.warn(f"could not write the correlation cache {self.path(key)}: {e}")
+            warnings.warn(f"could not write the cache {self.path(key)}: {e}")
 
 
-def _savez(path: Path, stats: PairStats) -> None:
+def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with open(path, "wb") as f:  # a file object: np.savez would add ".npz" to a path
-        np.savez(f, **stats._asdict())
+        np.savez(f, **arrays)

@@ -37,13 +37,10 @@ Progress = Callable[[int, int], None]
 
 
 @dataclass
-class AnalysisOptions:
-    """What every analysis command (wmppc, comp_sharedness, show) takes."""
+class RunsOptions:
+    """What every command that reads runs takes."""
     root: str = DEFAULT_ROOT
     """Folder holding the runs."""
-    codes: Codes | None = None
-    """relu: dense ReLU pre-activations (the paper's code); topk: the SAE's top-k codes. Default relu
-    (show.py --from_json: the JSON's codes)."""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:N."""
     chunk_size: int = DEFAULT_CHUNK
@@ -53,6 +50,14 @@ class AnalysisOptions:
         check_choices(self)
         check_positive("chunk_size", self.chunk_size)
         self.torch_device = resolve_device(self.device)
+
+
+@dataclass
+class AnalysisOptions(RunsOptions):
+    """What every analysis of SAE features (wmppc, comp_sharedness, show) takes."""
+    codes: Codes | None = None
+    """relu: dense ReLU pre-activations (the paper's code); topk: the SAE's top-k codes. Default relu
+    (show.py --from_json: the JSON's codes)."""
 
 
 @dataclass
@@ -66,6 +71,11 @@ class EngineOptions(AnalysisOptions):
     def __post_init__(self):
         super().__post_init__()
         check_positive("mem_gb", self.mem_gb)
+
+
+def pair_cache(run_a: Run, run_b: Run, use: bool = True) -> PairCache:
+    """The cache beside the runs; off for runs without a run_id (nothing would tell a rewrite apart)."""
+    return PairCache(run_a.path.parent / ".cache" if use and run_a.meta.run_id and run_b.meta.run_id else None)
 
 
 def tqdm_progress(desc: str) -> Progress:
@@ -109,19 +119,23 @@ class Correlator:
         if pairs is None:
             pairs = [(a, b) for a in run_a.layers for b in run_b.layers]
         pairs = [(run_a.resolve_layer(a), run_b.resolve_layer(b)) for a, b in pairs]
-        cache = PairCache(run_a.path.parent / ".cache" if self.use_cache and run_a.meta.run_id and run_b.meta.run_id
-                          else None)
-        key = lambda a, b: PairKey(run_a.meta.run_id, run_b.meta.run_id, a, b, self.codes)  # noqa: E731
-        found = {p: cache.load(key(*p), run_a.n_features(p[0])) for p in pairs}
+        cache = pair_cache(run_a, run_b, self.use_cache)
+        key = lambda a, b: PairKey(run_a.key, run_b.key, a, b, self.codes)  # noqa: E731
+        found = {p: self._load(cache, key(*p), run_a.n_features(p[0])) for p in pairs}
         missing = [p for p, s in found.items() if s is None]
         if missing:
             self._topk = {k: v for k, v in self._topk.items() if k[0] in (run_a.key, run_b.key)}
             la = [a for a in run_a.layers if any(p[0] == a for p in missing)]
             lb = [b for b in run_b.layers if any(p[1] == b for p in missing)]
             for p, stats in self._compute(run_a, run_b, la, lb).items():
-                cache.save(key(*p), stats)
+                cache.save(key(*p), stats._asdict())
                 found[p] = stats
         return {p: found[p] for p in pairs}
+
+    @staticmethod
+    def _load(cache: PairCache, key: PairKey, n_features: int) -> PairStats | None:
+        arrays = cache.load(key, {name: (n_features,) for name in PairStats._fields})
+        return None if arrays is None else PairStats(**arrays)
 
     @torch.no_grad()
     def _compute(self, run_a: Run, run_b: Run, la: list[int], lb: list[int]) -> dict[tuple[int, int], PairStats]:

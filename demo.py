@@ -31,7 +31,8 @@ from runs import Run
 from sae import SaeConfig
 from show import GalleryOptions, sharedness_gallery
 from train import TrainConfig, reusable, train
-from wmppc import plot_heatmap, wmppc
+from figures import plot_heatmap
+from wmppc import wmppc
 
 
 @dataclass

@@ -2,6 +2,7 @@
 features in chunks."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import uuid
 from dataclasses import dataclass, field
@@ -152,12 +153,31 @@ class RunWriter:
         return meta
 
 
+NULL_SEED = 0
+"""Seed of the permutation null (the same permutation for every command, so nulls are comparable)."""
+
+
+def null_permutation(n: int, seed: int = NULL_SEED) -> np.ndarray:
+    """[N] int64: the sample order of a permutation null."""
+    return np.random.default_rng(seed).permutation(n)
+
+
 class Run:
     """A complete run read from disk. Features are never materialised for all samples at once."""
 
     def __init__(self, path: Path, meta: RunMeta):
         self.path, self.meta = path, meta
         self._sae_cache: dict[int, TopKSAE] = {}
+        self.null_seed: int | None = None
+        self.perm_N: np.ndarray | None = None
+        """Set on a permutation null: sample n reads the stored row perm_N[n]."""
+
+    def permuted(self, seed: int = NULL_SEED) -> "Run":
+        """The same run with its samples permuted (no retraining): whatever it shares with another run
+        over the same samples is chance, which makes it a floor."""
+        null = copy.copy(self)
+        null.null_seed, null.perm_N = seed, null_permutation(self.n_samples, seed)
+        return null
 
     @classmethod
     def open(cls, root: str | Path, name: str) -> "Run":
@@ -179,7 +199,7 @@ class Run:
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.path.name if self.perm_N is None else f"{self.path.name} (permuted)"
 
     @property
     def layers(self) -> list[int]:
@@ -199,8 +219,9 @@ class Run:
 
     @property
     def key(self) -> str:
-        """Identifies this write of the run (memo and cache keys)."""
-        return self.meta.run_id or str(self.path)
+        """Identifies this write of the run, and a null of it (memo and cache keys)."""
+        base = self.meta.run_id or str(self.path)
+        return base if self.perm_N is None else f"{base}~perm{self.null_seed}"
 
     def resolve_layer(self, layer: int) -> int:
         """-1 (or any negative index) counts from the last recorded layer."""
@@ -228,6 +249,8 @@ class Run:
     def read_acts(self, layer: int, rows: slice | np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
         """Selected rows of a layer's pooled activations as float32 [n, d]. The file is mapped only for
         this read, so resident memory does not grow with N."""
+        if self.perm_N is not None:
+            rows = self.perm_N[rows]
         return torch.from_numpy(np.array(self.acts(layer)[rows], dtype=np.float32)).to(device)
 
     def sae(self, layer: int, device: str | torch.device = "cpu") -> TopKSAE:

@@ -32,6 +32,7 @@ from options import parse
 from records import staged_dir
 from results import SharedFeature, SharednessReport
 from runs import Run, check_codes, open_runs
+from streaming import merge_top
 
 TOP = 9
 """Samples per grid (3x3)."""
@@ -77,15 +78,6 @@ def feature_stats(run: Run, layer: int, codes: str = "relu", k: int = TOP, chunk
     keep = min(k, run.n_samples)
     return FeatureStats(mass_F.cpu().numpy(), n_active_F.cpu().numpy(),
                         top_val_KF[:keep].cpu().numpy(), top_idx_KF[:keep].cpu().numpy())
-
-
-def merge_top(top_val_KF: torch.Tensor, top_idx_KF: torch.Tensor, codes_nF: torch.Tensor,
-              start: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The K largest values of each feature among a running top-K and a chunk of codes of samples
-    start.., with their sample ids."""
-    k = top_val_KF.shape[0]
-    val_KF, pos_KF = torch.cat([top_val_KF, codes_nF]).topk(k, dim=0)
-    return val_KF, torch.where(pos_KF < k, top_idx_KF.gather(0, pos_KF.clamp(max=k - 1)), pos_KF - k + start)
 
 
 def select_features(stats: FeatureStats, min_active: int = MIN_ACTIVE, max_features: int = MAX_FEATURES) -> list[int]:

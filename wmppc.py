@@ -14,6 +14,7 @@ import numpy as np
 from corr_cache import PairStats
 from correlation import Correlator, EngineOptions, tqdm_progress
 from errors import UserError, cli
+from figures import format_table, plot_heatmap
 from options import check_output, parse
 from results import Wmppc, WmppcTable
 from runs import Run, open_runs
@@ -54,40 +55,6 @@ def wmppc_table(runs: list[Run], engine: Correlator) -> WmppcTable:
                 res = wmppc(a, b, engine)
                 all_rr[i, j], last_rr[i, j] = res.all_layers, res.last_layer
     return WmppcTable([r.name for r in runs], engine.codes, all_rr, last_rr)
-
-
-def _fmt_table(title: str, names: list[str], values: np.ndarray) -> str:
-    width = max(8, *(len(n) for n in names))
-    lines = [title, " " * width + "".join(f" {n:>{width}}" for n in names)]
-    for name, row in zip(names, values):
-        lines.append(f"{name:>{width}}" + "".join(f" {'-' if np.isnan(v) else f'{v:.4f}':>{width}}" for v in row))
-    return "\n".join(lines)
-
-
-def plot_heatmap(values: np.ndarray, rows: list[str], cols: list[str], ylabel: str, xlabel: str,
-                 title: str, path: str | Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    h, w = values.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * w + 2), max(3.0, 0.45 * h + 1.5)))
-    im = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=min(0.0, float(np.nanmin(values))),
-                   vmax=1.0, aspect="auto")
-    fig.colorbar(im, ax=ax, label="wMPPC")
-    ax.set_xticks(range(w), cols, rotation=45 if w > 8 else 0, ha="right" if w > 8 else "center")
-    ax.set_yticks(range(h), rows)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    if h * w <= 400:
-        for (i, j), v in np.ndenumerate(values):
-            if not np.isnan(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7 if h * w > 100 else 9,
-                        color="black" if v > 0.6 else "white")
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
 
 
 @dataclass
@@ -131,8 +98,8 @@ def main(argv=None):
                          f"wMPPC {res.source} -> {res.target} ({res.codes} codes)", args.plot)
     else:
         res = wmppc_table(open_runs(args.root, args.runs), engine)
-        print(_fmt_table("All layers (row -> column)", args.runs, res.all_layers))
-        print(_fmt_table("\nLast layer (row -> column)", args.runs, res.last_layer))
+        print(format_table("All layers (row -> column)", args.runs, res.all_layers))
+        print(format_table("\nLast layer (row -> column)", args.runs, res.last_layer))
         if args.plot:
             plot_heatmap(res.all_layers, args.runs, args.runs, "source", "target",
                          f"wMPPC, all layers ({res.codes} codes)", args.plot)

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import corr_dense
-import show
 from corr_dense import LayerSize
+from streaming import merge_top
 
 layer_sizes = st.lists(st.integers(1, 400), min_size=1, max_size=6).map(
     lambda ns: [LayerSize(layer, n) for layer, n in enumerate(ns)])
@@ -42,7 +42,7 @@ def test_streaming_top_k_equals_full_sort(data, n, n_features, k):
     val = torch.full((k, n_features), -torch.inf)
     idx = torch.full((k, n_features), -1, dtype=torch.int64)
     for start in range(0, n, chunk):
-        val, idx = show.merge_top(val, idx, torch.from_numpy(codes[start:start + chunk]), start)
+        val, idx = merge_top(val, idx, torch.from_numpy(codes[start:start + chunk]), start)
     keep = min(k, n)
     val, idx = val[:keep].numpy(), idx[:keep].numpy()
     for f in range(n_features):
