@@ -119,6 +119,7 @@ def main(argv=None):
     args = parse(SharednessArgs, argv, "Comparative Sharedness of the features of one run (SPEC §7)")
     engine = Correlator(args, progress=tqdm_progress("correlations"))
     source, *others = open_runs(args.root, [args.source, *args.min_group, *args.max_group])
+    others = [r.permuted() for r in others] if args.null == "permute" else others
     res = comp_sharedness(source, others[:len(args.min_group)], others[len(args.min_group):], engine)
     report = top_features(res, args.top)
     print(format_features(res, report.features))

@@ -24,6 +24,10 @@ class PairStats(NamedTuple):
     """[F_A] int64: the feature j of B reaching the maximum."""
     mass_F: np.ndarray
     """[F_A] float64: S_i = sum_n f_i^A(n)."""
+    rho_JF: np.ndarray | None = None
+    """[J, F_A] float64: rho of each feature without the samples of jackknife block j (with --ci)."""
+    mass_JF: np.ndarray | None = None
+    """[J, F_A] float64: S_i without the samples of block j (with --ci)."""
 
 
 class PairKey(NamedTuple):

@@ -39,12 +39,13 @@ class Unit(NamedTuple):
     stop: int
 
 
-def make_moments(mean_F: torch.Tensor, var_F: torch.Tensor, mass_F: torch.Tensor, constant_F: torch.Tensor,
-                 n: int) -> Moments:
+def make_moments(mean_F: torch.Tensor, m2_F: torch.Tensor, mass_F: torch.Tensor, constant_F: torch.Tensor,
+                 n: int | torch.Tensor) -> Moments:
+    """From the sum of squared deviations m2 = n * variance (tensors of any shape, n broadcast)."""
     # a std below 1e-6 |mean| is below the precision of float32 codes (a d-term float32 dot product):
     # such a feature is constant for our purpose, which also keeps 1/std finite
-    constant = constant_F | (var_F <= 1e-12 * mean_F.square())
-    inv = torch.where(constant, torch.zeros_like(var_F), 1 / (n * var_F.clamp_min(1e-300)).sqrt())
+    constant = constant_F | (m2_F <= 1e-12 * n * mean_F.square())
+    inv = torch.where(constant, torch.zeros_like(m2_F), 1 / m2_F.clamp_min(1e-300).sqrt())
     return Moments(mean_F, inv, mass_F)
 
 
@@ -56,27 +57,54 @@ def codes_into(out_nf: torch.Tensor, sae: TopKSAE, x_nD: torch.Tensor, codes: st
     return out_nf.copy_(sae.encode(x_nD).dense(sae.n_features)[:, cols])
 
 
-def moments(chunks_nF: Iterable[torch.Tensor], n_features: int, n: int, scratch: torch.Tensor) -> Moments:
-    """Moments of a layer's features from its chunks of codes (each [rows, F], float32), in one pass;
+class BlockSums(NamedTuple):
+    """Per jackknife block j (contiguous samples): what leave-one-block-out moments are made of."""
+    count_J: torch.Tensor
+    """[J] float64."""
+    mean_JF: torch.Tensor
+    """[J, F] float64: the block's mean."""
+    m2_JF: torch.Tensor
+    """[J, F] float64: squared deviations from the block's mean."""
+    sum_JF: torch.Tensor
+    """[J, F] float64."""
+
+
+def moments(chunks: Iterable[tuple[int, torch.Tensor]], n_features: int, n_blocks: int,
+            scratch: torch.Tensor) -> tuple[Moments, BlockSums]:
+    """Moments of a layer's features from (block, codes [rows, F] float32 or float64) chunks, in one pass;
     `scratch` holds at least one chunk (reused: no fresh allocation per chunk)."""
     device = scratch.device
-    sum_F, mean_F, m2_F = (torch.zeros(n_features, dtype=torch.float64, device=device) for _ in range(3))
-    lo_F = torch.full((n_features,), math.inf, device=device)
+    count_J = torch.zeros(n_blocks, dtype=torch.float64, device=device)
+    sum_JF, mean_JF, m2_JF = (torch.zeros(n_blocks, n_features, dtype=torch.float64, device=device) for _ in range(3))
+    lo_F = torch.full((n_features,), math.inf, dtype=scratch.dtype, device=device)
     hi_F = -lo_F
-    seen = 0
-    for c in chunks_nF:
-        # per chunk: float32 sums (torch reduces by cascade, ~1e-7 relative) and the squared deviations
+    for j, c in chunks:
+        # per chunk: sums (torch reduces by cascade, ~1e-7 relative in float32) and the squared deviations
         # from the chunk's own mean, then Chan et al.'s float64 merge: no cancellation, whatever mean/std
-        r, s_c = c.shape[0], c.sum(0)
-        delta = s_c.double() / r - mean_F
-        mean_F += delta * (r / (seen + r))
+        r, s_c, seen = c.shape[0], c.sum(0), float(count_J[j])
+        delta = s_c.double() / r - mean_JF[j]
+        mean_JF[j] += delta * (r / (seen + r))
         d = torch.sub(c, s_c / r, out=scratch[:c.numel()].view_as(c))
-        m2_F += d.mul_(d).sum(0).double() + delta.square() * (seen * r / (seen + r))
-        sum_F += s_c.double()
-        seen += r
+        m2_JF[j] += d.mul_(d).sum(0).double() + delta.square() * (seen * r / (seen + r))
+        sum_JF[j] += s_c.double()
+        count_J[j] += r
         lo_F = torch.minimum(lo_F, c.amin(0))
         hi_F = torch.maximum(hi_F, c.amax(0))
-    return make_moments(mean_F, m2_F / n, sum_F, lo_F == hi_F, n)
+    blocks = BlockSums(count_J, mean_JF, m2_JF, sum_JF)
+    n = count_J.sum()
+    mean_F = sum_JF.sum(0) / n
+    m2_F = (m2_JF + count_J[:, None] * (mean_JF - mean_F).square()).sum(0)
+    return make_moments(mean_F, m2_F, sum_JF.sum(0), lo_F == hi_F, n), blocks
+
+
+def leave_one_out(blocks: BlockSums, constant_F: torch.Tensor) -> Moments:
+    """[J, F] moments of the samples outside each block j (mass included): Chan's merge of the others."""
+    count_J = blocks.count_J.sum() - blocks.count_J
+    mass_JF = blocks.sum_JF.sum(0) - blocks.sum_JF
+    mean_JF = mass_JF / count_J[:, None]
+    m2_JF = torch.stack([sum(blocks.m2_JF[b] + blocks.count_J[b] * (blocks.mean_JF[b] - mean_JF[j]).square()
+                             for b in range(len(count_J)) if b != j) for j in range(len(count_J))])
+    return make_moments(mean_JF, m2_JF, mass_JF, constant_F, count_J[:, None])
 
 
 def _align(n: int, up: bool = False) -> int:
@@ -133,14 +161,28 @@ def offsets(group: list[Unit]) -> list[tuple[Unit, int]]:
     return out
 
 
-def cross(acc_ab: torch.Tensor, centred_chunks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """acc = sum over chunks of A_n^T B_n for centred codes A_n [n, a], B_n [n, b]. Choice of precision:
-    the means come from a first pass in float64, so the chunks are centred before the product and
-    float32 accumulation (BLAS speed, half the memory) loses no digits to cancellation."""
-    acc_ab.zero_()
-    for a_na, b_nb in centred_chunks:
-        acc_ab.addmm_(a_na.T, b_nb)
-    return acc_ab
+def cross(acc_Jab: torch.Tensor, centred_chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """acc[j] = sum over the chunks of block j of A_n^T B_n for centred codes A_n [n, a], B_n [n, b].
+    Choice of precision: the means come from a first pass in float64, so the chunks are centred
+    before the product and float32 accumulation (BLAS speed, half the memory) loses no digits to
+    cancellation. Each block's products are accumulated once, into its own block."""
+    acc_Jab.zero_()
+    for j, a_na, b_nb in centred_chunks:
+        acc_Jab[j].addmm_(a_na.T, b_nb)
+    return acc_Jab
+
+
+def correlations(cov_ab: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor) -> torch.Tensor:
+    """In place: centred cross-products -> Pearson correlations."""
+    return cov_ab.mul_(inv_a[:, None]).mul_(inv_b[None, :])
+
+
+def without_block(out_ab: torch.Tensor, total_ab: torch.Tensor, block_ab: torch.Tensor, shift_a: torch.Tensor,
+                  shift_b: torch.Tensor, count: float) -> torch.Tensor:
+    """Cross-products about their own means of the samples outside a block, from products about the
+    global means: (total - block) - count * shift_a shift_b^T, with shift = (that mean - global mean)."""
+    torch.sub(total_ab, block_ab, out=out_ab)
+    return out_ab.addr_(shift_a.to(out_ab.dtype), shift_b.to(out_ab.dtype), alpha=-count)
 
 
 def update_best(best: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]], corr: torch.Tensor,

@@ -59,7 +59,7 @@ def moments(table: TopkTable, n_features: int) -> Moments:
     # constant iff never active, or active on every sample with one value
     constant = (count_F == 0) | ((count_F == n) & (lo_F == hi_F))
     mean_F = sum_F / n
-    return make_moments(mean_F, sq_F / n - mean_F.square(), sum_F, constant, n)
+    return make_moments(mean_F, n * (sq_F / n - mean_F.square()), sum_F, constant, n)
 
 
 def entries(table: TopkTable) -> Entries:

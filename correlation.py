@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Literal
+from typing import Callable, Iterable, Iterator, Literal, NamedTuple
+
+import numpy as np
 
 import torch
 from tqdm import tqdm
@@ -25,12 +27,14 @@ import corr_dense
 import corr_sparse
 from corr_cache import PairCache, PairKey, PairStats
 from corr_dense import LayerSize, Moments, Unit
-from errors import check_positive, resolve_device
+from errors import UserError, check_positive, resolve_device
 from options import check_choices
 from runs import DEFAULT_ROOT, Codes, Run, check_comparable
 
 DEFAULT_CHUNK = 2048
 DEFAULT_MEM_GB = 1.0
+JACKKNIFE_BLOCKS = 10
+"""Contiguous blocks of samples of the delete-one-block jackknife (SPEC §11)."""
 
 Progress = Callable[[int, int], None]
 """progress(more_total, done): `more_total` steps were added to the work, `done` were finished."""
@@ -67,10 +71,22 @@ class EngineOptions(AnalysisOptions):
     """Memory for the correlation accumulators, GiB."""
     no_cache: bool = False
     """Neither read nor write <root>/.cache/."""
+    null: Literal["none", "permute"] = "none"
+    """permute: compare against the target runs with their samples permuted (fixed seed, no retraining),
+    what chance alone gives: a floor."""
 
     def __post_init__(self):
         super().__post_init__()
         check_positive("mem_gb", self.mem_gb)
+
+
+class LayerMoments(NamedTuple):
+    full: Moments
+    """[F] over all samples."""
+    loo: Moments | None
+    """[J, F] without each jackknife block (with --ci)."""
+    count_J: torch.Tensor | None
+    """[J] samples outside each block."""
 
 
 def pair_cache(run_a: Run, run_b: Run, use: bool = True) -> PairCache:
@@ -98,16 +114,21 @@ class Correlator:
     moments (and, for the sparse path, the top-k codes of the two runs in use) in memory."""
 
     def __init__(self, opts: EngineOptions | None = None, method: Literal["dense", "sparse"] | None = None,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, jackknife: bool = False):
+        """jackknife: also each feature's rho and mass without each of JACKKNIFE_BLOCKS contiguous blocks of
+        samples, from per-block cross-products (the dense path computes them, whatever the codes)."""
         opts = opts or EngineOptions()
         self.codes: str = opts.codes or "relu"
-        self.method = method or ("sparse" if self.codes == "topk" else "dense")
+        self.n_blocks = JACKKNIFE_BLOCKS if jackknife else 1
+        self.method = method or ("sparse" if self.codes == "topk" and not jackknife else "dense")
+        if jackknife and self.method != "dense":
+            raise ValueError("the jackknife is computed by the dense path")
         if self.method not in ("dense", "sparse") or (self.method == "sparse" and self.codes != "topk"):
             raise ValueError(f"method {self.method!r} cannot compute {self.codes!r} codes")
         self.device, self.chunk_size = opts.torch_device, opts.chunk_size
         self.mem_bytes = max(1, int(opts.mem_gb * 2**30))
         self.use_cache, self.progress = not opts.no_cache, progress or _no_progress
-        self._moments: dict[tuple[str, int], Moments] = {}
+        self._moments: dict[tuple[str, int], LayerMoments] = {}
         self._topk: dict[tuple[str, int], corr_sparse.TopkTable] = {}
         self._pairs, self._layer_moments_fn = ((self._dense, self._dense_moments) if self.method == "dense"
                                                else (self._sparse, self._sparse_moments))
@@ -120,7 +141,11 @@ class Correlator:
             pairs = [(a, b) for a in run_a.layers for b in run_b.layers]
         pairs = [(run_a.resolve_layer(a), run_b.resolve_layer(b)) for a, b in pairs]
         cache = pair_cache(run_a, run_b, self.use_cache)
-        key = lambda a, b: PairKey(run_a.key, run_b.key, a, b, self.codes)  # noqa: E731
+        if self.n_blocks > 1 and run_a.n_samples < 10 * self.n_blocks:
+            raise UserError(f"the jackknife interval needs at least 10 samples per block of {self.n_blocks}; "
+                            f"the runs have {run_a.n_samples} samples")
+        what = self.codes + ("+ci" if self.n_blocks > 1 else "")
+        key = lambda a, b: PairKey(run_a.key, run_b.key, a, b, what)  # noqa: E731
         found = {p: self._load(cache, key(*p), run_a.n_features(p[0])) for p in pairs}
         missing = [p for p, s in found.items() if s is None]
         if missing:
@@ -128,13 +153,15 @@ class Correlator:
             la = [a for a in run_a.layers if any(p[0] == a for p in missing)]
             lb = [b for b in run_b.layers if any(p[1] == b for p in missing)]
             for p, stats in self._compute(run_a, run_b, la, lb).items():
-                cache.save(key(*p), stats._asdict())
+                cache.save(key(*p), {k: v for k, v in stats._asdict().items() if v is not None})
                 found[p] = stats
         return {p: found[p] for p in pairs}
 
-    @staticmethod
-    def _load(cache: PairCache, key: PairKey, n_features: int) -> PairStats | None:
-        arrays = cache.load(key, {name: (n_features,) for name in PairStats._fields})
+    def _load(self, cache: PairCache, key: PairKey, n_features: int) -> PairStats | None:
+        shapes = {"rho_F": (n_features,), "match_F": (n_features,), "mass_F": (n_features,)}
+        if self.n_blocks > 1:
+            shapes.update(rho_JF=(self.n_blocks, n_features), mass_JF=(self.n_blocks, n_features))
+        arrays = cache.load(key, shapes)
         return None if arrays is None else PairStats(**arrays)
 
     @torch.no_grad()
@@ -144,79 +171,114 @@ class Correlator:
             for layer in layers:  # a corrupt file fails now, not an hour into the computation
                 run.acts(layer), run.sae(layer)
         out = self._pairs(run_a, run_b, la, lb)
-        return {p: PairStats(rho.clamp(-1, 1).double().cpu().numpy(), match.cpu().numpy(),
-                             self._layer_moments(run_a, p[0]).mass_F.cpu().numpy())
-                for p, (rho, match) in out.items()}
+        stats = {}
+        for p, (rho, match, rho_J) in out.items():
+            mom = self._layer_moments(run_a, p[0])
+            stats[p] = PairStats(_numpy(rho.clamp(-1, 1)), match.cpu().numpy(), _numpy(mom.full.mass_F),
+                                 *((_numpy(rho_J.clamp(-1, 1)), _numpy(mom.loo.mass_F)) if rho_J is not None else ()))
+        return stats
 
-    def _acts_chunks(self, run: Run, layer: int) -> Iterator[torch.Tensor]:
-        """The layer's activations, chunk by chunk, each chunk counted as one step of progress."""
-        starts = range(0, run.n_samples, self.chunk_size)
-        self.progress(len(starts), 0)
-        for start in starts:
-            yield run.read_acts(layer, slice(start, start + self.chunk_size), self.device)
+    def _segments(self, n: int) -> list[tuple[int, int, int]]:
+        """(block, start, stop) of every chunk: chunks never straddle two jackknife blocks."""
+        bounds = [round(j * n / self.n_blocks) for j in range(self.n_blocks + 1)]
+        return [(j, s, min(s + self.chunk_size, bounds[j + 1]))
+                for j in range(self.n_blocks) for s in range(bounds[j], bounds[j + 1], self.chunk_size)]
+
+    def _acts_chunks(self, run: Run, layer: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(block, activations) chunk by chunk, each chunk counted as one step of progress."""
+        segments = self._segments(run.n_samples)
+        self.progress(len(segments), 0)
+        for j, start, stop in segments:
+            yield j, run.read_acts(layer, slice(start, stop), self.device)
             self.progress(0, 1)
 
     def _scratch(self, run: Run, n_features: int) -> torch.Tensor:
         return torch.empty(min(run.n_samples, self.chunk_size) * n_features, device=self.device)
 
-    def _layer_moments(self, run: Run, layer: int) -> Moments:
+    def _layer_moments(self, run: Run, layer: int) -> LayerMoments:
         if (run.key, layer) not in self._moments:
             self._moments[run.key, layer] = self._layer_moments_fn(run, layer)
         return self._moments[run.key, layer]
 
     # dense path -----------------------------------------------------------------------------------------
-    def _dense_moments(self, run: Run, layer: int) -> Moments:
+    def _dense_moments(self, run: Run, layer: int) -> LayerMoments:
         sae = run.sae(layer, self.device)
         buf = self._scratch(run, sae.n_features)
-        chunks = (corr_dense.codes_into(buf[:len(x) * sae.n_features].view(len(x), -1), sae, x, self.codes, slice(None))
-                  for x in self._acts_chunks(run, layer))
-        return corr_dense.moments(chunks, sae.n_features, run.n_samples, self._scratch(run, sae.n_features))
+        chunks = ((j, corr_dense.codes_into(buf[:len(x) * sae.n_features].view(len(x), -1), sae, x, self.codes,
+                                            slice(None))) for j, x in self._acts_chunks(run, layer))
+        full, blocks = corr_dense.moments(chunks, sae.n_features, self.n_blocks, self._scratch(run, sae.n_features))
+        if self.n_blocks == 1:
+            return LayerMoments(full, None, None)
+        loo = corr_dense.leave_one_out(blocks, full.inv_F == 0)
+        return LayerMoments(full, loo, blocks.count_J.sum() - blocks.count_J)
 
     def _dense(self, run_a: Run, run_b: Run, la: list[int], lb: list[int]):
-        """Blocked products of centred codes. Memory: one float32 accumulator of at most mem_bytes,
-        [features of an A group, features of a B group], plus one chunk of codes per group."""
+        """Blocked products of centred codes. Memory: float32 accumulators [features of an A group,
+        features of a B group] within mem_bytes (one, or with --ci one per jackknife block plus the
+        total and a scratch), plus one chunk of codes per group."""
         mom_a = {a: self._layer_moments(run_a, a) for a in la}
         mom_b = {b: self._layer_moments(run_b, b) for b in lb}
-        sizes_a = [LayerSize(a, len(mom_a[a].mean_F)) for a in la]
-        sizes_b = [LayerSize(b, len(mom_b[b].mean_F)) for b in lb]
-        cap_a, cap_b = corr_dense.plan(sizes_a, sizes_b, max(1, self.mem_bytes // 4))
-        groups_a, groups_b = corr_dense.pack(sizes_a, cap_a), corr_dense.pack(sizes_b, cap_b)
-        acc = torch.empty(cap_a * cap_b, device=self.device)
+        sizes_a = [LayerSize(a, len(mom_a[a].full.mean_F)) for a in la]
+        sizes_b = [LayerSize(b, len(mom_b[b].full.mean_F)) for b in lb]
+        n_blocks = self.n_blocks
+        slots = 1 if n_blocks == 1 else n_blocks + 2
+        cap_a, cap_b = corr_dense.plan(sizes_a, sizes_b, max(1, self.mem_bytes // 4 // slots))
+        acc = torch.empty(slots * cap_a * cap_b, device=self.device)
         buf_a, buf_b = self._scratch(run_a, cap_a), self._scratch(run_b, cap_b)
-        best = {(a, b): (torch.full((na,), -math.inf, device=self.device),
-                         torch.zeros(na, dtype=torch.long, device=self.device))
-                for a, na in sizes_a for b, _ in sizes_b}
-        for ga in groups_a:
-            for gb in groups_b:
+        best = {(a, b): _running_best((na,), self.device) for a, na in sizes_a for b, _ in sizes_b}
+        best_J = {p: _running_best((n_blocks, len(v[0])), self.device) for p, v in best.items()} if n_blocks > 1 else None
+        for ga in corr_dense.pack(sizes_a, cap_a):
+            for gb in corr_dense.pack(sizes_b, cap_b):
                 mean_a, mean_b = _group_vec(ga, mom_a, "mean_F"), _group_vec(gb, mom_b, "mean_F")
-                chunks = zip(self._centred_codes(buf_a, run_a, ga, mean_a), self._centred_codes(buf_b, run_b, gb, mean_b))
-                corr = corr_dense.cross(acc[:len(mean_a) * len(mean_b)].view(len(mean_a), len(mean_b)), chunks)
-                corr.mul_(_group_vec(ga, mom_a, "inv_F")[:, None]).mul_(_group_vec(gb, mom_b, "inv_F")[None, :])
-                corr_dense.update_best(best, corr, ga, gb)
-        return best
+                cells = len(mean_a) * len(mean_b)
+                blocks = acc[:n_blocks * cells].view(n_blocks, len(mean_a), len(mean_b))
+                chunks = ((j, xa, xb) for (j, xa), (_, xb) in zip(self._centred_codes(buf_a, run_a, ga, mean_a),
+                                                                  self._centred_codes(buf_b, run_b, gb, mean_b)))
+                corr_dense.cross(blocks, chunks)
+                total = blocks[0] if n_blocks == 1 else torch.sum(blocks, 0, out=acc[n_blocks * cells:(n_blocks + 1) * cells]
+                                                                  .view(len(mean_a), len(mean_b)))
+                if best_J is not None:
+                    self._jackknife(best_J, blocks, total, acc[-cells:].view_as(total), ga, gb, mom_a, mom_b)
+                corr_dense.update_best(best, corr_dense.correlations(total, _group_vec(ga, mom_a, "inv_F"),
+                                                                     _group_vec(gb, mom_b, "inv_F")), ga, gb)
+        return {p: (*best[p], None if best_J is None else best_J[p][0]) for p in best}
 
-    def _centred_codes(self, buf: torch.Tensor, run: Run, group: list[Unit], mean_f: torch.Tensor) -> Iterator[torch.Tensor]:
-        """[n, features of the group] codes of each chunk of samples, centred, written into buf."""
+    @staticmethod
+    def _jackknife(best_J, blocks, total, scratch, ga: list[Unit], gb: list[Unit], mom_a, mom_b) -> None:
+        """Fold each leave-one-block-out correlation block into the running maxima of block j."""
+        # the shift of each mean is a small difference of two close numbers: taken in float64
+        shift_a = _group_vec(ga, mom_a, "mean_F", "loo", None) - _group_vec(ga, mom_a, "mean_F", "full", None)
+        shift_b = _group_vec(gb, mom_b, "mean_F", "loo", None) - _group_vec(gb, mom_b, "mean_F", "full", None)
+        inv_a, inv_b = _group_vec(ga, mom_a, "inv_F", "loo"), _group_vec(gb, mom_b, "inv_F", "loo")
+        count_J = mom_a[ga[0].layer].count_J
+        for j in range(len(blocks)):
+            cov = corr_dense.without_block(scratch, total, blocks[j], shift_a[j], shift_b[j], float(count_J[j]))
+            view = {p: (rho[j], match[j]) for p, (rho, match) in best_J.items()}
+            corr_dense.update_best(view, corr_dense.correlations(cov, inv_a[j], inv_b[j]), ga, gb)
+
+    def _centred_codes(self, buf: torch.Tensor, run: Run, group: list[Unit],
+                       mean_f: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """(block, [n, features of the group] codes) of each chunk of samples, centred, written into buf."""
         layers = list(dict.fromkeys(u.layer for u in group))
-        for xs in zip(*(self._acts_chunks(run, layer) for layer in layers)):
-            x_of = dict(zip(layers, xs))
-            n = xs[0].shape[0]
+        for chunks in zip(*(self._acts_chunks(run, layer) for layer in layers)):
+            x_of = {layer: x for layer, (_, x) in zip(layers, chunks)}
+            n = chunks[0][1].shape[0]
             out = buf[:n * len(mean_f)].view(n, len(mean_f))
             for u, off in corr_dense.offsets(group):
                 corr_dense.codes_into(out[:, off:off + u.stop - u.start], run.sae(u.layer, self.device), x_of[u.layer],
                                       self.codes, slice(u.start, u.stop))
-            yield out.sub_(mean_f)
+            yield chunks[0][0], out.sub_(mean_f)
 
     # sparse path ----------------------------------------------------------------------------------------
     def _topk_table(self, run: Run, layer: int) -> corr_sparse.TopkTable:
         if (run.key, layer) not in self._topk:
             sae = run.sae(layer, self.device)
-            self._topk[run.key, layer] = corr_sparse.topk_table(self._acts_chunks(run, layer), sae, run.n_samples,
+            self._topk[run.key, layer] = corr_sparse.topk_table((x for _, x in self._acts_chunks(run, layer)), sae, run.n_samples,
                                                                 self._scratch(run, sae.n_features))
         return self._topk[run.key, layer]
 
-    def _sparse_moments(self, run: Run, layer: int) -> Moments:
-        return corr_sparse.moments(self._topk_table(run, layer), run.n_features(layer))
+    def _sparse_moments(self, run: Run, layer: int) -> LayerMoments:
+        return LayerMoments(corr_sparse.moments(self._topk_table(run, layer), run.n_features(layer)), None, None)
 
     def _sparse(self, run_a: Run, run_b: Run, la: list[int], lb: list[int]):
         sizes = [(run_a.n_features(a), run_b.n_features(b)) for a in la for b in lb]
@@ -224,17 +286,30 @@ class Correlator:
                           dtype=torch.float64, device=self.device)
         out = {}
         for a in la:
-            mom_a = self._layer_moments(run_a, a)
+            mom_a = self._layer_moments(run_a, a).full
             ent = corr_sparse.entries(self._topk_table(run_a, a))
             if run_a.key != run_b.key:  # A's layers are needed once each
                 self._topk.pop((run_a.key, a))
             for b in lb:
-                mom_b, table_b = self._layer_moments(run_b, b), self._topk_table(run_b, b)
+                mom_b, table_b = self._layer_moments(run_b, b).full, self._topk_table(run_b, b)
                 self.progress(1, 0)
-                out[a, b] = corr_sparse.pair(acc, ent, mom_a, table_b, mom_b, self.mem_bytes)
+                out[a, b] = (*corr_sparse.pair(acc, ent, mom_a, table_b, mom_b, self.mem_bytes), None)
                 self.progress(0, 1)
         return out
 
 
-def _group_vec(group: list[Unit], moments: dict[int, Moments], field: str) -> torch.Tensor:
-    return torch.cat([getattr(moments[u.layer], field)[u.start:u.stop] for u in group]).float()
+def _group_vec(group: list[Unit], moments: dict[int, LayerMoments], field: str, which: str = "full",
+               dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """A moment's values for the features of a group ([..., group features]); `which`: full or loo;
+    dtype None keeps float64."""
+    vec = torch.cat([getattr(getattr(moments[u.layer], which), field)[..., u.start:u.stop] for u in group], dim=-1)
+    return vec if dtype is None else vec.to(dtype)
+
+
+def _running_best(shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rho, match) to fold maxima into: -inf and 0."""
+    return torch.full(shape, -math.inf, device=device), torch.zeros(shape, dtype=torch.long, device=device)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.double().cpu().numpy()

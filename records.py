@@ -111,8 +111,9 @@ class Record:
 
 
 def to_jsonable(x: Any) -> Any:
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return {f.name: to_jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):  # an unset optional field is left out
+        return {f.name: to_jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)
+                if not (f.default is None and getattr(x, f.name) is None)}
     if isinstance(x, dict):
         return {str(k): to_jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):

@@ -12,6 +12,22 @@ from runs import RunMeta
 
 
 @dataclass
+class Scores:
+    """A wMPPC reference point (a floor or a ceiling)."""
+    all_layers: float
+    last_layer: float
+
+
+@dataclass
+class Intervals:
+    """95% jackknife intervals [lo, hi] of every wMPPC reported."""
+    all_layers: list[float]
+    last_layer: list[float]
+    layer_matrix: np.ndarray
+    """[L_A, L_B, 2]."""
+
+
+@dataclass
 class Wmppc(Record):
     """wMPPC of run A -> run B."""
     KIND = "wmppc"
@@ -29,6 +45,12 @@ class Wmppc(Record):
     """[L_A, L_B]: wMPPC of layer a of A against layer b of B (indexed by position in the layer lists)."""
     source_layers: list[int]
     target_layers: list[int]
+    ci: Intervals | None = None
+    """With --ci."""
+    floor: Scores | None = None
+    """With --calibrate: A against B's samples permuted."""
+    ceiling: Scores | None = None
+    """With --calibrate, when A has several SAE seeds: A's first seed against its others."""
 
 
 @dataclass
@@ -43,6 +65,12 @@ class WmppcTable(Record):
     """[R, R]."""
     last_layer: np.ndarray
     """[R, R]."""
+    ci: dict[str, np.ndarray] | None = None
+    """"all_layers"/"last_layer" -> [R, R, 2] intervals (with --ci)."""
+    floor: dict[str, np.ndarray] | None = None
+    """"all_layers"/"last_layer" -> [R, R] (with --calibrate)."""
+    ceiling: dict[str, np.ndarray] | None = None
+    """"all_layers"/"last_layer" -> [R, R], the row run's seeds (with --calibrate, runs with several seeds)."""
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,9 @@ CODES: tuple[str, ...] = Codes.__args__
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-def sae_file(layer: int) -> str:
-    return f"layer{layer:02d}.sae.safetensors"
+def sae_file(layer: int, seed: int | None = None) -> str:
+    """The SAE of a layer; seed None: the run's first SAE seed (the only one of a one-seed run)."""
+    return f"layer{layer:02d}.sae.safetensors" if seed is None else f"layer{layer:02d}.seed{seed}.sae.safetensors"
 
 
 def acts_file(layer: int) -> str:
@@ -46,7 +48,18 @@ class SaeSettings(SaeConfig):
     batch_size: int = 16
     """Encoder batch (one SAE step per batch)."""
     seed: int = 0
+    seeds: list[int] | None = None
+    """SAE seeds, one SAE each per layer, trained on the same batches; None (older runs): [seed]."""
     train_on_padding: bool = False
+    sae_tokens: Literal["all", "pooled"] = "all"
+    """Trained on every token (the paper), or on the recorded pooled tokens only."""
+    sae_epochs: int = 1
+    """Epochs over the training tokens."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.seeds is None:
+            self.seeds = [self.seed]
 
 
 @dataclass
@@ -61,6 +74,17 @@ class LayerInfo:
     tokens_seen: int | None = None
     fvu_pooled: float | None = None
     """FVU of the final SAE on the recorded pooled tokens (the vectors the analyses read)."""
+    per_seed: dict[int, "SeedInfo"] = field(default_factory=dict)
+    """Every SAE seed's metrics (the fields above are the first seed's)."""
+
+
+@dataclass
+class SeedInfo:
+    fvu: float
+    l0: float
+    dead_fraction: float
+    tokens_seen: int
+    fvu_pooled: float
 
 
 @dataclass
@@ -86,6 +110,8 @@ class RunMeta(Record):
     """Blocks of the encoder (the recorded ones may be fewer)."""
     acts_dtype: Literal["float32", "float16"] = "float32"
     image_size: int | None = None
+    random_init: bool = False
+    """The encoder's weights were re-initialised (a floor), not the checkpoint's."""
     versions: dict[str, str] = field(default_factory=dict)
     device: str | None = None
     run_id: str = ""
@@ -140,8 +166,9 @@ class RunWriter:
         self._memmaps[layer] = mm
         return mm
 
-    def save_sae(self, layer: int, state: dict[str, torch.Tensor]) -> None:
-        write_atomic(self.tmp / sae_file(layer), lambda tmp: save_file(state, str(tmp)))
+    def save_sae(self, layer: int, state: dict[str, torch.Tensor], seed: int | None = None) -> None:
+        """seed None: the run's first SAE seed."""
+        write_atomic(self.tmp / sae_file(layer, seed), lambda tmp: save_file(state, str(tmp)))
 
     def finish(self, meta: RunMeta) -> RunMeta:
         """Write run.json last, with a new run_id and complete = true; the folder moves into place on exit."""
@@ -168,9 +195,20 @@ class Run:
     def __init__(self, path: Path, meta: RunMeta):
         self.path, self.meta = path, meta
         self._sae_cache: dict[int, TopKSAE] = {}
+        self.seed = meta.sae.seeds[0]
+        """The SAE seed this object reads (RUN@SEED; the first by default)."""
         self.null_seed: int | None = None
         self.perm_N: np.ndarray | None = None
         """Set on a permutation null: sample n reads the stored row perm_N[n]."""
+
+    def with_seed(self, seed: int) -> "Run":
+        """The same run read through the SAEs of another of its seeds."""
+        if seed not in self.meta.sae.seeds:
+            raise UserError(f"run {self.path.name!r} has SAE seeds {', '.join(map(str, self.meta.sae.seeds))}; "
+                            f"no seed {seed}")
+        other = copy.copy(self)
+        other.seed, other._sae_cache = seed, {}
+        return other
 
     def permuted(self, seed: int = NULL_SEED) -> "Run":
         """The same run with its samples permuted (no retraining): whatever it shares with another run
@@ -180,7 +218,11 @@ class Run:
         return null
 
     @classmethod
-    def open(cls, root: str | Path, name: str) -> "Run":
+    def open(cls, root: str | Path, spec: str) -> "Run":
+        """`spec` is a run name, or RUN@SEED for one of its SAE seeds."""
+        name, _, seed = spec.partition("@")
+        if seed and not seed.isdigit():
+            raise UserError(f"{spec!r}: RUN@SEED takes a whole number as seed")
         path = Path(root) / name
         meta_path = path / "run.json"
         if not meta_path.is_file():
@@ -192,14 +234,20 @@ class Run:
             raise UserError(f"run {name!r} is incomplete (interrupted?); train it again with --overwrite")
         run = cls(path, meta)
         for layer in run.layers:
-            for f in (sae_file(layer), acts_file(layer)):
+            for f in (acts_file(layer), *(run.sae_path(layer, s).name for s in meta.sae.seeds)):
                 if not (path / f).is_file():
                     raise UserError(f"run {name!r} is missing {f}")
-        return run
+        return run.with_seed(int(seed)) if seed else run
+
+    def sae_path(self, layer: int, seed: int | None = None) -> Path:
+        seed = self.seed if seed is None else seed
+        return self.path / sae_file(layer, None if seed == self.meta.sae.seeds[0] else seed)
 
     @property
     def name(self) -> str:
-        return self.path.name if self.perm_N is None else f"{self.path.name} (permuted)"
+        """As the user addresses it: RUN, RUN@SEED for a seed other than the first, " (permuted)" for a null."""
+        name = self.path.name if self.seed == self.meta.sae.seeds[0] else f"{self.path.name}@{self.seed}"
+        return name if self.perm_N is None else f"{name} (permuted)"
 
     @property
     def layers(self) -> list[int]:
@@ -221,6 +269,8 @@ class Run:
     def key(self) -> str:
         """Identifies this write of the run, and a null of it (memo and cache keys)."""
         base = self.meta.run_id or str(self.path)
+        if self.seed != self.meta.sae.seeds[0]:
+            base += f"@{self.seed}"
         return base if self.perm_N is None else f"{base}~perm{self.null_seed}"
 
     def resolve_layer(self, layer: int) -> int:
@@ -256,10 +306,11 @@ class Run:
     def sae(self, layer: int, device: str | torch.device = "cpu") -> TopKSAE:
         layer = self.resolve_layer(layer)
         if layer not in self._sae_cache:
+            path = self.sae_path(layer)
             try:
-                sae = TopKSAE.from_state(load_file(str(self.path / sae_file(layer))), self.top_k)
+                sae = TopKSAE.from_state(load_file(str(path)), self.top_k)
             except (SafetensorError, ValueError, KeyError, OSError) as e:
-                raise UserError(f"corrupt {self.path / sae_file(layer)}: {e}") from None
+                raise UserError(f"corrupt {path}: {e}") from None
             self._sae_cache[layer] = sae.eval().requires_grad_(False)
         return self._sae_cache[layer].to(device)
 
@@ -285,11 +336,32 @@ class Run:
         return sae.pre_acts(x) if codes == "relu" else sae.encode(x).dense(sae.n_features)
 
 
-def open_runs(root: str | Path, names: list[str]) -> list[Run]:
-    """Open complete runs over the same samples (one clear UserError otherwise)."""
+def open_runs(root: str | Path, names: list[str], features: bool = True) -> list[Run]:
+    """Open complete runs over the same samples (one clear UserError otherwise); `features`: their SAE
+    features will be analysed (warn where they do not fit the recorded tokens)."""
     runs = [Run.open(root, name) for name in names]
     check_comparable(runs)
+    if features:
+        for run in runs:
+            warn_pooled_fit(run)
     return runs
+
+
+_warned: set[tuple[str, int, int]] = set()
+
+
+def warn_pooled_fit(run: Run) -> None:
+    """Once per process and layer: a warning line where the SAE reconstructs the recorded pooled token
+    worse than that token's mean (fvu_pooled > 1), so its features mean little on the analysed samples."""
+    for layer in run.layers:
+        info = run.meta.layer_info.get(layer)
+        fit = info.per_seed[run.seed] if info is not None and run.seed in info.per_seed else info
+        key = (str(run.path.resolve()), layer, run.seed)
+        if fit is not None and fit.fvu_pooled is not None and fit.fvu_pooled > 1 and key not in _warned:
+            _warned.add(key)
+            print(f"warning: run {run.name!r} layer {layer}: the SAE reconstructs the recorded pooled token worse "
+                  f"than its mean (fvu_pooled {fit.fvu_pooled:.2f} > 1), so its features mean little there; "
+                  "training with --sae_tokens pooled fits them to those tokens", file=sys.stderr)
 
 
 def check_comparable(runs: list[Run]) -> None:

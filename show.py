@@ -31,7 +31,7 @@ from gallery import Card, Group, fmt, write_index
 from options import parse
 from records import staged_dir
 from results import SharedFeature, SharednessReport
-from runs import Run, check_codes, open_runs
+from runs import Run, check_codes, open_runs, warn_pooled_fit
 from streaming import merge_top
 
 TOP = 9
@@ -334,7 +334,9 @@ class ShowArgs(GalleryOptions):
 def main(argv=None):
     args = parse(ShowArgs, argv, "Feature previews: top-9 grids and an HTML gallery (SPEC §8)")
     if args.run:
-        run_gallery(Run.open(args.root, args.run), args)
+        run = Run.open(args.root, args.run)
+        warn_pooled_fit(run)
+        run_gallery(run, args)
     else:
         report = SharednessReport.load(args.from_json, f"--from_json {args.from_json}")
         args.out = args.out or str(Path("imgs") / Path(args.from_json).stem)

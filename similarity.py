@@ -260,7 +260,7 @@ def main(argv=None):
                                        "mutual kNN (SPEC §11)")
     engine = SimilarityEngine(args.chunk_size, args.k, args.variance, not args.no_cache)
     names = args.runs or [args.source, args.target]
-    runs = open_runs(args.root, names)
+    runs = open_runs(args.root, names, features=False)
     if runs[0].n_samples <= max(args.k, 3):
         raise UserError(f"{runs[0].n_samples} samples: the measures need more than max(--k, 3) = {max(args.k, 3)}")
     if args.runs is None:

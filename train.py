@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import data
-from errors import ArgumentParser, UserError, check_positive, resolve_device
+from errors import ArgumentParser, OptionError, UserError, check_positive, resolve_device
 from options import add_options, check_choices, options_from
-from runs import DEFAULT_ROOT, FLOAT16_MAX, LayerInfo, Run, RunMeta, RunWriter, SaeSettings
+from runs import DEFAULT_ROOT, FLOAT16_MAX, LayerInfo, Run, RunMeta, RunWriter, SaeSettings, SeedInfo
 from sae import Fvu, SaeConfig, SaeTrainer
 from wrappedmodels import ENCODERS, TOKENS, Encoder, get_encoder_class, layer_ids
 
@@ -55,6 +55,16 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:N."""
     seed: int = 0
+    """Seed of torch, of --random_init and of the SAE's initialisation (unless --seeds)."""
+    seeds: list[int] | None = None
+    """SAE seeds: one SAE per seed on every layer, all trained in the same encoder pass on the same batches
+    (wMPPC between two seeds of a run is its ceiling; address one as RUN@SEED). Default: --seed."""
+    random_init: bool = False
+    """Re-initialise the encoder's weights with --seed (same architecture and preprocessing): a floor."""
+    sae_tokens: Literal["all", "pooled"] = "all"
+    """Train the SAE on every token of the layer (the paper), or only on the recorded pooled tokens."""
+    sae_epochs: int = 1
+    """With --sae_tokens pooled: epochs over the stored pooled tokens."""
     train_on_padding: bool = False
     """Also train on padding positions of captions (the paper's code does)."""
     acts_dtype: Literal["float32", "float16"] = "float32"
@@ -70,6 +80,11 @@ class TrainConfig:
         check_choices(self)
         check_positive("max_samples", self.max_samples)
         check_positive("batch_size", self.batch_size)
+        check_positive("sae_epochs", self.sae_epochs)
+        if self.sae_epochs > 1 and self.sae_tokens == "all":
+            raise OptionError("sae_epochs", "{opt} goes with --sae_tokens pooled (all tokens are seen in one pass)")
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise OptionError("seeds", f"{{opt}} lists a seed twice: {' '.join(map(str, self.seeds))}")
 
 
 class TrainResult(NamedTuple):
@@ -94,7 +109,8 @@ class _Samples(Dataset):
 
 def _settings(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> SaeSettings:
     return SaeSettings(**asdict(sae_cfg), batch_size=cfg.batch_size or DEFAULT_BATCH[modality], seed=cfg.seed,
-                       train_on_padding=cfg.train_on_padding)
+                       seeds=cfg.seeds or [cfg.seed], train_on_padding=cfg.train_on_padding,
+                       sae_tokens=cfg.sae_tokens, sae_epochs=cfg.sae_epochs)
 
 
 def _dataset(cfg: TrainConfig) -> data.PairedDataset:
@@ -113,6 +129,7 @@ def reusable(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> Run | None:
     same = (meta.model == cfg.model and meta.checkpoint == (cfg.checkpoint or cls.default_checkpoint)
             and meta.token == (cfg.token or cls.default_token) and meta.image_size == cfg.image_size
             and meta.acts_dtype == cfg.acts_dtype and meta.sae == _settings(cfg, sae_cfg, modality)
+            and meta.random_init == cfg.random_init
             and meta.n_layers_model is not None
             and meta.layers == layer_ids(cfg.layers, meta.n_layers_model, f"run {run.name!r}"))
     return run if same and meta.dataset == _dataset(cfg).describe() else None
@@ -125,6 +142,8 @@ def train(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> TrainResult:
         device = resolve_device(cfg.device)
         ds = _dataset(cfg)
         encoder = cls(cfg.checkpoint, device=device, token=cfg.token)
+        if cfg.random_init:
+            encoder.reinitialise(cfg.seed)
         if cfg.image_size is not None:
             if not hasattr(encoder, "image_size"):
                 raise UserError(f"--image_size applies to EfficientNetLite; {cfg.model} uses its own processor")
@@ -136,19 +155,28 @@ def train(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> TrainResult:
             runname=cfg.runname, modality=encoder.modality, model=cfg.model, checkpoint=encoder.checkpoint,
             token=encoder.token, dataset=ds.describe(), sae=settings, layers=layers, layer_info=layer_info,
             n_layers_model=encoder.n_layers, acts_dtype=cfg.acts_dtype, image_size=getattr(encoder, "image_size", None),
+            random_init=cfg.random_init,
             versions=_versions(), device=str(device)))
     return TrainResult(writer.final, meta, time.perf_counter() - t0)
 
 
+def _init_seed(seed: int, layer: int) -> int:
+    """Seed of one SAE's initialisation: distinct for every (SAE seed, layer)."""
+    return seed * 1_000_003 + layer
+
+
 def _record(cfg: TrainConfig, settings: SaeSettings, ds: data.PairedDataset, encoder: Encoder, layers: list[int],
             writer: RunWriter, device: torch.device) -> dict[int, LayerInfo]:
-    """One pass over the dataset: train every layer's SAE, store every sample's pooled token."""
+    """One pass over the dataset: train every layer's SAEs (one per seed, same batches), store every
+    sample's pooled token."""
     n = len(ds)
+    if settings.sae_tokens == "pooled" and n < 2:
+        raise UserError("--sae_tokens pooled needs at least 2 samples to train on")
     workers = cfg.num_workers if cfg.num_workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
     loader = DataLoader(_Samples(ds, encoder), batch_size=settings.batch_size, shuffle=False, num_workers=workers,
                         collate_fn=encoder.collate)
     sae_cfg = SaeConfig(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(SaeConfig)})
-    trainers: dict[int, SaeTrainer] = {}
+    trainers: dict[int, list[SaeTrainer]] = {}
     acts: dict[int, np.ndarray] = {}
     start = 0
     bar = tqdm(loader, desc=f"{cfg.runname}: {len(layers)} layers", unit="batch", disable=None)  # none in logs
@@ -158,34 +186,60 @@ def _record(cfg: TrainConfig, settings: SaeSettings, ds: data.PairedDataset, enc
             acts_BTD = recorded[layer].float()
             if layer not in trainers:
                 d = acts_BTD.shape[-1]
-                trainers[layer] = SaeTrainer(d, sae_cfg, device=device, seed=cfg.seed + layer)
+                trainers[layer] = [SaeTrainer(d, sae_cfg, device=device, seed=_init_seed(s, layer)) for s in settings.seeds]
                 acts[layer] = writer.acts(layer, n, d, cfg.acts_dtype)
             mask_BT = encoder.token_mask(inputs, acts_BTD)
-            tokens_ND = acts_BTD.reshape(-1, acts_BTD.shape[-1]) if cfg.train_on_padding else acts_BTD[mask_BT]
-            with torch.enable_grad():
-                trainers[layer].train_step(tokens_ND)
+            if settings.sae_tokens == "all":
+                tokens_ND = acts_BTD.reshape(-1, acts_BTD.shape[-1]) if cfg.train_on_padding else acts_BTD[mask_BT]
+                with torch.enable_grad():
+                    for trainer in trainers[layer]:
+                        trainer.train_step(tokens_ND)
             pooled_BD = encoder.pool(acts_BTD, mask_BT).cpu().numpy()
             if cfg.acts_dtype == "float16" and np.abs(pooled_BD).max() > FLOAT16_MAX:
                 raise UserError(f"layer {layer}: pooled activations exceed the float16 range; use --acts_dtype float32")
             acts[layer][start:start + len(pooled_BD)] = pooled_BD
         start += len(next(iter(recorded.values())))
-        bar.set_postfix(fvu=f"{trainers[layers[-1]].metrics().fvu:.3f}")
+        if settings.sae_tokens == "all":
+            bar.set_postfix(fvu=f"{trainers[layers[-1]][0].metrics().fvu:.3f}")
     if start != n:
         raise RuntimeError(f"recorded {start} samples out of {n}")
-    return {layer: _finish_layer(layer, trainers[layer], acts[layer], encoder, writer, device) for layer in layers}
+    if settings.sae_tokens == "pooled":
+        _train_on_pooled(trainers, acts, settings, device)
+    return {layer: _finish_layer(layer, trainers[layer], settings.seeds, acts[layer], encoder, writer, device)
+            for layer in layers}
 
 
-def _finish_layer(layer: int, trainer: SaeTrainer, pooled_ND: np.ndarray, encoder: Encoder, writer: RunWriter,
-                  device: torch.device) -> LayerInfo:
+def _train_on_pooled(trainers: dict[int, list[SaeTrainer]], acts: dict[int, np.ndarray], settings: SaeSettings,
+                     device: torch.device) -> None:
+    """--sae_tokens pooled: epochs over the stored pooled tokens, in a seeded random order."""
+    n = len(next(iter(acts.values())))
+    rng = np.random.default_rng(settings.seed)
+    for _ in tqdm(range(settings.sae_epochs), desc="SAEs on pooled tokens", unit="epoch", disable=None):
+        order = rng.permutation(n)
+        for s in range(0, n, settings.batch_size):
+            rows = np.sort(order[s:s + settings.batch_size])
+            for layer, layer_trainers in trainers.items():
+                x = torch.from_numpy(np.asarray(acts[layer][rows], dtype=np.float32)).to(device)
+                with torch.enable_grad():
+                    for trainer in layer_trainers:
+                        trainer.train_step(x)
+
+
+def _finish_layer(layer: int, trainers: list[SaeTrainer], seeds: list[int], pooled_ND: np.ndarray, encoder: Encoder,
+                  writer: RunWriter, device: torch.device) -> LayerInfo:
     n = pooled_ND.shape[0]
     sample_ND = np.asarray(pooled_ND[: min(n, 4096)], dtype=np.float32)
     # batch sizes change float rounding, so "identical" is up to a relative 1e-5
     if n > 1 and np.ptp(sample_ND, axis=0).max() <= 1e-5 * max(float(np.abs(sample_ND).max()), 1e-30):
         raise UserError(f"layer {layer}: the pooled token ({encoder.token}) is identical for every sample, "
                         f"so it carries no information; choose another --token ({', '.join(TOKENS)})")
-    writer.save_sae(layer, trainer.sae.state())
-    return LayerInfo(trainer.sae.d_model, trainer.sae.n_features, **trainer.metrics()._asdict(),
-                     fvu_pooled=_fvu_pooled(trainer, pooled_ND, device))
+    per_seed = {}
+    for i, (seed, trainer) in enumerate(zip(seeds, trainers)):
+        writer.save_sae(layer, trainer.sae.state(), None if i == 0 else seed)
+        per_seed[seed] = SeedInfo(**trainer.metrics()._asdict(), fvu_pooled=_fvu_pooled(trainer, pooled_ND, device))
+    first = per_seed[seeds[0]]
+    return LayerInfo(trainers[0].sae.d_model, trainers[0].sae.n_features, first.fvu, first.l0, first.dead_fraction,
+                     first.tokens_seen, first.fvu_pooled, per_seed)
 
 
 @torch.no_grad()

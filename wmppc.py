@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -16,7 +17,7 @@ from correlation import Correlator, EngineOptions, tqdm_progress
 from errors import UserError, cli
 from figures import format_table, plot_heatmap
 from options import check_output, parse
-from results import Wmppc, WmppcTable
+from results import Intervals, Scores, Wmppc, WmppcTable
 from runs import Run, open_runs
 
 
@@ -30,31 +31,79 @@ def weighted_mppc(rho_F: np.ndarray, mass_F: np.ndarray, what: str) -> float:
     return float((mass_F * rho_F).sum() / total)
 
 
-def wmppc(run_a: Run, run_b: Run, engine: Correlator) -> Wmppc:
-    """Layer-pair matrix, all-layers and last-layer wMPPC of A -> B, from one set of correlations."""
-    stats: dict[tuple[int, int], PairStats] = engine.pair_stats(run_a, run_b)
-    la, lb = run_a.layers, run_b.layers
-    matrix = np.array([[weighted_mppc(stats[a, b].rho_F, stats[a, b].mass_F,
-                                      f"layer {a} of {run_a.name!r}") for b in lb] for a in la])
+def _scores(rho_of: Callable[[int, int], np.ndarray], mass_of: Callable[[int], np.ndarray], la: list[int],
+            lb: list[int], what: str) -> tuple[np.ndarray, float]:
+    """(layer-pair matrix [L_A, L_B], all-layers wMPPC) from each pair's rho and each layer's mass."""
+    matrix = np.array([[weighted_mppc(rho_of(a, b), mass_of(a), f"layer {a} of {what}") for b in lb] for a in la])
     per_layer, n_features = [], []
     for a in la:
-        rho_all_F = np.max([stats[a, b].rho_F for b in lb], axis=0)  # each feature's best layer of B
-        per_layer.append(weighted_mppc(rho_all_F, stats[a, lb[0]].mass_F, f"layer {a} of {run_a.name!r}"))
+        rho_all_F = np.max([rho_of(a, b) for b in lb], axis=0)  # each feature's best layer of B
+        per_layer.append(weighted_mppc(rho_all_F, mass_of(a), f"layer {a} of {what}"))
         n_features.append(len(rho_all_F))
-    return Wmppc(run_a.name, run_b.name, engine.codes, float(np.average(per_layer, weights=n_features)),
-                 float(matrix[-1, -1]), matrix, la, lb)
+    return matrix, float(np.average(per_layer, weights=n_features))
 
 
-def wmppc_table(runs: list[Run], engine: Correlator) -> WmppcTable:
-    """All-layers and last-layer wMPPC of every ordered pair, row -> column; NaN on the diagonal (not computed)."""
-    all_rr = np.full((len(runs), len(runs)), np.nan)
-    last_rr = all_rr.copy()
-    for i, a in enumerate(runs):
-        for j, b in enumerate(runs):
-            if i != j:
-                res = wmppc(a, b, engine)
-                all_rr[i, j], last_rr[i, j] = res.all_layers, res.last_layer
-    return WmppcTable([r.name for r in runs], engine.codes, all_rr, last_rr)
+def jackknife_interval(full: np.ndarray | float, loo_J: np.ndarray) -> np.ndarray:
+    """[..., 2] 95% interval full ± 1.96 se, se = sqrt((J-1)/J * sum_j (w_j - mean w)^2), from the J
+    leave-one-block-out values (first axis of loo_J)."""
+    n_blocks = len(loo_J)
+    se = np.sqrt((n_blocks - 1) / n_blocks * np.square(loo_J - loo_J.mean(0)).sum(0))
+    return np.stack([full - 1.96 * se, full + 1.96 * se], axis=-1)
+
+
+def wmppc(run_a: Run, run_b: Run, engine: Correlator) -> Wmppc:
+    """Layer-pair matrix, all-layers and last-layer wMPPC of A -> B, from one set of correlations; with
+    an engine made with `ci`, their jackknife intervals too."""
+    stats: dict[tuple[int, int], PairStats] = engine.pair_stats(run_a, run_b)
+    la, lb = run_a.layers, run_b.layers
+    matrix, all_layers = _scores(lambda a, b: stats[a, b].rho_F, lambda a: stats[a, lb[0]].mass_F, la, lb,
+                                 repr(run_a.name))
+    res = Wmppc(run_a.name, run_b.name, engine.codes, all_layers, float(matrix[-1, -1]), matrix, la, lb)
+    if stats[la[0], lb[0]].rho_JF is not None:
+        loo = [_scores(lambda a, b: stats[a, b].rho_JF[j], lambda a: stats[a, lb[0]].mass_JF[j], la, lb, repr(run_a.name))
+               for j in range(engine.n_blocks)]
+        matrix_J, all_J = np.array([m for m, _ in loo]), np.array([x for _, x in loo])
+        res.ci = Intervals(jackknife_interval(all_layers, all_J).tolist(),
+                           jackknife_interval(res.last_layer, matrix_J[:, -1, -1]).tolist(),
+                           jackknife_interval(matrix, matrix_J))
+    return res
+
+
+def calibrated(run_a: Run, run_b: Run, engine: Correlator) -> Wmppc:
+    """wMPPC of A -> B with its floor (B's samples permuted) and, when A has several SAE seeds, its
+    ceiling (A's first seed against each other seed of A, averaged)."""
+    res = wmppc(run_a, run_b, engine)
+    null = wmppc(run_a, run_b.permuted(), engine)
+    res.floor = Scores(null.all_layers, null.last_layer)
+    others = [run_a.with_seed(s) for s in run_a.meta.sae.seeds if s != run_a.seed]
+    if others:
+        seeds = [wmppc(run_a, other, engine) for other in others]
+        res.ceiling = Scores(float(np.mean([x.all_layers for x in seeds])), float(np.mean([x.last_layer for x in seeds])))
+    return res
+
+
+def wmppc_table(runs: list[Run], engine: Correlator, calibrate: bool = False, null: bool = False) -> WmppcTable:
+    """wMPPC of every ordered pair, row -> column; NaN on the diagonal (not computed); with their
+    floors, ceilings and intervals when asked for; `null`: every column run's samples permuted."""
+    pairs = {(i, j): (calibrated if calibrate else wmppc)(a, b.permuted() if null else b, engine)
+             for i, a in enumerate(runs) for j, b in enumerate(runs) if i != j}
+    first = next(iter(pairs.values()))
+
+    def table(get: Callable[[Wmppc], float | list[float]]) -> np.ndarray:
+        shape = np.shape(get(first))
+        out = np.full((len(runs), len(runs), *shape), np.nan)
+        for (i, j), res in pairs.items():
+            out[i, j] = get(res)
+        return out
+
+    res = WmppcTable([r.name for r in runs], engine.codes, table(lambda r: r.all_layers), table(lambda r: r.last_layer))
+    if first.ci is not None:
+        res.ci = {k: table(lambda r: getattr(r.ci, k)) for k in ("all_layers", "last_layer")}
+    if calibrate:
+        res.floor = {k: table(lambda r: getattr(r.floor, k)) for k in ("all_layers", "last_layer")}
+        if all(r.ceiling is not None for r in pairs.values()):
+            res.ceiling = {k: table(lambda r: getattr(r.ceiling, k)) for k in ("all_layers", "last_layer")}
+    return res
 
 
 @dataclass
@@ -69,6 +118,11 @@ class WmppcArgs(EngineOptions):
     """Write the results to this JSON file."""
     plot: str | None = None
     """Write a heatmap PNG: the layer-pair matrix, or with --runs the all-layers matrix."""
+    ci: bool = False
+    """Add a 95% interval to every wMPPC: delete-one-block jackknife over 10 contiguous blocks of samples
+    (computed by the dense path, whatever the codes)."""
+    calibrate: bool = False
+    """Beside each score, its floor (B's samples permuted) and ceiling (A's own SAE seeds, when it has several)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -85,21 +139,34 @@ class WmppcArgs(EngineOptions):
         check_output(self.plot, "--plot")
 
 
+def _line(res: Wmppc) -> str:
+    """All Layers : X | Last layer : Y, with [lo, hi] intervals and floor / ceiling when computed."""
+    def score(key: str) -> str:
+        ci = f" [{getattr(res.ci, key)[0]:.4f}, {getattr(res.ci, key)[1]:.4f}]" if res.ci else ""
+        marks = [f"{name} {getattr(ref, key):.4f}" for name, ref in (("floor", res.floor), ("ceiling", res.ceiling)) if ref]
+        return f"{getattr(res, key):.4f}{ci}" + (f" ({', '.join(marks)})" if marks else "")
+    return f"All Layers : {score('all_layers')} | Last layer : {score('last_layer')}"
+
+
 @cli
 def main(argv=None):
     args = parse(WmppcArgs, argv, "wMPPC between SAE runs (SPEC §6)")
-    engine = Correlator(args, progress=tqdm_progress("correlations"))
+    engine = Correlator(args, progress=tqdm_progress("correlations"), jackknife=args.ci)
     if args.runs is None:
-        res = wmppc(*open_runs(args.root, [args.source, args.target]), engine)
-        print(f"All Layers : {res.all_layers:.4f} | Last layer : {res.last_layer:.4f}")
+        run_a, run_b = open_runs(args.root, [args.source, args.target])
+        res = (calibrated if args.calibrate else wmppc)(run_a, run_b.permuted() if args.null == "permute" else run_b, engine)
+        print(_line(res))
         if args.plot:
             plot_heatmap(res.layer_matrix, [str(a) for a in res.source_layers], [str(b) for b in res.target_layers],
                          f"{res.source} layer", f"{res.target} layer",
                          f"wMPPC {res.source} -> {res.target} ({res.codes} codes)", args.plot)
     else:
-        res = wmppc_table(open_runs(args.root, args.runs), engine)
+        res = wmppc_table(open_runs(args.root, args.runs), engine, args.calibrate, args.null == "permute")
         print(format_table("All layers (row -> column)", args.runs, res.all_layers))
         print(format_table("\nLast layer (row -> column)", args.runs, res.last_layer))
+        for name, ref in (("floor", res.floor), ("ceiling", res.ceiling)):
+            if ref is not None:
+                print(format_table(f"\nAll layers, {name} (row -> column)", args.runs, ref["all_layers"]))
         if args.plot:
             plot_heatmap(res.all_layers, args.runs, args.runs, "source", "target",
                          f"wMPPC, all layers ({res.codes} codes)", args.plot)

@@ -135,6 +135,19 @@ class Encoder:
     def n_layers(self) -> int:
         return len(self.blocks)
 
+    @torch.no_grad()
+    def reinitialise(self, seed: int) -> None:
+        """Random weights for a floor: every module that can reset its parameters does (with its own
+        initialiser); parameters held directly by other modules (class tokens, position embeddings)
+        are drawn from N(0, 0.02^2). Same architecture and preprocessing; deterministic in `seed`."""
+        torch.manual_seed(seed)
+        for module in self.model.modules():
+            if callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+            else:
+                for p in module.parameters(recurse=False):
+                    nn.init.normal_(p, std=0.02)
+
     def resolve_layers(self, layers: list[int] | None) -> list[int]:
         return layer_ids(layers, self.n_layers, f"{type(self).__name__} {self.checkpoint!r}")
 

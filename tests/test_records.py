@@ -34,13 +34,14 @@ def test_schema_1_run_json_is_migrated(run_pair):
     meta = json.loads(path.read_text())
     assert meta["schema"] == 2 and meta["kind"] == "run"
     for key in ("kind", "n_layers_model", "acts_dtype", "image_size", "versions", "device"):
-        meta.pop(key)
+        meta.pop(key, None)
+    meta["sae"].pop("seeds")
     meta["schema"] = 1
     meta["layer_info"] = {"1": {"d_model": 6, "n_features": 12}}  # no metrics, as schema-1 synthetic runs
     path.write_text(json.dumps(meta))
     run = Run.open(run_pair, "A")
     assert run.meta.acts_dtype == "float32" and run.meta.n_layers_model is None and run.meta.layer_info[1].fvu is None
-    assert run.n_samples == 40 and run.layers == [1] and run.meta.sae.top_k == 4
+    assert run.n_samples == 40 and run.layers == [1] and run.meta.sae.top_k == 4 and run.meta.sae.seeds == [0]
 
 
 @pytest.mark.parametrize("edit,needle", [
