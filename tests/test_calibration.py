@@ -1,0 +1,190 @@
+"""Calibration (SPEC §11): the jackknife against a brute-force recomputation without each block, the
+permutation floor, SAE seeds and ceilings, random re-initialisation, SAEs trained on the pooled tokens,
+the pooled-fit warning and the bad input of all of these."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from synthetic import engine, make_run
+from test_wmppc import K, N, data, ref_codes, ref_corr, ref_weighted, runs  # noqa: F401 (fixtures)
+
+import corr_dense
+import train_text
+import wmppc
+import wrappedmodels
+from correlation import JACKKNIFE_BLOCKS, Correlator, EngineOptions
+from runs import Run
+from tiny_models import checkpoint_for
+
+J = JACKKNIFE_BLOCKS
+
+
+def blocks_of(n):
+    """Contiguous jackknife blocks, as the engine cuts them."""
+    bounds = [round(j * n / J) for j in range(J + 1)]
+    return [np.arange(bounds[j], bounds[j + 1]) for j in range(J)]
+
+
+def test_jackknife_kernels_equal_brute_force_without_each_block():
+    """float64 through the dense kernels: the leave-one-block-out correlations, maxima and masses
+    equal a recomputation on the samples outside each block to 1e-9."""
+    rng = np.random.default_rng(0)
+    n, fa, fb = 230, 9, 7
+    z = rng.normal(size=(n, 3))
+    x = np.maximum(z @ rng.normal(size=(3, fa)) + rng.normal(size=(n, fa)) - 0.5, 0)
+    y = np.maximum(z @ rng.normal(size=(3, fb)) + rng.normal(size=(n, fb)) - 0.5, 0)
+    x[:, 0] = 0.0  # dead
+    x[:23, 1] = 0.0  # active only outside block 0
+    y[:, 2] = 1.5  # constant
+    segs = [(j, s, min(s + 6, b[-1] + 1)) for j, b in enumerate(blocks_of(n)) for s in range(b[0], b[-1] + 1, 6)]
+    X, Y = torch.from_numpy(x), torch.from_numpy(y)
+    scratch = torch.empty(6 * max(fa, fb), dtype=torch.float64)
+    full_x, bx = corr_dense.moments(((j, X[s:e]) for j, s, e in segs), fa, J, scratch)
+    full_y, by = corr_dense.moments(((j, Y[s:e]) for j, s, e in segs), fb, J, scratch)
+    loo_x, loo_y = corr_dense.leave_one_out(bx, full_x.inv_F == 0), corr_dense.leave_one_out(by, full_y.inv_F == 0)
+    acc = corr_dense.cross(torch.empty(J, fa, fb, dtype=torch.float64),
+                           ((j, X[s:e] - full_x.mean_F, Y[s:e] - full_y.mean_F) for j, s, e in segs))
+    total = acc.sum(0)
+    count_J = bx.count_J.sum() - bx.count_J
+    for j, block in enumerate(blocks_of(n)):
+        keep = np.setdiff1d(np.arange(n), block)
+        cov = corr_dense.without_block(torch.empty(fa, fb, dtype=torch.float64), total, acc[j],
+                                       loo_x.mean_F[j] - full_x.mean_F, loo_y.mean_F[j] - full_y.mean_F, float(count_J[j]))
+        corr = corr_dense.correlations(cov, loo_x.inv_F[j], loo_y.inv_F[j]).numpy()
+        ref = ref_corr(x[keep], y[keep])
+        np.testing.assert_allclose(corr, ref, atol=1e-9, rtol=0)
+        np.testing.assert_allclose(corr.max(1), ref.max(1), atol=1e-9, rtol=0)
+        np.testing.assert_allclose(loo_x.mass_F[j].numpy(), x[keep].sum(0), atol=1e-9, rtol=1e-12)
+    np.testing.assert_allclose(corr_dense.correlations(total.clone(), full_x.inv_F, full_y.inv_F).numpy(),
+                               ref_corr(x, y), atol=1e-9, rtol=0)
+
+
+def test_engine_jackknife_and_interval(runs, tmp_path):
+    run_a, run_b = runs
+    eng = Correlator(EngineOptions(codes="relu", device="cpu", chunk_size=64, no_cache=True), jackknife=True)
+    stats = eng.pair_stats(run_a, run_b)
+    a, b = run_a.layers[-1], run_b.layers[-1]
+    X, Y = ref_codes(run_a, a, "relu"), ref_codes(run_b, b, "relu")
+    w_J = []
+    for j, block in enumerate(blocks_of(N)):
+        keep = np.setdiff1d(np.arange(N), block)
+        rho = ref_corr(X[keep], Y[keep]).max(1)
+        np.testing.assert_allclose(stats[a, b].rho_JF[j], rho, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(stats[a, b].mass_JF[j], X[keep].sum(0), rtol=1e-5)
+        w_J.append(ref_weighted(rho, X[keep].sum(0)))
+    res = wmppc.wmppc(run_a, run_b, eng)
+    se = np.sqrt((J - 1) / J * np.sum((np.array(w_J) - np.mean(w_J)) ** 2))
+    np.testing.assert_allclose(res.ci.last_layer, [res.last_layer - 1.96 * se, res.last_layer + 1.96 * se], atol=1e-5)
+    assert res.ci.layer_matrix.shape == (3, 2, 2) and res.ci.all_layers[0] < res.all_layers < res.ci.all_layers[1]
+    plain = wmppc.wmppc(run_a, run_b, engine("relu", no_cache=True))
+    assert res.all_layers == pytest.approx(plain.all_layers, abs=1e-6)  # the blocks do not change the score
+
+
+def test_floor_equals_a_run_with_permuted_samples(runs, data, tmp_path):
+    run_a, run_b = runs
+    (_, _), (acts_b, st_b) = data
+    perm = np.random.default_rng(0).permutation(N)
+    shuffled = make_run(tmp_path / "other", "B", {k: v[perm] for k, v in acts_b.items()}, st_b, K)
+    make_run(tmp_path / "other", "A", {k: np.asarray(run_a.acts(k)) for k in run_a.layers},
+             {k: {n: t for n, t in run_a.sae(k).state().items()} for k in run_a.layers}, K)
+    null = wmppc.wmppc(run_a, run_b.permuted(), engine("relu"))
+    ref = wmppc.wmppc(Run.open(tmp_path / "other", "A"), shuffled, engine("relu"))
+    assert null.all_layers == pytest.approx(ref.all_layers, abs=1e-6)
+    assert null.target == "B (permuted)" and null.all_layers < wmppc.wmppc(run_a, run_b, engine("relu")).all_layers
+    assert len(list((tmp_path / ".cache").glob("*~perm0*"))) == 6  # the null is cached apart
+
+
+def test_wmppc_cli_ci_and_calibrate(runs, tmp_path, capsys):
+    out = tmp_path / "w.json"
+    wmppc.main(["--root", str(tmp_path), "--source", "A", "--target", "B", "--ci", "--calibrate", "--json", str(out)])
+    line = capsys.readouterr().out
+    js = json.loads(out.read_text())
+    assert set(js["ci"]) == {"all_layers", "last_layer", "layer_matrix"} and "ceiling" not in js  # one seed
+    assert set(js["floor"]) == {"all_layers", "last_layer"} and js["floor"]["all_layers"] < js["all_layers"]
+    assert f"All Layers : {js['all_layers']:.4f} [{js['ci']['all_layers'][0]:.4f}" in line and "floor" in line
+    wmppc.main(["--root", str(tmp_path), "--source", "A", "--target", "B", "--null", "permute", "--json", str(out)])
+    assert json.loads(out.read_text())["all_layers"] == pytest.approx(js["floor"]["all_layers"], abs=1e-6)
+
+
+def test_too_few_samples_per_block(tmp_path, error_line):
+    rng = np.random.default_rng(0)
+    from synthetic import random_sae_state
+    for name in ("A", "B"):
+        make_run(tmp_path, name, {0: rng.normal(size=(99, 4)).astype(np.float32)}, {0: random_sae_state(4, 8)})
+    assert "at least 10 samples per block" in error_line(
+        wmppc.main, ["--root", str(tmp_path), "--source", "A", "--target", "B", "--ci"])
+
+
+def test_pooled_fit_warning_once_per_layer(runs, tmp_path, capsys):
+    path = tmp_path / "A" / "run.json"
+    meta = json.loads(path.read_text())
+    for layer, info in meta["layer_info"].items():
+        info["fvu_pooled"] = 3.5 if layer == "2" else 0.2
+    path.write_text(json.dumps(meta))
+    for _ in range(2):
+        wmppc.main(["--root", str(tmp_path), "--source", "A", "--target", "B"])
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "run 'A' layer 2" in err and "fvu_pooled 3.50" in err
+
+
+# ---- training: seeds, random init, pooled tokens -------------------------------------------------------
+def train(root, ckpt, name, *extra):
+    train_text.main(["--model", "Bert", "--bert_model_name", ckpt, "--runname", name, "--root", str(root),
+                     "--max_samples", "40", "--batch_size", "8", "--expansion_factor", "2", "--top_k", "4",
+                     "--layers", "1", *extra])
+    return Run.open(root, name)
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return checkpoint_for("Bert", tmp_path_factory.mktemp("ckpt"))
+
+
+def test_seeds_share_the_pass_and_give_a_ceiling(tmp_path, bert, capsys, error_line):
+    run = train(tmp_path, bert, "s", "--seeds", "0", "1", "--lr", "1e-3")
+    one = train(tmp_path, bert, "one", "--lr", "1e-3")
+    assert (run.path / "layer01.sae.safetensors").is_file() and (run.path / "layer01.seed1.sae.safetensors").is_file()
+    meta = json.loads((run.path / "run.json").read_text())
+    assert meta["sae"]["seeds"] == [0, 1] and set(meta["layer_info"]["1"]["per_seed"]) == {"0", "1"}
+    # the first seed is the one-seed run: same batches, same initialisation
+    assert torch.equal(run.sae(1).W_enc, one.sae(1).W_enc)
+    other = Run.open(tmp_path, "s@1")
+    assert other.name == "s@1" and not torch.equal(other.sae(1).W_enc, run.sae(1).W_enc)
+    np.testing.assert_array_equal(other.acts(1), run.acts(1))  # one encoder pass
+    capsys.readouterr()
+    wmppc.main(["--root", str(tmp_path), "--source", "s", "--target", "one", "--calibrate"])
+    assert "ceiling" in capsys.readouterr().out
+    res = wmppc.calibrated(run, one, engine("relu"))
+    assert res.ceiling.all_layers == pytest.approx(wmppc.wmppc(run, other, engine("relu")).all_layers)
+    assert "no seed 5" in error_line(wmppc.main, ["--root", str(tmp_path), "--source", "s@5", "--target", "one"])
+    assert "whole number" in error_line(wmppc.main, ["--root", str(tmp_path), "--source", "s@x", "--target", "one"])
+
+
+def test_sae_tokens_pooled(tmp_path, bert, error_line):
+    run = train(tmp_path, bert, "p", "--sae_tokens", "pooled", "--sae_epochs", "3", "--lr", "1e-3")
+    everything = train(tmp_path, bert, "a", "--lr", "1e-3")
+    info = run.meta.layer_info[1]
+    assert info.tokens_seen == 3 * 40 and run.meta.sae.sae_tokens == "pooled"
+    assert info.fvu_pooled < everything.meta.layer_info[1].fvu_pooled  # fitted to the tokens analysed
+    base = ["--model", "Bert", "--bert_model_name", bert, "--runname", "z", "--root", str(tmp_path)]
+    assert "at least 2 samples" in error_line(train_text.main, [*base, "--max_samples", "1", "--sae_tokens", "pooled"])
+    assert "--sae_epochs goes with --sae_tokens pooled" in error_line(train_text.main, [*base, "--sae_epochs", "2"])
+
+
+@pytest.mark.parametrize("family", sorted(wrappedmodels.ENCODERS))
+def test_random_init_every_family(family, tmp_path):
+    ckpt = checkpoint_for(family, tmp_path)
+    trained = wrappedmodels.ENCODERS[family](ckpt)
+    a, b = wrappedmodels.ENCODERS[family](ckpt), wrappedmodels.ENCODERS[family](ckpt)
+    a.reinitialise(3)
+    b.reinitialise(3)
+    pa, pb, pt = (dict(e.model.named_parameters()) for e in (a, b, trained))
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)  # deterministic in the seed
+    same = [k for k in pa if torch.equal(pa[k], pt[k])]
+    # only what a reset leaves as it was in the (random) checkpoint: constant norm weights and biases
+    assert all(pt[k].unique().numel() == 1 for k in same), same
+    assert len(same) <= len(pa) / 2
+    assert [p.shape for p in pa.values()] == [p.shape for p in pt.values()]
