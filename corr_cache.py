@@ -12,7 +12,7 @@ import numpy as np
 
 from records import write_atomic
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bump when the numbers the engine returns change meaning; old cache files are then ignored."""
 
 

@@ -23,16 +23,17 @@ import data
 import report
 from comp_sharedness import comp_sharedness, top_features
 from correlation import Correlator, EngineOptions, tqdm_progress
-from errors import check_at_least, cli
+from errors import OptionError, check_at_least, cli
 from options import parse
 from report import IMAGE, NULL, TEXT
 from results import AttributeMatch, DemoResults
-from runs import Run
+from runs import Run, poor_fits
 from sae import SaeConfig
 from show import GalleryOptions, sharedness_gallery
 from train import TrainConfig, reusable, train
 from figures import plot_heatmap
-from wmppc import wmppc
+from similarity import SimilarityEngine
+from wmppc import calibrated
 
 
 @dataclass
@@ -52,6 +53,8 @@ class DemoConfig:
     125 steps of 16 images, or 8 steps of 256 captions, too few for it to move the SAE from its init."""
     batch_size: int | None = 16
     """Encoder batch of both models (the SAE takes one step per batch)."""
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1])
+    """SAE seeds of every run (trained in the same encoder pass): two give each run its seed ceiling."""
     paper_defaults: bool = False
     """The paper's SAE settings: lr 5e-5, batch 16 images and 256 captions."""
     overwrite: bool = False
@@ -62,6 +65,8 @@ class DemoConfig:
     def __post_init__(self):
         check_at_least("max_samples", self.max_samples, 20)
         check_at_least("top", self.top, 1)
+        if len(set(self.seeds)) < 2:
+            raise OptionError("seeds", "{opt} takes two or more distinct seeds: the second gives the ceiling")
         if self.paper_defaults:
             self.lr, self.batch_size = SaeConfig.lr, None
 
@@ -78,7 +83,7 @@ def _train_or_reuse(cfg: DemoConfig, name: str, root: Path) -> tuple[Run, float]
     modality, model, checkpoint, extra = RUNS[name]
     tcfg = TrainConfig(runname=name, model=model, checkpoint=checkpoint, layers=cfg.layers, dataset="shapes",
                        max_samples=cfg.max_samples, batch_size=cfg.batch_size, root=str(root),
-                       overwrite=cfg.overwrite, device=cfg.device,
+                       overwrite=cfg.overwrite, device=cfg.device, seeds=cfg.seeds,
                        image_size=cfg.image_size if modality == "image" else None, **extra)
     sae_cfg = SaeConfig(lr=cfg.lr)
     run = reusable(tcfg, sae_cfg, modality)
@@ -108,17 +113,23 @@ def run_demo(cfg: DemoConfig) -> DemoResults:
     for name in RUNS:
         runs[name], seconds[name] = _train_or_reuse(cfg, name, root)
 
-    engine = Correlator(EngineOptions(root=str(root), codes="relu", device=cfg.device),
-                        progress=tqdm_progress("correlations"))
-    pairs = {f"{a}->{b}": wmppc(runs[a], runs[b], engine) for a in runs for b in runs if a != b}
+    opts = EngineOptions(root=str(root), codes="relu", device=cfg.device)
+    engine = Correlator(opts, progress=tqdm_progress("correlations"))
+    with_ci = Correlator(opts, progress=tqdm_progress("correlations (jackknife)"), jackknife=True)
+    pairs = {f"{a}->{b}": calibrated(runs[a], runs[b], with_ci, engine) for a in runs for b in runs if a != b}
+    sims = SimilarityEngine()
+    similarities = {f"{a}->{b}": sims.compare(runs[a], runs[b]) for a in runs for b in runs if a != b}
     _plots(pairs, list(runs), out)
+    report.calibration_figure(pairs, similarities, out / "calibration.png")
     shared = top_features(comp_sharedness(runs[IMAGE], [runs[TEXT]], [runs[NULL]], engine), cfg.top)
     shared.save(out / "comp_sharedness.json")
     gallery = sharedness_gallery(shared, GalleryOptions(root=str(root), out=str(out / "imgs" / "shared"),
                                                         overwrite=True, device=cfg.device))
     results = DemoResults(
         config=dataclasses.asdict(cfg), runs={n: r.meta for n, r in runs.items()}, train_seconds=seconds,
-        wmppc=pairs, sharedness=shared, attributes=_attributes(runs, shared.features),
+        wmppc=pairs, similarity=similarities, sharedness=shared, attributes=_attributes(runs, shared.features),
+        poor_fits=[f"{r.with_seed(s).name} layer {layer}: fvu_pooled {fvu:.2f}" for r in runs.values()
+                   for s in r.meta.sae.seeds for layer, fvu in poor_fits(r.with_seed(s))],
         gallery=str(gallery.index.relative_to(out.resolve())),
         grids=[str(gallery.grids[IMAGE, f.feature].relative_to(out.resolve())) for f in shared.features],
         seconds=time.perf_counter() - t0, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)

@@ -4,8 +4,10 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+import numpy as np
+
 from records import write_atomic
-from results import DemoResults
+from results import MEASURES, DemoResults, Similarity, Wmppc
 from runs import RunMeta
 
 IMAGE, TEXT, NULL = "effnet", "minilm", "null"
@@ -46,7 +48,72 @@ def _sections(res: DemoResults) -> dict:
                   f"{f.rho[TEXT]:+.3f} (#{f.match[TEXT]})", f"{f.rho[NULL]:+.3f} (#{f.match[NULL]})",
                   f"{html.escape(at.attribute)} (r={at.r:.2f})", f"{html.escape(at.match_attribute)} (r={at.match_r:.2f})"]
                  for f, at in zip(res.sharedness.features, res.attributes)]
-    return {"run_rows": run_rows, "wm_rows": wm_rows, "feat_rows": feat_rows, "names": names}
+    return {"run_rows": run_rows, "wm_rows": wm_rows, "feat_rows": feat_rows, "names": names,
+            "cal_rows": [_calibration_row(pair, res) for pair in res.wmppc]}
+
+
+CAL_HEAD = ["pair (A -> B)", "wMPPC all layers [95% CI]", "floor", "ceiling", "wMPPC last layer [95% CI]",
+            *(f"{m} (floor)" for m in MEASURES)]
+
+
+def _calibration_row(pair: str, res: DemoResults) -> list[str]:
+    w, sim = res.wmppc[pair], res.similarity[pair]
+    return [pair, f"{w.all_layers:.3f} [{w.ci.all_layers[0]:.3f}, {w.ci.all_layers[1]:.3f}]",
+            f"{w.floor.all_layers:.3f}", f"{w.ceiling.all_layers:.3f}" if w.ceiling else "–",
+            f"{w.last_layer:.3f} [{w.ci.last_layer[0]:.3f}, {w.ci.last_layer[1]:.3f}]",
+            *(f"{sim.measures[m].last_layer:.3f} ({sim.floor[m]:.3f})" for m in MEASURES)]
+
+
+def checks(res: DemoResults) -> list[tuple[bool, str]]:
+    """What must hold for the numbers to be trusted: the text model above the null on every measure,
+    each run's seed ceiling above each of its cross-model scores."""
+    text, null = f"{IMAGE}->{TEXT}", f"{IMAGE}->{NULL}"
+    out = [(res.wmppc[text].all_layers > res.wmppc[null].all_layers,
+            f"wMPPC ranks {text} ({res.wmppc[text].all_layers:.3f}) above {null} ({res.wmppc[null].all_layers:.3f})")]
+    for m in MEASURES:
+        a, b = res.similarity[text].measures[m].last_layer, res.similarity[null].measures[m].last_layer
+        out.append((a > b, f"{m} ranks {text} ({a:.3f}) above {null} ({b:.3f})"))
+    for name in res.runs:
+        cross = {p: w.all_layers for p, w in res.wmppc.items() if p.startswith(f"{name}->")}
+        ceiling = res.wmppc[next(iter(cross))].ceiling.all_layers
+        out.append((all(ceiling > v for v in cross.values()),
+                    f"seed ceiling of {name} ({ceiling:.3f}) above its cross-model scores "
+                    f"({', '.join(f'{v:.3f}' for v in cross.values())})"))
+    return out
+
+
+def calibration_figure(pairs: dict[str, Wmppc], similarities: dict[str, Similarity], path: Path) -> None:
+    """One panel per score: each pair's score as a point (wMPPC with its interval), its floor and
+    ceiling as marks."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(pairs)
+    panels = [("wMPPC (all layers)", [pairs[p].all_layers for p in names], [pairs[p].floor.all_layers for p in names],
+               [pairs[p].ceiling.all_layers if pairs[p].ceiling else np.nan for p in names],
+               [pairs[p].ci.all_layers for p in names])]
+    panels += [(f"{m} (last layer)", [similarities[p].measures[m].last_layer for p in names],
+                [similarities[p].floor[m] for p in names], [similarities[p].ceiling[m] for p in names], None)
+               for m in MEASURES]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 0.45 * len(names) + 1.6), sharey=True)
+    y = np.arange(len(names))
+    for ax, (title, score, floor, ceiling, ci) in zip(axes, panels):
+        if ci is not None:
+            lo, hi = np.array(ci).T
+            ax.errorbar(score, y, xerr=[np.array(score) - lo, hi - np.array(score)], fmt="none", ecolor="#3b6fd8")
+        ax.scatter(floor, y, marker="|", s=160, color="#c0392b", label="floor")
+        ax.scatter(ceiling, y, marker="|", s=160, color="#27ae60", label="ceiling")
+        ax.scatter(score, y, color="#1d2330", zorder=3, label="score")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlim(min(0.0, np.nanmin(floor) - 0.05), 1.05)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, names)
+    axes[0].invert_yaxis()
+    axes[-1].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
 RUN_HEAD = ["run", "model", "checkpoint", "modality", "token", "layers", "samples", "note", "train s"]
@@ -70,6 +137,12 @@ READING = ("wMPPC A -> B is the activation-mass-weighted mean, over A's features
            "Delta = S * (rho_text^2 - rho_null^2).")
 
 
+CALIBRATION = ("wMPPC with its 95% jackknife interval (10 blocks of samples), its floor (B's samples permuted: "
+               "chance) and its ceiling (A's SAE seed 0 against seed 1: what SAE randomness alone allows); beside it "
+               "the classic measures on the last layers' pooled activations, each with its permutation floor "
+               "(their ceiling is 1).")
+
+
 def settings(res: DemoResults) -> str:
     sae = next(iter(res.runs.values())).sae
     batches = ", ".join(f"{n}: {m.sae.batch_size}" for n, m in res.runs.items())
@@ -86,6 +159,11 @@ def write(res: DemoResults, out: Path) -> None:
           "\n## wMPPC (row -> column; all layers / last layer)\n", _md_table(["source"] + s["names"], s["wm_rows"]),
           f"\n![wMPPC between runs](wmppc_runs.png)\n![{IMAGE} -> {TEXT} per layer pair](wmppc_{IMAGE}_{TEXT}.png)"
           f"\n![{IMAGE} -> {NULL} per layer pair](wmppc_{IMAGE}_{NULL}.png)\n",
+          "\n## Calibrated comparison (every ordered pair)\n", CALIBRATION, "\n", _md_table(CAL_HEAD, s["cal_rows"]),
+          "\n![scores, floors and ceilings](calibration.png)\n", "\nChecks:\n",
+          *(f"- {'ok' if ok else 'FAILED'}: {text}" for ok, text in checks(res)),
+          "\nSAE layers that do not fit the recorded pooled token (fvu_pooled > 1):\n",
+          *(f"- {w}" for w in res.poor_fits or ["none"]),
           f"\n## Top shared features of `{IMAGE}` (last layer)\n", _md_table(FEAT_HEAD, s["feat_rows"]),
           f"\nPreviews: [{res.gallery}]({res.gallery})\n"]
     for name, meta in runs.items():
@@ -113,6 +191,11 @@ figure{{margin:0;width:200px}} figure img{{width:200px;border-radius:4px}} figca
 <h2>wMPPC (row &rarr; column; all layers / last layer)</h2>{_html_table(["source"] + s["names"], s["wm_rows"])}
 <div class="plots"><img src="wmppc_runs.png" alt="wMPPC between runs"><img src="wmppc_{IMAGE}_{TEXT}.png" alt="layer pairs">
 <img src="wmppc_{IMAGE}_{NULL}.png" alt="layer pairs, null"></div>
+<h2>Calibrated comparison (every ordered pair)</h2><p>{html.escape(CALIBRATION)}</p>{_html_table(CAL_HEAD, s["cal_rows"])}
+<div class="plots"><img src="calibration.png" alt="scores, floors and ceilings" style="max-width:100%"></div>
+<h3>Checks</h3><ul>{"".join(f"<li>{'ok' if ok else '<b>FAILED</b>'}: {html.escape(t)}</li>" for ok, t in checks(res))}</ul>
+<h3>SAE layers that do not fit the recorded pooled token (fvu_pooled &gt; 1)</h3>
+<ul>{"".join(f"<li>{html.escape(w)}</li>" for w in res.poor_fits or ["none"])}</ul>
 <h2>Top shared features of <code>{IMAGE}</code> (last layer)</h2>{_html_table(FEAT_HEAD, s["feat_rows"])}
 <div class="grids">{cards}</div><p><a href="{html.escape(res.gallery)}">Open the feature gallery</a></p>
 <h2>SAE quality per layer</h2>{quality}
@@ -122,6 +205,13 @@ figure{{margin:0;width:200px}} figure img{{width:200px;border-radius:4px}} figca
 
 def summary(res: DemoResults, out: Path) -> str:
     best = "; ".join(f"#{at.feature} ~ {at.attribute} (r={at.r:.2f})" for at in res.attributes[:3])
+    failed = [text for ok, text in checks(res) if not ok]
     return (f"report: {out / 'report.html'} (and report.md)\n{headline(res)}\n"
             f"top shared {IMAGE} features: {best}\n"
+            + "".join(f"{p}: wMPPC {w.all_layers:.3f} [{w.ci.all_layers[0]:.3f}, {w.ci.all_layers[1]:.3f}], floor "
+                      f"{w.floor.all_layers:.3f}, ceiling {w.ceiling.all_layers:.3f}; "
+                      + ", ".join(f"{m} {res.similarity[p].measures[m].last_layer:.3f}" for m in MEASURES) + "\n"
+                      for p, w in res.wmppc.items())
+            + (f"checks FAILED: {'; '.join(failed)}\n" if failed else "checks: all passed\n")
+            + f"{len(res.poor_fits)} SAE layers fit the recorded pooled token worse than its mean\n"
             f"{res.seconds:.0f} s, peak memory {res.peak_rss_gib:.2f} GiB")

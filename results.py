@@ -2,8 +2,8 @@
 show.py, report.py read, as typed records with a schema number (see records.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 
@@ -109,6 +109,48 @@ class SharednessReport(Record):
         return super().migrate(obj, schema)
 
 
+Measure = Literal["cka", "cka_debiased", "svcca", "mknn"]
+MEASURES: tuple[str, ...] = Measure.__args__
+"""The classic measures of similarity.py."""
+
+
+@dataclass
+class MeasureValues:
+    last_layer: float
+    layer_matrix: np.ndarray
+    """[L_A, L_B]."""
+
+
+@dataclass
+class Similarity(Record):
+    """The classic measures of run A against run B, every layer pair, with their floor and ceiling."""
+    KIND = "similarity"
+    SCHEMA = 1
+
+    source: str
+    target: str
+    source_layers: list[int]
+    target_layers: list[int]
+    measures: dict[str, MeasureValues]
+    floor: dict[str, float]
+    """measure -> last-layer value against B's samples permuted."""
+    ceiling: dict[str, float] = field(default_factory=lambda: {m: 1.0 for m in MEASURES})
+    """measure -> its value for identical representations."""
+
+
+@dataclass
+class SimilarityTable(Record):
+    """Last-layer measures of every ordered pair of runs, row -> column (NaN on the diagonal)."""
+    KIND = "similarity_table"
+    SCHEMA = 1
+
+    runs: list[str]
+    measures: dict[str, np.ndarray]
+    """measure -> [R, R]."""
+    floor: dict[str, np.ndarray]
+    """measure -> [R, R], against the column's samples permuted."""
+
+
 @dataclass
 class AttributeMatch:
     """The ground-truth attribute (shapes) best correlated with a shared feature and with its match."""
@@ -131,7 +173,11 @@ class DemoResults(Record):
     train_seconds: dict[str, float]
     """0 for a reused run."""
     wmppc: dict[str, Wmppc]
-    """"A->B" -> wMPPC of A -> B, every ordered pair."""
+    """"A->B" -> wMPPC of A -> B, every ordered pair, with interval, floor and ceiling."""
+    similarity: dict[str, Similarity]
+    """"A->B" -> the classic measures, every ordered pair."""
+    poor_fits: list[str]
+    """Layers (of every run and seed) whose SAE reconstructs the recorded pooled token worse than its mean."""
     sharedness: SharednessReport
     attributes: list[AttributeMatch]
     """For each feature of `sharedness`, in order."""

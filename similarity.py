@@ -11,8 +11,8 @@ measure is the same measure against B's samples permuted (no retraining); the ce
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal, NamedTuple
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -20,14 +20,12 @@ import torch
 from correlation import RunsOptions, pair_cache
 from corr_cache import PairKey
 from errors import UserError, check_positive, cli
-from figures import format_table, plot_heatmap
+from figures import format_table
 from options import check_output, parse
-from records import Record
+from results import MEASURES, MeasureValues, Similarity, SimilarityTable
 from runs import Run, open_runs
 from streaming import merge_top
 
-Measure = Literal["cka", "cka_debiased", "svcca", "mknn"]
-MEASURES: tuple[str, ...] = Measure.__args__
 
 
 # ---- the measures, from streamed statistics ----------------------------------------------------------
@@ -123,30 +121,6 @@ def mutual_knn(knn_a: torch.Tensor, knn_b: torch.Tensor, chunk: int = 8192) -> f
 
 
 # ---- over runs ---------------------------------------------------------------------------------------
-@dataclass
-class MeasureValues:
-    last_layer: float
-    layer_matrix: np.ndarray
-    """[L_A, L_B]."""
-
-
-@dataclass
-class Similarity(Record):
-    """The classic measures of run A against run B, every layer pair, with their floor and ceiling."""
-    KIND = "similarity"
-    SCHEMA = 1
-
-    source: str
-    target: str
-    source_layers: list[int]
-    target_layers: list[int]
-    measures: dict[str, MeasureValues]
-    floor: dict[str, float]
-    """measure -> last-layer value against B's samples permuted."""
-    ceiling: dict[str, float] = field(default_factory=lambda: {m: 1.0 for m in MEASURES})
-    """measure -> its value for identical representations."""
-
-
 class SimilarityEngine:
     """Computes the measures per layer pair, keeping each layer's statistics in memory for the pairs
     that use it, and caching each pair's values under <root>/.cache/."""
@@ -191,19 +165,6 @@ class SimilarityEngine:
         measures = {m: MeasureValues(values[la[-1], lb[-1]][m], np.array([[values[a, b][m] for b in lb] for a in la]))
                     for m in MEASURES}
         return Similarity(run_a.name, run_b.name, la, lb, measures, floor)
-
-
-@dataclass
-class SimilarityTable(Record):
-    """Last-layer measures of every ordered pair of runs, row -> column (NaN on the diagonal)."""
-    KIND = "similarity_table"
-    SCHEMA = 1
-
-    runs: list[str]
-    measures: dict[str, np.ndarray]
-    """measure -> [R, R]."""
-    floor: dict[str, np.ndarray]
-    """measure -> [R, R], against the column's samples permuted."""
 
 
 def similarity_table(runs: list[Run], engine: SimilarityEngine) -> SimilarityTable:

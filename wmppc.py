@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -69,15 +68,17 @@ def wmppc(run_a: Run, run_b: Run, engine: Correlator) -> Wmppc:
     return res
 
 
-def calibrated(run_a: Run, run_b: Run, engine: Correlator) -> Wmppc:
+def calibrated(run_a: Run, run_b: Run, engine: Correlator, ref_engine: Correlator | None = None) -> Wmppc:
     """wMPPC of A -> B with its floor (B's samples permuted) and, when A has several SAE seeds, its
-    ceiling (A's first seed against each other seed of A, averaged)."""
+    ceiling (A's first seed against each other seed of A, averaged); `ref_engine` (default: `engine`)
+    computes the floor and ceiling (one without the jackknife saves its cost)."""
     res = wmppc(run_a, run_b, engine)
-    null = wmppc(run_a, run_b.permuted(), engine)
+    ref_engine = ref_engine or engine
+    null = wmppc(run_a, run_b.permuted(), ref_engine)
     res.floor = Scores(null.all_layers, null.last_layer)
     others = [run_a.with_seed(s) for s in run_a.meta.sae.seeds if s != run_a.seed]
     if others:
-        seeds = [wmppc(run_a, other, engine) for other in others]
+        seeds = [wmppc(run_a, other, ref_engine) for other in others]
         res.ceiling = Scores(float(np.mean([x.all_layers for x in seeds])), float(np.mean([x.last_layer for x in seeds])))
     return res
 

@@ -16,7 +16,7 @@ import train_text
 import wmppc
 import wrappedmodels
 from correlation import JACKKNIFE_BLOCKS, Correlator, EngineOptions
-from runs import Run
+from runs import Run, null_permutation
 from tiny_models import checkpoint_for
 
 J = JACKKNIFE_BLOCKS
@@ -86,7 +86,7 @@ def test_engine_jackknife_and_interval(runs, tmp_path):
 def test_floor_equals_a_run_with_permuted_samples(runs, data, tmp_path):
     run_a, run_b = runs
     (_, _), (acts_b, st_b) = data
-    perm = np.random.default_rng(0).permutation(N)
+    perm = null_permutation(N)
     shuffled = make_run(tmp_path / "other", "B", {k: v[perm] for k, v in acts_b.items()}, st_b, K)
     make_run(tmp_path / "other", "A", {k: np.asarray(run_a.acts(k)) for k in run_a.layers},
              {k: {n: t for n, t in run_a.sae(k).state().items()} for k in run_a.layers}, K)
@@ -188,3 +188,11 @@ def test_random_init_every_family(family, tmp_path):
     assert all(pt[k].unique().numel() == 1 for k in same), same
     assert len(same) <= len(pa) / 2
     assert [p.shape for p in pa.values()] == [p.shape for p in pt.values()]
+
+
+def test_permutation_null_is_not_the_shuffled_captions_permutation():
+    import data
+
+    for seed in range(3):
+        shuffled = data.load_dataset("shapes", max_samples=500, shuffle_captions=seed).perm_N
+        assert (null_permutation(500) != shuffled).mean() > 0.9

@@ -88,3 +88,25 @@ def test_second_demo_reuses_runs(demo_run, capsys):
 def test_other_settings_need_overwrite(demo_run, error_line):
     assert "--overwrite" in error_line(demo.main, ["--out", str(demo_run), "--max_samples", "60", "--layers", "0", "-1",
                                                    "--image_size", "64"])
+
+
+def test_report_is_calibrated(demo_run):
+    res = json.loads((demo_run / "results.json").read_text())
+    root = demo_run / "sae_features"
+    for name in (IMAGE, TEXT, NULL):
+        run = Run.open(root, name)
+        assert run.meta.sae.seeds == [0, 1] and (run.path / "layer00.seed1.sae.safetensors").is_file()
+    for pair, w in res["wmppc"].items():
+        assert w["ci"]["all_layers"][0] <= w["all_layers"] <= w["ci"]["all_layers"][1], pair
+        assert {"floor", "ceiling"} <= set(w) and set(res["similarity"][pair]["measures"]) == {
+            "cka", "cka_debiased", "svcca", "mknn"}
+    # the ceiling is the run against its own second seed, computed here again
+    from synthetic import engine
+    from wmppc import wmppc
+
+    img = Run.open(root, IMAGE)
+    again = wmppc(img, img.with_seed(1), engine("relu", no_cache=True))
+    assert res["wmppc"][f"{IMAGE}->{TEXT}"]["ceiling"]["all_layers"] == pytest.approx(again.all_layers, abs=1e-6)
+    md = (demo_run / "report.md").read_text()
+    assert "## Calibrated comparison" in md and "Checks:" in md and "fvu_pooled > 1" in md
+    assert (demo_run / "calibration.png").stat().st_size > 10_000

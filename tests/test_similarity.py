@@ -10,6 +10,7 @@ import torch
 from synthetic import make_run, random_sae_state
 
 import similarity as sim
+from runs import null_permutation
 
 N = 120
 
@@ -115,6 +116,7 @@ def runs(tmp_path, xy):
     x, y = (v.astype(np.float32) for v in xy)
     make_run(tmp_path, "A", {0: x[:, :6], 2: x}, {0: random_sae_state(6, 12), 2: random_sae_state(12, 24)})
     make_run(tmp_path, "B", {1: y}, {1: random_sae_state(7, 14)})
+    make_run(tmp_path, "C", {1: y}, {1: random_sae_state(7, 14)}, fingerprint="other samples")
     return tmp_path
 
 
@@ -128,7 +130,7 @@ def test_cli_pair_json_floor_and_cache(runs, capsys):
                                                       np.load(runs / "B" / "layer01.acts.npy")))
     assert js["measures"]["cka"]["last_layer"] == pytest.approx(ref_cka(x, y), abs=1e-6)
     assert np.array(js["measures"]["mknn"]["layer_matrix"]).shape == (2, 1)
-    perm = np.random.default_rng(0).permutation(N)
+    perm = null_permutation(N)
     assert js["floor"]["cka_debiased"] == pytest.approx(ref_cka(x, y[perm], debiased=True), abs=1e-6)
     assert js["floor"]["mknn"] < js["measures"]["mknn"]["last_layer"]
     assert f"cka {js['measures']['cka']['last_layer']:.4f}" in line
@@ -151,6 +153,7 @@ def test_cli_runs_table(runs, capsys, tmp_path):
     (["--source", "A", "--target", "B", "--k", "0"], "--k must be positive"),
     (["--source", "A", "--target", "B", "--k", "500"], "the measures need more than"),
     (["--source", "A", "--target", "nope"], "no run 'nope'"),
+    (["--source", "A", "--target", "C"], "cover different datasets"),
 ])
 def test_bad_input(runs, error_line, argv, needle):
     assert needle in error_line(sim.main, ["--root", str(runs), *argv])
