@@ -40,9 +40,9 @@ def build(root: Path, n: int, d: int) -> None:
 
     def rows(side: int):
         def fn(start: int, stop: int) -> np.ndarray:
-            rng = np.random.default_rng(start)
-            z = rng.normal(size=(stop - start, 16)).astype(np.float32)
-            return z @ mix[side] + rng.normal(size=(stop - start, d)).astype(np.float32)
+            z = np.random.default_rng(start).normal(size=(stop - start, 16)).astype(np.float32)  # shared
+            noise = np.random.default_rng([start, side]).normal(size=(stop - start, d)).astype(np.float32)
+            return z @ mix[side] + noise
         return fn
 
     for side, name in enumerate("AB"):
