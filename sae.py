@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -80,6 +81,88 @@ class ForwardOutput(NamedTuple):
     auxk_loss: Tensor
 
 
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+class _Pattern(NamedTuple):
+    """Where the k kept codes of N samples sit, as CSR index arrays of [N, F] and of its transpose."""
+    idx_NK: Tensor
+    """Feature ids, in topk's order (CSR of [N, F]: row n holds positions n*K .. n*K + K - 1)."""
+    order: Tensor
+    """[N*K] positions of the codes sorted by feature (the transpose's storage order)."""
+    crow_t: Tensor
+    """[F + 1] row pointers of the transpose."""
+
+    @classmethod
+    def of(cls, idx_NK: Tensor, n_features: int) -> "_Pattern":
+        flat = idx_NK.reshape(-1)
+        crow_t = torch.zeros(n_features + 1, dtype=torch.long, device=flat.device)
+        crow_t[1:] = torch.bincount(flat, minlength=n_features).cumsum(0)
+        return cls(idx_NK, torch.argsort(flat), crow_t)
+
+    def csr(self, val_NK: Tensor, n_features: int) -> Tensor:
+        """[N, F] with val at (n, idx[n, k])."""
+        n, k = self.idx_NK.shape
+        crow = torch.arange(0, n * k + 1, k, device=val_NK.device)
+        return torch.sparse_csr_tensor(crow, self.idx_NK.reshape(-1), val_NK.reshape(-1), (n, n_features),
+                                       check_invariants=False)
+
+    def csr_t(self, val_NK: Tensor, n_features: int) -> Tensor:
+        """The transpose [F, N] of csr(val), built directly."""
+        n, k = self.idx_NK.shape
+        return torch.sparse_csr_tensor(self.crow_t, self.order // k, val_NK.reshape(-1)[self.order], (n_features, n),
+                                       check_invariants=False)
+
+
+class _TopKEncode(torch.autograd.Function):
+    """(vals, idx) = TopK(ReLU((x - b_dec) @ W_enc)), and the codes' sparsity pattern for the decoder.
+    The gradient of a top-k code is zero outside the k kept features, so the backward touches only
+    those: cost N*K*D, not the N*D*F of two dense products."""
+
+    @staticmethod
+    def forward(ctx, x_ND, b_dec, W_enc, k):
+        xc_ND = x_ND - b_dec
+        vals, idx = (xc_ND @ W_enc).relu_().topk(k, dim=-1, sorted=False)
+        pattern = _Pattern.of(idx, W_enc.shape[1])
+        ctx.save_for_backward(xc_ND, W_enc, vals, *pattern)
+        ctx.mark_non_differentiable(*pattern)
+        return vals, *pattern
+
+    @staticmethod
+    def backward(ctx, g_vals, *_):
+        xc_ND, W_enc, vals, *saved = ctx.saved_tensors
+        pattern, n_features = _Pattern(*saved), W_enc.shape[1]
+        g_NK = g_vals * (vals > 0)  # through the ReLU
+        g_x = torch.sparse.mm(pattern.csr(g_NK, n_features), W_enc.T) if ctx.needs_input_grad[0] else None
+        g_b = None
+        if ctx.needs_input_grad[1]:  # b_dec enters as x - b_dec: minus the sum over samples of g_x
+            col_F = torch.zeros(n_features, dtype=g_NK.dtype, device=g_NK.device)
+            g_b = -(W_enc @ col_F.index_add_(0, pattern.idx_NK.reshape(-1), g_NK.reshape(-1)))
+        g_W = torch.sparse.mm(pattern.csr_t(g_NK, n_features), xc_ND).T if ctx.needs_input_grad[2] else None
+        return g_x, g_b, g_W, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """sum_k vals[n, k] W_dec[idx[n, k]] through sparse products (forward and backward N*K*D)."""
+
+    @staticmethod
+    def forward(ctx, vals_NK, W_dec, *pattern):
+        ctx.save_for_backward(vals_NK, W_dec, *pattern)
+        return torch.sparse.mm(_Pattern(*pattern).csr(vals_NK, W_dec.shape[0]), W_dec)
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        vals, W_dec, *saved = ctx.saved_tensors
+        pattern, n_features = _Pattern(*saved), W_dec.shape[0]
+        g_vals = g_W = None
+        if ctx.needs_input_grad[0]:  # <g[n], W_dec[idx[n, k]]>: the product g @ W_dec^T sampled at the codes
+            g_vals = torch.sparse.sampled_addmm(pattern.csr(torch.zeros_like(vals), n_features), g_ND, W_dec.T,
+                                                beta=0).values().view_as(vals)
+        if ctx.needs_input_grad[1]:
+            g_W = torch.sparse.mm(pattern.csr_t(vals, n_features), g_ND)
+        return (g_vals, g_W, *(None,) * len(saved))
+
+
 class TopKSAE(nn.Module):
     """z = TopK(ReLU((x - b_dec) @ W_enc)), x_hat = z @ W_dec + b_dec. No encoder bias."""
 
@@ -109,6 +192,17 @@ class TopKSAE(nn.Module):
         return F.embedding_bag(top_indices, self.W_dec, per_sample_weights=top_acts, mode="sum") + self.b_dec
 
     def forward(self, x_ND: Tensor, dead_mask_F: Tensor | None = None) -> ForwardOutput:
+        """The training step's forward. Without AuxK it runs the fused top-k path (same values and
+        gradients as `forward_reference`, tested); AuxK needs the dense pre-activations."""
+        if dead_mask_F is not None and bool(dead_mask_F.any()):
+            return self.forward_reference(x_ND, dead_mask_F)
+        top_acts, *pattern = _TopKEncode.apply(x_ND, self.b_dec, self.W_enc, self.top_k)
+        x_hat = _SparseDecode.apply(top_acts, self.W_dec, *pattern) + self.b_dec
+        top_indices = pattern[0]
+        return ForwardOutput(x_hat, top_acts, top_indices, (x_ND - x_hat).pow(2).mean(), x_ND.new_zeros(()))
+
+    def forward_reference(self, x_ND: Tensor, dead_mask_F: Tensor | None = None) -> ForwardOutput:
+        """The paper's formulation: dense pre-activations, autograd through everything."""
         pre_NF = self.pre_acts(x_ND)
         top_acts, top_indices = pre_NF.topk(self.top_k, dim=-1, sorted=False)
         x_hat = self.decode(top_acts, top_indices)

@@ -120,3 +120,43 @@ def test_from_state_round_trip_and_shape_check():
     bad["b_dec"] = torch.zeros(9)
     with pytest.raises(ValueError, match="inconsistent SAE shapes"):
         TopKSAE.from_state(bad, 4)
+
+
+def _grads(sae: TopKSAE, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    sae.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+
+def paper_mse(sae: TopKSAE, x: torch.Tensor) -> torch.Tensor:
+    """The paper's formulation: top-k scattered into a dense code, dense decoder product, autograd."""
+    pre = torch.relu((x - sae.b_dec) @ sae.W_enc)
+    vals, idx = pre.topk(sae.top_k, dim=-1, sorted=False)
+    return (torch.zeros_like(pre).scatter_(1, idx, vals) @ sae.W_dec + sae.b_dec - x).pow(2).mean()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("shape", [(50, 16, 64, 4), (300, 24, 192, 16), (7, 8, 8, 8)])
+def test_fused_step_equals_autograd_on_the_paper_formulation(dtype, tol, shape):
+    n, d, n_features, k = shape
+    sae = TopKSAE(d, n_features, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+    x = torch.randn(n, d, dtype=dtype, generator=torch.Generator().manual_seed(2)) * 2
+    out = sae(x)
+    fused, paper = _grads(sae, out.mse), _grads(sae, paper_mse(sae, x))
+    assert out.mse.item() == pytest.approx(paper_mse(sae, x).item(), rel=tol)
+    for name in paper:
+        assert float((fused[name] - paper[name]).abs().max()) <= tol * float(paper[name].abs().max()), name
+    ref = sae.forward_reference(x)
+    torch.testing.assert_close(out.x_hat, ref.x_hat, rtol=tol, atol=tol)
+    assert sorted(out.top_indices[0].tolist()) == sorted(ref.top_indices[0].tolist())
+
+
+def test_auxk_takes_the_reference_path_with_the_same_loss():
+    sae = TopKSAE(16, 64, 4, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(40, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:10] = True
+    out = sae(x, dead)
+    assert out.auxk_loss > 0 and out.mse.item() == pytest.approx(sae(x).mse.item(), rel=1e-6)
