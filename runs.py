@@ -55,6 +55,9 @@ class SaeSettings(SaeConfig):
     """Trained on every token (the paper), or on the recorded pooled tokens only."""
     sae_epochs: int = 1
     """Epochs over the training tokens."""
+    shuffle: bool = False
+    """The encoder pass (the SAEs' training order) ran over a seeded random order of the samples (runs
+    made before this option: dataset order)."""
 
     def __post_init__(self):
         super().__post_init__()

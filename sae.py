@@ -56,21 +56,24 @@ class Fvu:
     batches in float64 (no cancellation whatever the scale of x)."""
 
     def __init__(self):
-        self.sq_err, self.sum_sq, self.n = 0.0, 0.0, 0
+        self.sq_err: Tensor | float = 0.0
+        self.sum_sq: Tensor | float = 0.0
         self.sum_D: Tensor | float = 0.0
+        self.n = 0
 
     @torch.no_grad()
     def update(self, x_ND: Tensor, x_hat_ND: Tensor) -> None:
+        """Sums stay on the device: no synchronisation until value() is read."""
         x = x_ND.double()
-        self.sq_err += float((x - x_hat_ND.double()).pow(2).sum())
+        self.sq_err = self.sq_err + (x - x_hat_ND.double()).pow(2).sum()
         self.sum_D = self.sum_D + x.sum(0)
-        self.sum_sq += float(x.pow(2).sum())
+        self.sum_sq = self.sum_sq + x.pow(2).sum()
         self.n += x.shape[0]
 
     def value(self) -> float:
         """NaN before any data or when x is constant (no variance to explain)."""
-        total = self.sum_sq - float(torch.as_tensor(self.sum_D).pow(2).sum()) / max(self.n, 1)
-        return self.sq_err / total if total > 0 else float("nan")
+        total = float(self.sum_sq) - float(torch.as_tensor(self.sum_D).pow(2).sum()) / max(self.n, 1)
+        return float(self.sq_err) / total if total > 0 else float("nan")
 
 
 class ForwardOutput(NamedTuple):
@@ -258,13 +261,13 @@ class SaeTrainer:
         self.last_fired_F = torch.zeros(n, dtype=torch.long, device=device)  # token count when last fired
         self.fvu = Fvu()
         """Over all data seen while training."""
-        self.l0_sum = 0.0
+        self.l0_sum: Tensor | float = 0.0
 
     def _dead_mask(self, window: int) -> Tensor:
         return self.tokens_seen - self.last_fired_F >= window
 
-    def train_step(self, x_ND: Tensor) -> float:
-        """One Adam step on a batch of tokens; returns the batch MSE."""
+    def train_step(self, x_ND: Tensor) -> Tensor:
+        """One Adam step on a batch of tokens; returns the batch MSE (a tensor: reading it is a device sync)."""
         cfg = self.cfg
         x_ND = x_ND.float()
         if cfg.lr_warmup_steps:
@@ -283,16 +286,16 @@ class SaeTrainer:
             self.tokens_seen += n
             fired = out.top_acts > 0
             self.last_fired_F[out.top_indices[fired]] = self.tokens_seen
-            self.l0_sum += float(fired.sum())
+            self.l0_sum = self.l0_sum + fired.sum()
             self.fvu.update(x_ND, out.x_hat)
         self.step += 1
-        return float(out.mse.detach())
+        return out.mse.detach()
 
     def metrics(self) -> SaeMetrics:
         window = max(1, min(self.cfg.dead_tokens, self.tokens_seen // 2))
         return SaeMetrics(
             fvu=self.fvu.value(),
-            l0=self.l0_sum / max(self.tokens_seen, 1),
+            l0=float(self.l0_sum) / max(self.tokens_seen, 1),
             dead_fraction=float(self._dead_mask(window).float().mean()),
             tokens_seen=self.tokens_seen,
         )

@@ -25,6 +25,8 @@ from runs import DEFAULT_ROOT, FLOAT16_MAX, LayerInfo, Run, RunMeta, RunWriter, 
 from sae import Fvu, SaeConfig, SaeTrainer
 from wrappedmodels import ENCODERS, TOKENS, Encoder, get_encoder_class, layer_ids
 
+PROGRESS_EVERY = 20
+"""Batches between two updates of the progress bar's FVU."""
 DEFAULT_BATCH = {"image": 16, "text": 256}
 """Encoder batch of the paper's code: 16 images or 256 captions (one SAE step per batch)."""
 
@@ -65,6 +67,9 @@ class TrainConfig:
     """Train the SAE on every token of the layer (the paper), or only on the recorded pooled tokens."""
     sae_epochs: int = 1
     """With --sae_tokens pooled: epochs over the stored pooled tokens."""
+    shuffle: bool = True
+    """Train the SAEs on the samples in a random order drawn from --seed (the paper's shuffled loader);
+    the recorded rows stay in dataset order. --no-shuffle: dataset order."""
     train_on_padding: bool = False
     """Also train on padding positions of captions (the paper's code does)."""
     acts_dtype: Literal["float32", "float16"] = "float32"
@@ -104,13 +109,24 @@ class _Samples(Dataset):
 
     def __getitem__(self, i):
         sample = self.ds.image(i) if self.encoder.modality == "image" else self.ds.caption(i)
-        return self.encoder.transform(sample)
+        return i, self.encoder.transform(sample)
+
+
+class _Collate:
+    """(sample ids [B], the encoder's batch): the ids say where each pooled row goes. A class, not a
+    closure, so that DataLoader workers can pickle it."""
+
+    def __init__(self, encoder: Encoder):
+        self.encoder = encoder
+
+    def __call__(self, items: list) -> tuple[np.ndarray, dict]:
+        return np.array([i for i, _ in items]), self.encoder.collate([x for _, x in items])
 
 
 def _settings(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> SaeSettings:
     return SaeSettings(**asdict(sae_cfg), batch_size=cfg.batch_size or DEFAULT_BATCH[modality], seed=cfg.seed,
                        seeds=cfg.seeds or [cfg.seed], train_on_padding=cfg.train_on_padding,
-                       sae_tokens=cfg.sae_tokens, sae_epochs=cfg.sae_epochs)
+                       sae_tokens=cfg.sae_tokens, sae_epochs=cfg.sae_epochs, shuffle=cfg.shuffle)
 
 
 def _dataset(cfg: TrainConfig) -> data.PairedDataset:
@@ -173,14 +189,17 @@ def _record(cfg: TrainConfig, settings: SaeSettings, ds: data.PairedDataset, enc
     if settings.sae_tokens == "pooled" and n < 2:
         raise UserError("--sae_tokens pooled needs at least 2 samples to train on")
     workers = cfg.num_workers if cfg.num_workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
-    loader = DataLoader(_Samples(ds, encoder), batch_size=settings.batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=encoder.collate)
+    # the paper's shuffled loader: the SAEs see the samples in a seeded random order, the rows are
+    # written at each sample's own index, so the run stays in dataset order and paired with others
+    order = np.random.default_rng(cfg.seed).permutation(n) if settings.shuffle else np.arange(n)
+    loader = DataLoader(_Samples(ds, encoder), batch_size=settings.batch_size, sampler=order.tolist(),
+                        num_workers=workers, collate_fn=_Collate(encoder))
     sae_cfg = SaeConfig(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(SaeConfig)})
     trainers: dict[int, list[SaeTrainer]] = {}
     acts: dict[int, np.ndarray] = {}
     start = 0
     bar = tqdm(loader, desc=f"{cfg.runname}: {len(layers)} layers", unit="batch", disable=None)  # none in logs
-    for inputs in bar:
+    for rows, inputs in bar:
         recorded = encoder.record(inputs, layers)
         for layer in layers:
             acts_BTD = recorded[layer].float()
@@ -197,9 +216,9 @@ def _record(cfg: TrainConfig, settings: SaeSettings, ds: data.PairedDataset, enc
             pooled_BD = encoder.pool(acts_BTD, mask_BT).cpu().numpy()
             if cfg.acts_dtype == "float16" and np.abs(pooled_BD).max() > FLOAT16_MAX:
                 raise UserError(f"layer {layer}: pooled activations exceed the float16 range; use --acts_dtype float32")
-            acts[layer][start:start + len(pooled_BD)] = pooled_BD
-        start += len(next(iter(recorded.values())))
-        if settings.sae_tokens == "all":
+            acts[layer][rows] = pooled_BD
+        start += len(rows)
+        if settings.sae_tokens == "all" and bar.n % PROGRESS_EVERY == 0:  # metrics() syncs the device
             bar.set_postfix(fvu=f"{trainers[layers[-1]][0].metrics().fvu:.3f}")
     if start != n:
         raise RuntimeError(f"recorded {start} samples out of {n}")

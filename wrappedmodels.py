@@ -266,15 +266,31 @@ class ClipText(_OpenClip):
         import open_clip
 
         model, _, name = self._create()
+        if not isinstance(getattr(model, "transformer", None), nn.Module):
+            raise UserError(f"ClipText: {self.checkpoint!r} has a custom text tower (no open_clip text transformer "
+                            "to hook); its blocks cannot be recorded")
         self.tokenizer = open_clip.get_tokenizer(name)
         return model
 
     def collate(self, captions: list[str]):
         ids_BT = self.tokenizer(captions)
-        # CLIP pools at the end-of-text token, the largest id; positions after it are padding
-        eot_B = ids_BT.argmax(-1)
-        mask_BT = torch.arange(ids_BT.shape[1])[None] <= eot_B[:, None]
+        pos_B = self.pool_position(ids_BT)
+        # the tower is causal: positions after the pooled one never reach it (padding, for EOT pooling)
+        mask_BT = torch.arange(ids_BT.shape[1])[None] <= pos_B[:, None]
         return {"text": ids_BT, "token_mask": mask_BT}
+
+    def pool_position(self, ids_BT: Tensor) -> Tensor:
+        """Where the model itself pools (its `text_pool_type`): EOT (the largest id) for CLIP, the
+        tokenizer's EOS id, the last or the first position."""
+        pool_type = getattr(self.model, "text_pool_type", "argmax")
+        if pool_type == "argmax":
+            return ids_BT.argmax(-1)
+        if pool_type == "eos":
+            return (ids_BT == self.model.text_eos_id).int().argmax(-1)
+        if pool_type in ("last", "first"):
+            return torch.full((ids_BT.shape[0],), ids_BT.shape[1] - 1 if pool_type == "last" else 0)
+        raise UserError(f"ClipText: {self.checkpoint!r} pools its text with {pool_type!r}, which has no single "
+                        "token to record; use a CLIP text tower that pools one position")
 
     def forward(self, inputs):
         return self.model.encode_text(inputs["text"])
@@ -417,10 +433,14 @@ class SiglipText(_Siglip, _HFText):
         return getattr(model, "text_model", model)
 
     def collate(self, captions):
-        enc = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        # SigLIP was trained without an attention mask: the model sees the padding, as in its own pooling
-        return {"input_ids": enc["input_ids"], "token_mask": enc["attention_mask"].bool()}
+        ids_BT = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
+                                return_tensors="pt")["input_ids"]  # its tokenizer returns no attention_mask
+        pad = self.tokenizer.pad_token_id
+        mask_BT = ids_BT != pad if pad is not None else torch.ones_like(ids_BT, dtype=torch.bool)
+        # SigLIP attends to its padding (trained without a mask) and pools the last position: that
+        # position is recorded, so it is among the SAE's training tokens too
+        mask_BT[:, -1] = True
+        return {"input_ids": ids_BT, "token_mask": mask_BT}
 
 
 # --- EfficientNet-Lite (offline real CNN) -------------------------------------------------------------

@@ -196,3 +196,20 @@ def test_permutation_null_is_not_the_shuffled_captions_permutation():
     for seed in range(3):
         shuffled = data.load_dataset("shapes", max_samples=500, shuffle_captions=seed).perm_N
         assert (null_permutation(500) != shuffled).mean() > 0.9
+
+
+def test_shuffled_pass_keeps_rows_paired_and_trains_in_a_seeded_order(tmp_path, bert, monkeypatch):
+    import train as train_module
+
+    seen = []
+    getitem = train_module._Samples.__getitem__
+    monkeypatch.setattr(train_module._Samples, "__getitem__", lambda self, i: seen.append(i) or getitem(self, i))
+    ordered = train(tmp_path, bert, "ordered", "--no-shuffle", "--batch_size", "1")
+    assert seen == list(range(40))
+    seen.clear()
+    shuffled = train(tmp_path, bert, "shuffled", "--batch_size", "1", "--seed", "3")
+    assert seen == np.random.default_rng(3).permutation(40).tolist()  # the SAE's order: seeded
+    np.testing.assert_array_equal(shuffled.acts(1), ordered.acts(1))  # row n is still sample n
+    assert shuffled.meta.sae.shuffle and not ordered.meta.sae.shuffle
+    batched = train(tmp_path, bert, "batched", "--batch_size", "8")
+    np.testing.assert_allclose(batched.acts(1), ordered.acts(1), rtol=1e-5, atol=1e-5)

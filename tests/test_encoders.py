@@ -172,3 +172,53 @@ def test_unreachable_hub_model_is_one_clear_error(family, checkpoint):
         ENCODERS[family](checkpoint)
     msg = str(e.value)
     assert checkpoint in msg and "offline" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("pool_type", ["last", "eos"])
+def test_clip_text_pools_where_the_model_does(ckpt_dir, pool_type):
+    enc = ENCODERS["ClipText"](checkpoint_for("ClipText", ckpt_dir))
+    enc.model.text_pool_type = pool_type
+    enc.model.text_eos_id = int(enc.tokenizer(["x"]).max())  # open_clip's end-of-text id
+    inputs = enc.collate([enc.transform(s) for s in CAPTIONS])
+    last = enc.n_layers - 1
+    acts = enc.record(inputs, [last])[last]
+    mask = enc.token_mask(inputs, acts)
+    pooled = enc.pool(acts, mask)
+    m = enc.model
+    torch.testing.assert_close(m.ln_final(pooled) @ m.text_projection, m.encode_text(inputs["text"]), rtol=1e-4, atol=1e-5)
+    if pool_type == "last":
+        assert mask.all()  # the last position is pooled, so it is a training token
+
+
+def test_siglip_text_with_a_tokenizer_like_the_real_one(tmp_path):
+    """SigLIP's tokenizer returns input_ids only and pads to 64; the recorded last position is padding
+    for short captions, and must be among the SAE's training tokens."""
+    import json
+    from pathlib import Path
+
+    ckpt = checkpoint_for("SiglipText", tmp_path)
+    config = Path(ckpt) / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_input_names": ["input_ids"]}))
+    enc = ENCODERS["SiglipText"](ckpt)
+    inputs = enc.collate(CAPTIONS)
+    assert "attention_mask" not in enc.tokenizer(CAPTIONS)
+    acts = enc.record(inputs, [1])[1]
+    mask = enc.token_mask(inputs, acts)
+    assert mask.shape == (3, 64) and mask[:, -1].all() and not mask[2, 10:-1].any()  # "green": a few real tokens
+    torch.testing.assert_close(enc.pool(acts, mask), acts[:, -1])
+
+
+def test_readme_clip_names_are_openai_checkpoints_with_their_activation():
+    """Every CLIP name the README suggests exists with `openai` weights in open_clip, in its QuickGELU
+    variant (a GELU model carrying QuickGELU-trained weights only warns, and computes something else)."""
+    import re
+    from pathlib import Path
+
+    import open_clip
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    names = set(re.findall(r"(?:`|--clip_model_name )(ViT-[BLH]/\d+[\w-]*)", readme))
+    openai = {name for name, tag in open_clip.list_pretrained() if tag == "openai"}
+    assert {"ViT-B/32-quickgelu", "ViT-B/16-quickgelu", "ViT-L/14-quickgelu"} <= names
+    for name in names:
+        assert name.replace("/", "-") in openai and name.endswith("-quickgelu"), name
