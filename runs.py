@@ -310,7 +310,13 @@ class Run:
         this read, so resident memory does not grow with N."""
         if self.perm_N is not None:
             rows = self.perm_N[rows]
-        return torch.from_numpy(np.array(self.acts(layer)[rows], dtype=np.float32)).to(device)
+        x = np.array(self.acts(layer)[rows], dtype=np.float32)
+        if not np.isfinite(x).all():
+            bad = np.flatnonzero(~np.isfinite(x).all(1))[0]
+            n = int((np.arange(self.n_samples)[rows] if self.perm_N is None else rows)[bad])
+            raise UserError(f"run {self.name!r} layer {layer}: NaN or inf in the stored activations of sample {n} "
+                            f"({self.path / acts_file(layer)})")
+        return torch.from_numpy(x).to(device)
 
     def sae(self, layer: int, device: str | torch.device = "cpu") -> TopKSAE:
         layer = self.resolve_layer(layer)

@@ -15,6 +15,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -213,6 +214,7 @@ def _record(cfg: TrainConfig, settings: SaeSettings, ds: data.PairedDataset, enc
                 with torch.enable_grad():
                     for trainer in trainers[layer]:
                         trainer.train_step(tokens_ND)
+            _check_finite(acts_BTD, layer, rows, ds)
             pooled_BD = encoder.pool(acts_BTD, mask_BT).cpu().numpy()
             if cfg.acts_dtype == "float16" and np.abs(pooled_BD).max() > FLOAT16_MAX:
                 raise UserError(f"layer {layer}: pooled activations exceed the float16 range; use --acts_dtype float32")
@@ -226,6 +228,15 @@ def _record(cfg: TrainConfig, settings: SaeSettings, ds: data.PairedDataset, enc
         _train_on_pooled(trainers, acts, settings, device)
     return {layer: _finish_layer(layer, trainers[layer], settings.seeds, acts[layer], encoder, writer, device)
             for layer in layers}
+
+
+def _check_finite(acts_BTD: Tensor, layer: int, rows: np.ndarray, ds: data.PairedDataset) -> None:
+    """NaN or inf from the encoder is one clear line naming the layer and the sample, not a NaN SAE."""
+    finite_B = torch.isfinite(acts_BTD).flatten(1).all(1).cpu().numpy()
+    if not finite_B.all():
+        n = int(rows[np.argmin(finite_B)])
+        raise UserError(f"layer {layer}: NaN or inf in the encoder's activations of sample {n} "
+                        f"(id {ds.sample_ids[n]!r}); check the model's dtype and inputs")
 
 
 def _train_on_pooled(trainers: dict[int, list[SaeTrainer]], acts: dict[int, np.ndarray], settings: SaeSettings,

@@ -107,6 +107,10 @@ def render(attrs: dict, image_size: int) -> Image.Image:
     return im.resize((image_size, image_size), Image.Resampling.BOX)
 
 
+MAX_SAMPLES = 1_000_000
+"""Beyond this, the in-memory ids, captions and attributes would cost gigabytes."""
+
+
 class ShapesDataset(PairedDataset):
     """One or two coloured shapes per image; captions and attributes computed eagerly (cheap),
     images rendered on demand."""
@@ -114,6 +118,8 @@ class ShapesDataset(PairedDataset):
     def __init__(self, config: ShapesConfig = ShapesConfig()):
         if config.image_size < MIN_IMAGE_SIZE:
             raise UserError(f"shapes: image_size must be at least {MIN_IMAGE_SIZE}, got {config.image_size}")
+        if config.n_samples > MAX_SAMPLES:  # ids, captions and attributes are held in memory (~1 KB a sample)
+            raise UserError(f"shapes makes at most {MAX_SAMPLES:,} samples, not {config.n_samples:,}")
         self.config = config
         self.name = "shapes"
         self.split = "default"

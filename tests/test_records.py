@@ -127,3 +127,38 @@ def test_only_network_errors_read_as_offline(monkeypatch):
 def test_missing_local_checkpoint_folder_is_one_line(tmp_path):
     with pytest.raises(UserError, match="no such checkpoint folder"):
         wrappedmodels.Bert(str(tmp_path / "nope"))
+
+
+def test_nan_in_stored_activations_is_named(run_pair, error_line):
+    acts = np.load(run_pair / "B" / "layer01.acts.npy")
+    acts[17, 3] = np.nan
+    np.save(run_pair / "B" / "layer01.acts.npy", acts)
+    line = error_line(wmppc.main, ["--root", str(run_pair), "--source", "A", "--target", "B", "--no_cache"])
+    assert "run 'B' layer 1: NaN or inf in the stored activations of sample 17" in line
+
+
+def test_shapes_beyond_memory_is_refused(tmp_path, error_line):
+    import train_image
+
+    line = error_line(train_image.main, ["--model", "EfficientNetLite", "--runname", "x", "--root", str(tmp_path),
+                                         "--max_samples", "100000000"])
+    assert "shapes makes at most 1,000,000 samples" in line
+
+
+def test_nan_from_the_encoder_names_layer_and_sample(tmp_path, error_line, monkeypatch):
+    import train_text
+    from tiny_models import checkpoint_for
+
+    record = wrappedmodels.Encoder.record
+
+    def poisoned(self, inputs, layers):
+        out = record(self, inputs, layers)
+        out[layers[0]][1, 0, 0] = float("inf")
+        return out
+
+    monkeypatch.setattr(wrappedmodels.Encoder, "record", poisoned)
+    line = error_line(train_text.main, ["--model", "Bert", "--bert_model_name", checkpoint_for("Bert", tmp_path),
+                                        "--runname", "x", "--root", str(tmp_path), "--max_samples", "6",
+                                        "--no-shuffle", "--batch_size", "3", "--layers", "1"])
+    assert "layer 1: NaN or inf in the encoder's activations of sample 1 (id 'seed0/1')" in line
+    assert not (tmp_path / "x").exists()
