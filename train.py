@@ -11,7 +11,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -32,8 +32,8 @@ DEFAULT_BATCH = {"image": 16, "text": 256}
 """Encoder batch of the paper's code: 16 images or 256 captions (one SAE step per batch)."""
 
 
-@dataclass
-class TrainConfig:
+@dataclass(kw_only=True)
+class TrainConfig(data.DataOptions):
     runname: str
     """Name of the run: its folder under --root."""
     model: str
@@ -44,11 +44,6 @@ class TrainConfig:
     """Block ids (-1 = last); default: every block."""
     token: str | None = None
     """Pooled token recorded per sample; default: the model's own (SPEC §4.2)."""
-    dataset: str = "shapes"
-    """shapes (built-in, offline), coco, flowers102 (hub), or the path of a folder with metadata.jsonl."""
-    split: str | None = None
-    max_samples: int | None = None
-    """Take the first N samples."""
     batch_size: int | None = None
     """Encoder batch; default: 16 images or 256 captions, as the paper."""
     root: str = DEFAULT_ROOT
@@ -83,8 +78,8 @@ class TrainConfig:
     """Null baseline: permute captions across samples with this seed (same fingerprint)."""
 
     def __post_init__(self):
+        super().__post_init__()
         check_choices(self)
-        check_positive("max_samples", self.max_samples)
         check_positive("batch_size", self.batch_size)
         check_positive("sae_epochs", self.sae_epochs)
         if self.sae_epochs > 1 and self.sae_tokens == "all":
@@ -130,11 +125,6 @@ def _settings(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> SaeSetting
                        sae_tokens=cfg.sae_tokens, sae_epochs=cfg.sae_epochs, shuffle=cfg.shuffle)
 
 
-def _dataset(cfg: TrainConfig) -> data.PairedDataset:
-    return data.load_dataset(cfg.dataset, split=cfg.split, max_samples=cfg.max_samples,
-                             shuffle_captions=cfg.shuffle_captions)
-
-
 def reusable(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> Run | None:
     """The complete run cfg.runname if training `cfg` again would make the same run (same encoder,
     layers, token, samples and SAE settings), else None."""
@@ -149,7 +139,7 @@ def reusable(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> Run | None:
             and meta.random_init == cfg.random_init
             and meta.n_layers_model is not None
             and meta.layers == layer_ids(cfg.layers, meta.n_layers_model, f"run {run.name!r}"))
-    return run if same and meta.dataset == _dataset(cfg).describe() else None
+    return run if same and meta.dataset == cfg.load(cfg.shuffle_captions).describe() else None
 
 
 def train(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> TrainResult:
@@ -157,7 +147,7 @@ def train(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> TrainResult:
     cls = get_encoder_class(cfg.model, modality)
     with RunWriter(cfg.root, cfg.runname, cfg.overwrite) as writer:  # refuses an existing run before any work
         device = resolve_device(cfg.device)
-        ds = _dataset(cfg)
+        ds = cfg.load(cfg.shuffle_captions)
         encoder = cls(cfg.checkpoint, device=device, token=cfg.token)
         if cfg.random_init:
             encoder.reinitialise(cfg.seed)
@@ -182,48 +172,65 @@ def _init_seed(seed: int, layer: int) -> int:
     return seed * 1_000_003 + layer
 
 
-def _record(cfg: TrainConfig, settings: SaeSettings, ds: data.PairedDataset, encoder: Encoder, layers: list[int],
-            writer: RunWriter, device: torch.device) -> dict[int, LayerInfo]:
-    """One pass over the dataset: train every layer's SAEs (one per seed, same batches), store every
-    sample's pooled token."""
+def encoder_pass(ds: data.PairedDataset, encoder: Encoder, layers: list[int], writer: RunWriter, device: torch.device,
+                 settings: SaeSettings, acts_dtype: str, num_workers: int | None, desc: str,
+                 on_tokens: Callable[[int, Tensor], None] | None = None,
+                 postfix: Callable[[], str] | None = None) -> dict[int, np.ndarray]:
+    """One pass of the encoder over the samples, in the order training uses: every layer's pooled token
+    written at its sample's row of the run's [N, d] arrays (returned); on_tokens(layer, tokens_ND) gets
+    each batch's training tokens (padding excluded unless settings.train_on_padding)."""
     n = len(ds)
-    if settings.sae_tokens == "pooled" and n < 2:
-        raise UserError("--sae_tokens pooled needs at least 2 samples to train on")
-    workers = cfg.num_workers if cfg.num_workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    workers = num_workers if num_workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
     # the paper's shuffled loader: the SAEs see the samples in a seeded random order, the rows are
     # written at each sample's own index, so the run stays in dataset order and paired with others
-    order = np.random.default_rng(cfg.seed).permutation(n) if settings.shuffle else np.arange(n)
+    order = np.random.default_rng(settings.seed).permutation(n) if settings.shuffle else np.arange(n)
     loader = DataLoader(_Samples(ds, encoder), batch_size=settings.batch_size, sampler=order.tolist(),
                         num_workers=workers, collate_fn=_Collate(encoder))
-    sae_cfg = SaeConfig(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(SaeConfig)})
-    trainers: dict[int, list[SaeTrainer]] = {}
     acts: dict[int, np.ndarray] = {}
-    start = 0
-    bar = tqdm(loader, desc=f"{cfg.runname}: {len(layers)} layers", unit="batch", disable=None)  # none in logs
+    done = 0
+    bar = tqdm(loader, desc=desc, unit="batch", disable=None)  # a bar on a terminal, none in logs
     for rows, inputs in bar:
         recorded = encoder.record(inputs, layers)
         for layer in layers:
             acts_BTD = recorded[layer].float()
-            if layer not in trainers:
-                d = acts_BTD.shape[-1]
-                trainers[layer] = [SaeTrainer(d, sae_cfg, device=device, seed=_init_seed(s, layer)) for s in settings.seeds]
-                acts[layer] = writer.acts(layer, n, d, cfg.acts_dtype)
-            mask_BT = encoder.token_mask(inputs, acts_BTD)
-            if settings.sae_tokens == "all":
-                tokens_ND = acts_BTD.reshape(-1, acts_BTD.shape[-1]) if cfg.train_on_padding else acts_BTD[mask_BT]
-                with torch.enable_grad():
-                    for trainer in trainers[layer]:
-                        trainer.train_step(tokens_ND)
             _check_finite(acts_BTD, layer, rows, ds)
+            if layer not in acts:
+                acts[layer] = writer.acts(layer, n, acts_BTD.shape[-1], acts_dtype)
+            mask_BT = encoder.token_mask(inputs, acts_BTD)
+            if on_tokens is not None:
+                on_tokens(layer, acts_BTD.reshape(-1, acts_BTD.shape[-1]) if settings.train_on_padding else acts_BTD[mask_BT])
             pooled_BD = encoder.pool(acts_BTD, mask_BT).cpu().numpy()
-            if cfg.acts_dtype == "float16" and np.abs(pooled_BD).max() > FLOAT16_MAX:
+            if acts_dtype == "float16" and np.abs(pooled_BD).max() > FLOAT16_MAX:
                 raise UserError(f"layer {layer}: pooled activations exceed the float16 range; use --acts_dtype float32")
             acts[layer][rows] = pooled_BD
-        start += len(rows)
-        if settings.sae_tokens == "all" and bar.n % PROGRESS_EVERY == 0:  # metrics() syncs the device
-            bar.set_postfix(fvu=f"{trainers[layers[-1]][0].metrics().fvu:.3f}")
-    if start != n:
-        raise RuntimeError(f"recorded {start} samples out of {n}")
+        done += len(rows)
+        if postfix is not None and bar.n % PROGRESS_EVERY == 0:  # a metric read syncs the device
+            bar.set_postfix_str(postfix())
+    if done != n:
+        raise RuntimeError(f"recorded {done} samples out of {n}")
+    return acts
+
+
+def _record(cfg: TrainConfig, settings: SaeSettings, ds: data.PairedDataset, encoder: Encoder, layers: list[int],
+            writer: RunWriter, device: torch.device) -> dict[int, LayerInfo]:
+    """The encoder pass that trains every layer's SAEs (one per seed, same batches) on its tokens."""
+    if settings.sae_tokens == "pooled" and len(ds) < 2:
+        raise UserError("--sae_tokens pooled needs at least 2 samples to train on")
+    sae_cfg = SaeConfig(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(SaeConfig)})
+    trainers: dict[int, list[SaeTrainer]] = {}
+
+    def train_on(layer: int, tokens_ND: Tensor) -> None:
+        if layer not in trainers:
+            trainers[layer] = [SaeTrainer(tokens_ND.shape[-1], sae_cfg, device=device, seed=_init_seed(s, layer))
+                               for s in settings.seeds]
+        if settings.sae_tokens == "all":
+            with torch.enable_grad():
+                for trainer in trainers[layer]:
+                    trainer.train_step(tokens_ND)
+
+    acts = encoder_pass(ds, encoder, layers, writer, device, settings, cfg.acts_dtype, cfg.num_workers,
+                        f"{cfg.runname}: {len(layers)} layers", train_on,
+                        lambda: f"fvu={trainers[layers[-1]][0].metrics().fvu:.3f}" if settings.sae_tokens == "all" else "")
     if settings.sae_tokens == "pooled":
         _train_on_pooled(trainers, acts, settings, device)
     return {layer: _finish_layer(layer, trainers[layer], settings.seeds, acts[layer], encoder, writer, device)

@@ -5,23 +5,50 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
 from data.base import DatasetInfo, PairedDataset, fingerprint
 from data.hub import HUB, load_folder, load_hub
 from data.shapes import ShapesConfig, ShapesDataset, attribute_matrix, attribute_names
-from errors import UserError
+from errors import UserError, check_at_least, check_positive
 
 DATASETS = ("shapes", *HUB)
 """Names --dataset accepts, besides the path of a local imagefolder."""
 DATASETS_HELP = "shapes (built-in, offline), coco, flowers102 (hub), or the path of a folder with metadata.jsonl"
 SHAPES_DEFAULT_SAMPLES = 2000
-SHAPES_ARGS = ("image_size", "seed")
+SHAPES_ARGS = ("image_size", "seed", "offset", "where", "exclude")
 """Extra arguments of shapes, kept by describe() so that from_description() re-creates it."""
 
-__all__ = ["DATASETS", "DATASETS_HELP", "DatasetInfo", "PairedDataset", "ShapesConfig", "ShapesDataset", "attribute_matrix",
+__all__ = ["DATASETS", "DATASETS_HELP", "DataOptions", "DatasetInfo", "PairedDataset", "ShapesConfig", "ShapesDataset", "attribute_matrix",
            "attribute_names", "fingerprint", "from_description", "load_dataset"]
+
+
+@dataclass(kw_only=True)
+class DataOptions:
+    """Which samples a command reads (the training scripts, record.py)."""
+    dataset: str = "shapes"
+    """shapes (built-in, offline), coco, flowers102 (hub), or the path of a folder with metadata.jsonl."""
+    split: str | None = None
+    max_samples: int | None = None
+    """Take the first N samples (shapes: 2000 by default)."""
+    offset: int | None = None
+    """shapes: start at this sample index (disjoint ranges are disjoint samples: held-out data)."""
+    where: list[str] | None = None
+    """shapes: keep only samples with all these attributes KEY=VALUE (shape=star, colour=red, size=small,
+    position=center, background=blue, n_shapes=2)."""
+    exclude: list[str] | None = None
+    """shapes: drop samples with any of these attributes (same KEY=VALUE)."""
+
+    def __post_init__(self):
+        check_positive("max_samples", self.max_samples)
+        check_at_least("offset", self.offset, 0)
+
+    def load(self, shuffle_captions: int | None = None) -> PairedDataset:
+        return load_dataset(self.dataset, split=self.split, max_samples=self.max_samples,
+                            shuffle_captions=shuffle_captions, offset=self.offset, where=self.where,
+                            exclude=self.exclude)
 
 
 class CaptionsShuffled(PairedDataset):
@@ -72,7 +99,7 @@ def _load(name: str, split: str | None, max_samples: int | None, **kwargs) -> Pa
             raise UserError(f"shapes has a single split 'default', not {split!r}")
         try:
             config = ShapesConfig(n_samples=int(max_samples or SHAPES_DEFAULT_SAMPLES),
-                                  **{k: int(v) for k, v in kwargs.items()})
+                                  **{k: tuple(v) if k in ("where", "exclude") else int(v) for k, v in kwargs.items()})
         except (TypeError, ValueError) as e:
             raise UserError(f"shapes: bad option ({e})") from e
         return ShapesDataset(config)

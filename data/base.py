@@ -30,6 +30,12 @@ class DatasetInfo:
     """shapes only: side of the generated images."""
     seed: int | None = None
     """shapes only: generator seed."""
+    offset: int | None = None
+    """shapes only: first sample index."""
+    where: list[str] | None = None
+    """shapes only: attribute filters KEY=VALUE every sample has."""
+    exclude: list[str] | None = None
+    """shapes only: attribute filters no sample has."""
     shuffle_captions: int | None = None
     """A null run's caption permutation seed (captions shuffled across samples)."""
 

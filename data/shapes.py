@@ -51,6 +51,28 @@ class ShapesConfig:
     """Sample i is drawn from its own RNG seeded with (seed, i), so it does not depend on N."""
     n_samples: int = 2000
     """Number of samples (--max_samples)."""
+    offset: int = 0
+    """First sample index: disjoint ranges are disjoint sets of samples (held-out data)."""
+    where: tuple[str, ...] = ()
+    """Attribute filters KEY=VALUE a sample must all have (shape=star: one of its shapes is a star)."""
+    exclude: tuple[str, ...] = ()
+    """Attribute filters a sample must have none of."""
+
+
+FILTER_KEYS = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS),
+               "background": tuple(BACKGROUNDS), "n_shapes": ("1", "2")}
+"""--where / --exclude KEY=VALUE: what each key can be."""
+SCAN_FACTOR = 200
+"""A filtered shapes dataset scans at most this many candidates per sample asked for."""
+
+
+def filter_attribute(spec: str) -> str:
+    """KEY=VALUE -> the binary attribute it means (sample_attribute_names' spelling)."""
+    key, _, value = spec.partition("=")
+    if key not in FILTER_KEYS or value not in FILTER_KEYS[key]:
+        raise UserError(f"unknown shapes attribute {spec!r}: use KEY=VALUE with "
+                        + "; ".join(f"{k} in {', '.join(v)}" for k, v in FILTER_KEYS.items()))
+    return {"background": f"bg:{value}", "n_shapes": "one shape" if value == "1" else "two shapes"}.get(key, value)
 
 
 def draw_sample(seed: int, i: int) -> tuple[dict, str]:
@@ -123,11 +145,33 @@ class ShapesDataset(PairedDataset):
         self.config = config
         self.name = "shapes"
         self.split = "default"
+        index, drawn = self._select(config)
         # the seed is part of the ids: two seeds are two different sets of samples
-        self.sample_ids = [f"seed{config.seed}/{i}" for i in range(config.n_samples)]
-        drawn = [draw_sample(config.seed, i) for i in range(config.n_samples)]
+        self.sample_ids = [f"seed{config.seed}/{i}" for i in index]
         self._attrs = [a for a, _ in drawn]
         self._captions = [c for _, c in drawn]
+
+    @staticmethod
+    def _select(config: ShapesConfig) -> tuple[list[int], list[tuple[dict, str]]]:
+        """The first n_samples sample indices from `offset` on that pass the filters, with their draws."""
+        want = {filter_attribute(w) for w in config.where}
+        drop = {filter_attribute(w) for w in config.exclude}
+        if not (want or drop):
+            index = list(range(config.offset, config.offset + config.n_samples))
+            return index, [draw_sample(config.seed, i) for i in index]
+        index, drawn = [], []
+        stop = config.offset + SCAN_FACTOR * config.n_samples
+        for i in range(config.offset, stop):
+            attrs, caption = draw_sample(config.seed, i)
+            names = sample_attribute_names(attrs)
+            if want <= names and not drop & names:
+                index.append(i)
+                drawn.append((attrs, caption))
+                if len(index) == config.n_samples:
+                    return index, drawn
+        filters = " ".join([*(f"--where {w}" for w in config.where), *(f"--exclude {w}" for w in config.exclude)])
+        raise UserError(f"shapes {filters}: {len(index)} of the {stop - config.offset:,} samples scanned match, "
+                        f"fewer than the {config.n_samples:,} asked for" + (" (an empty set)" if not index else ""))
 
     def image(self, i: int) -> Image.Image:
         return render(self._attrs[self._check(i)], self.config.image_size)
@@ -140,7 +184,9 @@ class ShapesDataset(PairedDataset):
         return {**a, "shapes": [dict(s) for s in a["shapes"]]}  # a copy: callers may mutate it
 
     def describe(self) -> DatasetInfo:
-        return dataclasses.replace(super().describe(), image_size=self.config.image_size, seed=self.config.seed)
+        c = self.config
+        return dataclasses.replace(super().describe(), image_size=c.image_size, seed=c.seed, offset=c.offset or None,
+                                   where=list(c.where) or None, exclude=list(c.exclude) or None)
 
 
 def attribute_names() -> list[str]:
