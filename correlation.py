@@ -47,17 +47,25 @@ class RunsOptions:
     """Folder holding the runs."""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:N."""
-    chunk_size: int = DEFAULT_CHUNK
-    """Samples per chunk."""
 
     def __post_init__(self):
         check_choices(self)
-        check_positive("chunk_size", self.chunk_size)
         self.torch_device = resolve_device(self.device)
 
 
 @dataclass
-class AnalysisOptions(RunsOptions):
+class StreamOptions(RunsOptions):
+    """What every command that streams over a run's samples takes."""
+    chunk_size: int = DEFAULT_CHUNK
+    """Samples per chunk."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive("chunk_size", self.chunk_size)
+
+
+@dataclass
+class AnalysisOptions(StreamOptions):
     """What every analysis of SAE features (wmppc, comp_sharedness, show) takes."""
     codes: Codes | None = None
     """relu: dense ReLU pre-activations (the paper's code); topk: the SAE's top-k codes. Default relu

@@ -83,11 +83,12 @@ class LayerInfo:
 
 @dataclass
 class SeedInfo:
-    fvu: float
-    l0: float
-    dead_fraction: float
-    tokens_seen: int
+    """One SAE seed's quality (a run made by record.py has no training metrics, only fvu_pooled)."""
     fvu_pooled: float
+    fvu: float | None = None
+    l0: float | None = None
+    dead_fraction: float | None = None
+    tokens_seen: int | None = None
 
 
 @dataclass
@@ -115,6 +116,8 @@ class RunMeta(Record):
     image_size: int | None = None
     random_init: bool = False
     """The encoder's weights were re-initialised (a floor), not the checkpoint's."""
+    sae_from: str | None = None
+    """Made by record.py: the run whose encoder and SAEs (copied here) were applied to these samples."""
     versions: dict[str, str] = field(default_factory=dict)
     device: str | None = None
     run_id: str = ""

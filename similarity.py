@@ -17,7 +17,7 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from correlation import RunsOptions, pair_cache
+from correlation import StreamOptions, pair_cache
 from corr_cache import PairKey
 from errors import UserError, check_positive, cli
 from figures import format_table
@@ -183,7 +183,7 @@ def similarity_table(runs: list[Run], engine: SimilarityEngine) -> SimilarityTab
 
 # ---- command line ------------------------------------------------------------------------------------
 @dataclass
-class SimilarityArgs(RunsOptions):
+class SimilarityArgs(StreamOptions):
     source: str | None = None
     """Run A."""
     target: str | None = None

@@ -23,7 +23,7 @@ import data
 from errors import ArgumentParser, OptionError, UserError, check_positive, resolve_device
 from options import add_options, check_choices, options_from
 from runs import DEFAULT_ROOT, FLOAT16_MAX, LayerInfo, Run, RunMeta, RunWriter, SaeSettings, SeedInfo
-from sae import Fvu, SaeConfig, SaeTrainer
+from sae import Fvu, SaeConfig, SaeTrainer, TopKSAE
 from wrappedmodels import ENCODERS, TOKENS, Encoder, get_encoder_class, layer_ids
 
 PROGRESS_EVERY = 20
@@ -273,19 +273,19 @@ def _finish_layer(layer: int, trainers: list[SaeTrainer], seeds: list[int], pool
     per_seed = {}
     for i, (seed, trainer) in enumerate(zip(seeds, trainers)):
         writer.save_sae(layer, trainer.sae.state(), None if i == 0 else seed)
-        per_seed[seed] = SeedInfo(**trainer.metrics()._asdict(), fvu_pooled=_fvu_pooled(trainer, pooled_ND, device))
+        per_seed[seed] = SeedInfo(fvu_pooled(trainer.sae, pooled_ND, device), **trainer.metrics()._asdict())
     first = per_seed[seeds[0]]
     return LayerInfo(trainers[0].sae.d_model, trainers[0].sae.n_features, first.fvu, first.l0, first.dead_fraction,
                      first.tokens_seen, first.fvu_pooled, per_seed)
 
 
 @torch.no_grad()
-def _fvu_pooled(trainer: SaeTrainer, pooled_ND: np.ndarray, device, chunk: int = 8192) -> float:
-    """FVU of the trained SAE on the recorded pooled tokens (the vectors the analyses read)."""
+def fvu_pooled(sae: TopKSAE, pooled_ND: np.ndarray, device, chunk: int = 8192) -> float:
+    """FVU of an SAE on recorded pooled tokens (the vectors the analyses read)."""
     fvu = Fvu()
     for s in range(0, pooled_ND.shape[0], chunk):
         x = torch.from_numpy(np.asarray(pooled_ND[s:s + chunk], dtype=np.float32)).to(device)
-        fvu.update(x, trainer.sae(x).x_hat)
+        fvu.update(x, sae(x).x_hat)
     return fvu.value()
 
 

@@ -213,3 +213,29 @@ def test_shuffled_pass_keeps_rows_paired_and_trains_in_a_seeded_order(tmp_path, 
     assert shuffled.meta.sae.shuffle and not ordered.meta.sae.shuffle
     batched = train(tmp_path, bert, "batched", "--batch_size", "8")
     np.testing.assert_allclose(batched.acts(1), ordered.acts(1), rtol=1e-5, atol=1e-5)
+
+
+# ---- record.py: a run's encoder and SAEs on other samples ----------------------------------------------
+def test_record_reproduces_the_runs_own_samples_and_records_held_out_ones(tmp_path, bert, error_line):
+    import record
+
+    run = train(tmp_path, bert, "src", "--seeds", "0", "1")
+    base = ["--root", str(tmp_path), "--run", "src"]
+    again = record.record(record.parse(record.RecordArgs, [*base, "--runname", "same", "--max_samples", "40"], ""))
+    np.testing.assert_array_equal(again.acts(1), run.acts(1))  # exactly: same order, same batches
+    assert again.meta.sae_from == "src" and again.fingerprint == run.fingerprint
+    assert torch.equal(again.with_seed(1).sae(1).W_enc, run.with_seed(1).sae(1).W_enc)
+    assert again.meta.layer_info[1].fvu_pooled == pytest.approx(run.meta.layer_info[1].fvu_pooled, rel=1e-6)
+    held = record.record(record.parse(record.RecordArgs, [*base, "--runname", "held", "--offset", "40",
+                                                          "--max_samples", "12", "--exclude", "shape=star"], ""))
+    ids = held.meta.dataset
+    assert held.n_samples == 12 and ids.offset == 40 and ids.exclude == ["shape=star"]
+    import data
+
+    ds = data.from_description(ids)
+    assert all(int(i.split("/")[1]) >= 40 for i in ds.sample_ids)
+    assert not any(s["shape"] == "star" for n in range(12) for s in ds.attributes(n)["shapes"])
+    assert "empty set" in error_line(record.main, [*base, "--runname", "x", "--where", "shape=star",
+                                                   "--exclude", "shape=star", "--max_samples", "5"])
+    assert "unknown shapes attribute 'shape=hexagon'" in error_line(record.main, [*base, "--runname", "x", "--where",
+                                                                                  "shape=hexagon"])

@@ -1,0 +1,80 @@
+"""Apply a trained run's encoder and SAEs to other samples, without training (SPEC §13): held-out
+in-distribution data and out-of-distribution data for probes and OOD detection, which the SAEs never
+saw in training.
+
+    uv run record.py --run effnet --dataset shapes --offset 2000 --max_samples 500 --runname effnet_test
+    uv run record.py --run effnet --where shape=star --runname effnet_stars     # a shapes subset
+
+The new run has its own dataset (and fingerprint), the source run's SAEs (every seed, copied), its
+pooled token, layers and settings, `"sae_from": "<run>"`, and each SAE's FVU on the new samples.
+Recording a run's own samples reproduces its stored activations exactly (same order, same batches).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import data
+from correlation import RunsOptions
+from errors import UserError, cli
+from options import parse
+from runs import LayerInfo, Run, RunMeta, RunWriter, SeedInfo
+from train import encoder_pass, fvu_pooled
+from wrappedmodels import get_encoder_class
+
+
+@dataclass(kw_only=True)
+class RecordArgs(data.DataOptions, RunsOptions):
+    run: str
+    """The run whose encoder, pooled token and SAEs are applied (RUN@SEED not needed: every seed is copied)."""
+    runname: str
+    """Name of the new run."""
+    overwrite: bool = False
+    """Replace an existing run of this name."""
+    num_workers: int | None = None
+    """DataLoader workers; default: a few on GPU, 0 on CPU."""
+
+    def __post_init__(self):
+        data.DataOptions.__post_init__(self)
+        RunsOptions.__post_init__(self)
+        if "@" in self.run:
+            raise UserError(f"--run {self.run}: give the run itself; every SAE seed of it is copied")
+
+
+def record(args: RecordArgs) -> Run:
+    t0 = time.perf_counter()
+    source = Run.open(args.root, args.run)
+    meta = source.meta
+    encoder = get_encoder_class(meta.model, meta.modality)(meta.checkpoint, device=args.torch_device, token=meta.token)
+    if meta.image_size is not None:
+        encoder.image_size = meta.image_size
+    if meta.random_init:
+        encoder.reinitialise(meta.sae.seed)
+    ds = args.load()
+    with RunWriter(args.root, args.runname, args.overwrite) as writer:
+        acts = encoder_pass(ds, encoder, meta.layers, writer, args.torch_device, meta.sae, meta.acts_dtype,
+                            args.num_workers, f"{args.runname}: {len(meta.layers)} layers (from {source.name})")
+        layer_info = {}
+        for layer in meta.layers:
+            per_seed = {}
+            for i, seed in enumerate(meta.sae.seeds):
+                sae = source.with_seed(seed).sae(layer)
+                writer.save_sae(layer, sae.state(), None if i == 0 else seed)
+                per_seed[seed] = SeedInfo(fvu_pooled(sae.to(args.torch_device), acts[layer], args.torch_device))
+            first = per_seed[meta.sae.seeds[0]]
+            layer_info[layer] = LayerInfo(sae.d_model, sae.n_features, fvu_pooled=first.fvu_pooled, per_seed=per_seed)
+        new = writer.finish(dataclasses.replace(meta, runname=args.runname, dataset=ds.describe(), layer_info=layer_info,
+                                                sae_from=source.name))
+    print(f"wrote {writer.final} ({len(new.layers)} layers of {source.name!r} over {len(ds)} samples, "
+          f"{time.perf_counter() - t0:.1f} s); last layer FVU on them {first.fvu_pooled:.3f}")
+    return Run.open(args.root, args.runname)
+
+
+@cli
+def main(argv=None):
+    record(parse(RecordArgs, argv, "Apply a run's encoder and SAEs to other samples, without training (SPEC §13)"))
+
+
+if __name__ == "__main__":
+    main()
