@@ -1,0 +1,203 @@
+"""Linear probes of a run's layers (SPEC §13, after Olson et al., arXiv 2508.11277): does a layer's SAE
+code carry a label linearly, compared with the raw pooled activations and with random features of the
+SAE's width?
+
+    uv run probe.py --run effnet --test_run effnet_test --labels red circle small
+    uv run probe.py --run effnet --labels red --train_where shape=circle --test_where shape=square   # shift
+
+For every layer and label: scikit-learn logistic regression (standardised inputs, balanced classes) on
+(a) the SAE's codes (`--codes relu|topk`), (b) the raw pooled activations, (c) ReLU of a Gaussian random
+projection of the raw activations to the SAE's width; and sparse probes on the `--top_n` features (SAE)
+or neurons (raw) with the largest univariate AUROC distance from 0.5 on the training samples. Balanced
+accuracy and AUROC on the test samples: another run recorded with record.py (held-out samples the SAEs
+never saw), or else a seeded `--test_fraction` of the run's own samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.preprocessing import StandardScaler
+from tqdm import tqdm
+
+import data
+from correlation import AnalysisOptions
+from data.shapes import filter_attribute
+from errors import UserError, check_positive, cli
+from options import check_output, parse
+from records import Record
+from runs import Run
+
+KINDS = ("sae", "raw", "random", "sae_top", "raw_top")
+"""What each probe reads: SAE codes, raw activations, random features, and the two sparse probes."""
+
+
+@dataclass
+class ProbeResults(Record):
+    KIND = "probe"
+    SCHEMA = 1
+
+    run: str
+    test: str
+    """The test run, or "<run> (held out)"."""
+    codes: str
+    top_n: int
+    layers: list[int]
+    labels: list[str]
+    balanced_accuracy: dict[str, np.ndarray]
+    """kind -> [L, labels]."""
+    auroc: dict[str, np.ndarray]
+    """kind -> [L, labels]."""
+    train_where: list[str] = field(default_factory=list)
+    test_where: list[str] = field(default_factory=list)
+
+
+def _labels(run: Run, names: list[str]) -> np.ndarray:
+    """[N, labels] bool from the run's shapes ground truth."""
+    ds = data.from_description(run.meta.dataset)
+    all_names, attrs_NA = data.attribute_matrix(ds)
+    unknown = [n for n in names if n not in all_names]
+    if unknown:
+        raise UserError(f"unknown label {', '.join(map(repr, unknown))}: shapes labels are {', '.join(all_names)}")
+    return attrs_NA[:, [all_names.index(n) for n in names]]
+
+
+def _mask(run: Run, specs: list[str]) -> np.ndarray:
+    """[N] the samples having every KEY=VALUE attribute of `specs`."""
+    names = [filter_attribute(s) for s in specs]
+    return _labels(run, names).all(1) if names else np.ones(run.n_samples, dtype=bool)
+
+
+def _fit_score(x_train, y_train, x_test, y_test) -> tuple[float, float]:
+    """(balanced accuracy, AUROC) of a logistic probe; NaN where a split has a single class."""
+    if len(set(y_train)) < 2 or len(set(y_test)) < 2:
+        return float("nan"), float("nan")
+    scaler = StandardScaler().fit(x_train)
+    clf = LogisticRegression(max_iter=2000, class_weight="balanced").fit(scaler.transform(x_train), y_train)
+    x = scaler.transform(x_test)
+    return balanced_accuracy_score(y_test, clf.predict(x)), roc_auc_score(y_test, clf.decision_function(x))
+
+
+def _top(x_train: np.ndarray, y_train: np.ndarray, n: int) -> np.ndarray:
+    """The n columns whose values alone separate the classes best (|AUROC - 0.5| on the training samples)."""
+    score = np.array([abs(roc_auc_score(y_train, col) - 0.5) if np.ptp(col) > 0 else 0.0 for col in x_train.T])
+    return np.argsort(-score, kind="stable")[:n]
+
+
+def _features(run: Run, layer: int, codes: str, rows: np.ndarray, rng_seed: int, device) -> dict[str, np.ndarray]:
+    raw = run.read_acts(layer, rows).numpy()
+    sae = run.dense_codes(layer, codes, rows, device).cpu().numpy()
+    proj = np.random.default_rng(rng_seed).normal(size=(raw.shape[1], sae.shape[1])) / np.sqrt(raw.shape[1])
+    return {"sae": sae, "raw": raw, "random": np.maximum(raw @ proj, 0)}
+
+
+def probe(run: Run, test: Run | None, labels: list[str], opts: "ProbeArgs") -> ProbeResults:
+    y = _labels(run, labels)
+    train_rows = np.flatnonzero(_mask(run, opts.train_where))
+    if test is None:
+        held = np.random.default_rng(opts.seed).random(run.n_samples) < opts.test_fraction
+        test_rows, train_rows = np.flatnonzero(held & _mask(run, opts.test_where)), train_rows[~held[train_rows]]
+        y_test_all = y
+    else:
+        test_rows, y_test_all = np.flatnonzero(_mask(test, opts.test_where)), _labels(test, labels)
+    if len(train_rows) == 0 or len(test_rows) == 0:
+        raise UserError("no training or no test sample left after --train_where / --test_where / --test_fraction")
+    layers = run.layers
+    acc = {k: np.full((len(layers), len(labels)), np.nan) for k in KINDS}
+    auc = {k: np.full((len(layers), len(labels)), np.nan) for k in KINDS}
+    for i, layer in enumerate(tqdm(layers, desc=f"probes of {run.name}", unit="layer", disable=None)):
+        tr = _features(run, layer, opts.codes or "relu", train_rows, opts.seed + layer, opts.torch_device)
+        te = _features(test or run, layer, opts.codes or "relu", test_rows, opts.seed + layer, opts.torch_device)
+        for j in range(len(labels)):
+            y_tr, y_te = y[train_rows, j], y_test_all[test_rows, j]
+            for kind in ("sae", "raw", "random"):
+                acc[kind][i, j], auc[kind][i, j] = _fit_score(tr[kind], y_tr, te[kind], y_te)
+            for kind, base in (("sae_top", "sae"), ("raw_top", "raw")):
+                if len(set(y_tr)) == 2:
+                    cols = _top(tr[base], y_tr, opts.top_n)
+                    acc[kind][i, j], auc[kind][i, j] = _fit_score(tr[base][:, cols], y_tr, te[base][:, cols], y_te)
+    return ProbeResults(run.name, test.name if test else f"{run.name} (held out)", opts.codes or "relu", opts.top_n,
+                        layers, labels, acc, auc, list(opts.train_where), list(opts.test_where))
+
+
+@dataclass(kw_only=True)
+class ProbeArgs(AnalysisOptions):
+    run: str
+    """The run the probes are trained on."""
+    test_run: str | None = None
+    """Test on this run (held-out samples recorded with record.py from --run); default: a held-out split."""
+    labels: list[str] | None = None
+    """shapes labels (attribute names: red, circle, small, center, bg:blue, "red circle", ...); default:
+    every colour, shape and size."""
+    train_where: list[str] = field(default_factory=list)
+    """Train on the samples with these KEY=VALUE attributes only (a shift, with --test_where)."""
+    test_where: list[str] = field(default_factory=list)
+    """Test on the samples with these KEY=VALUE attributes only."""
+    test_fraction: float = 0.25
+    """Without --test_run: the share of the run's samples held out for testing (seeded)."""
+    top_n: int = 16
+    """Features (or neurons) of the sparse probes."""
+    seed: int = 0
+    json: str | None = None
+    """Write the results to this JSON file."""
+    plot: str | None = None
+    """Write a PNG: balanced accuracy against layer, per kind of probe (mean over labels)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive("top_n", self.top_n)
+        if not 0 < self.test_fraction < 1:
+            raise UserError(f"--test_fraction must be in (0, 1), got {self.test_fraction}")
+        check_output(self.json, "--json")
+        check_output(self.plot, "--plot")
+
+
+def _check_test_run(run: Run, test: Run) -> None:
+    """A test run must read the same encoder through the same SAEs."""
+    same = test.meta.sae_from == run.path.name or test.meta.run_id == run.meta.run_id
+    if not same or test.layers != run.layers:
+        raise UserError(f"--test_run {test.name!r} was not recorded from {run.name!r} (record.py --run "
+                        f"{run.name}): its features are another encoder's or SAE's")
+
+
+def _plot(res: ProbeResults, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for kind in KINDS:
+        ax.plot(res.layers, np.nanmean(res.balanced_accuracy[kind], axis=1), marker="o", label=kind)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("balanced accuracy (mean over labels)")
+    ax.set_title(f"probes of {res.run}, tested on {res.test}")
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+@cli
+def main(argv=None):
+    args = parse(ProbeArgs, argv, "Linear probes of SAE features, raw activations and random features (SPEC §13)")
+    run = Run.open(args.root, args.run)
+    test = Run.open(args.root, args.test_run) if args.test_run else None
+    if test is not None:
+        _check_test_run(run, test)
+    labels = args.labels or [*data.shapes.COLOURS, *data.shapes.SHAPES, *data.shapes.SIZES]
+    res = probe(run, test, labels, args)
+    print(f"balanced accuracy, mean over {len(labels)} labels (tested on {res.test}):")
+    print("layer " + "".join(f"{k:>9}" for k in KINDS))
+    for i, layer in enumerate(res.layers):
+        print(f"{layer:>5} " + "".join(f"{np.nanmean(res.balanced_accuracy[k][i]):>9.3f}" for k in KINDS))
+    if args.json:
+        res.save(args.json)
+    if args.plot:
+        _plot(res, args.plot)
+
+
+if __name__ == "__main__":
+    main()
