@@ -6,6 +6,30 @@ from pathlib import Path
 import numpy as np
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed), imported on first use."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, path: str | Path, dpi: int = 130) -> None:
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
+def format_layer_table(title: str, layers: list[int], columns: dict[str, list[float]]) -> str:
+    """One row per layer, one column per name (3 decimals)."""
+    width = max(9, *(len(c) + 2 for c in columns))
+    lines = [title, "layer" + "".join(f"{c:>{width}}" for c in columns)]
+    lines += [f"{layer:>5}" + "".join(f"{v[i]:>{width}.3f}" for v in columns.values()) for i, layer in enumerate(layers)]
+    return "\n".join(lines)
+
+
 def format_table(title: str, names: list[str], values: np.ndarray) -> str:
     width = max(8, *(len(n) for n in names))
     lines = [title, " " * width + "".join(f" {n:>{width}}" for n in names)]
@@ -17,10 +41,7 @@ def format_table(title: str, names: list[str], values: np.ndarray) -> str:
 def plot_heatmap(values: np.ndarray, rows: list[str], cols: list[str], ylabel: str, xlabel: str,
                  title: str, path: str | Path, label: str = "wMPPC") -> None:
     """values [rows, cols] as a heatmap PNG (NaN cells left blank), annotated when small enough to read."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     h, w = values.shape
     fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * w + 2), max(3.0, 0.45 * h + 1.5)))
     im = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=min(0.0, float(np.nanmin(values))),
@@ -36,6 +57,4 @@ def plot_heatmap(values: np.ndarray, rows: list[str], cols: list[str], ylabel: s
             if not np.isnan(v):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7 if h * w > 100 else 9,
                         color="black" if v > 0.6 else "white")
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    save(fig, path, 150)

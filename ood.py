@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from correlation import StreamOptions
 from errors import UserError, check_positive, cli
-from options import check_output, parse
+from figures import format_layer_table, pyplot, save
+from options import OutputOptions, parse
 from records import Record
 from runs import Run
 
@@ -94,23 +95,17 @@ class OodResults(Record):
 
 
 @dataclass(kw_only=True)
-class OodArgs(StreamOptions):
+class OodArgs(OutputOptions, StreamOptions):
     id: str
     """In-distribution test samples: a run recorded with record.py from the fitted run."""
     ood: str
     """Out-of-distribution samples, recorded from the same run."""
     k: int = 10
     """Neighbours of the kNN scores."""
-    json: str | None = None
-    """Write the results to this JSON file."""
-    plot: str | None = None
-    """Write a PNG: ROC curves of every score, one panel per layer."""
 
     def __post_init__(self):
         super().__post_init__()
         check_positive("k", self.k)
-        check_output(self.json, "--json")
-        check_output(self.plot, "--plot")
 
 
 def _fit_run(root: str, id_run: Run, ood_run: Run) -> Run:
@@ -137,10 +132,7 @@ def ood(fit: Run, id_run: Run, ood_run: Run, k: int, device) -> tuple[OodResults
 
 
 def _plot(res: OodResults, curves: list, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cols = min(4, len(res.layers))
     rows = -(-len(res.layers) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3 * rows), squeeze=False)
@@ -154,9 +146,7 @@ def _plot(res: OodResults, curves: list, path: str) -> None:
     for ax in list(axes.flat)[len(res.layers):]:
         ax.axis("off")
     fig.suptitle(f"OOD: {res.ood} against {res.id} (fit on {res.fit})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, 110)
 
 
 @cli
@@ -165,10 +155,8 @@ def main(argv=None):
     id_run, ood_run = Run.open(args.root, args.id), Run.open(args.root, args.ood)
     fit = _fit_run(args.root, id_run, ood_run)
     res, curves = ood(fit, id_run, ood_run, args.k, args.torch_device)
-    print(f"AUROC per layer, {res.ood} against {res.id} (fit on {res.fit}):")
-    print("layer " + "".join(f"{s:>13}" for s in SCORES))
-    for i, layer in enumerate(res.layers):
-        print(f"{layer:>5} " + "".join(f"{res.metrics[s]['auroc'][i]:>13.3f}" for s in SCORES))
+    print(format_layer_table(f"AUROC per layer, {res.ood} against {res.id} (fit on {res.fit}):", res.layers,
+                             {s: res.metrics[s]["auroc"] for s in SCORES}))
     if args.json:
         res.save(args.json)
     if args.plot:

@@ -11,6 +11,7 @@ import inspect
 import textwrap
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
@@ -97,3 +98,19 @@ def check_output(path: str | None, flag: str) -> None:
     """Fail before the computation, not after it, when an output file cannot be written."""
     if path is not None and not Path(path).resolve().parent.is_dir():
         raise UserError(f"{flag} {path}: folder {str(Path(path).resolve().parent)!r} does not exist")
+
+
+@dataclass
+class OutputOptions:
+    """Where a command writes its results besides the terminal (checked before any computation)."""
+    json: str | None = None
+    """Write the results to this JSON file."""
+    plot: str | None = None
+    """Write the command's figure to this PNG file."""
+
+    def __post_init__(self):
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        check_output(self.json, "--json")
+        check_output(self.plot, "--plot")

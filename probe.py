@@ -26,7 +26,8 @@ import data
 from correlation import AnalysisOptions
 from data.shapes import filter_attribute
 from errors import UserError, check_positive, cli
-from options import check_output, parse
+from figures import format_layer_table, pyplot, save
+from options import OutputOptions, parse
 from records import Record
 from runs import Run
 
@@ -123,7 +124,7 @@ def probe(run: Run, test: Run | None, labels: list[str], opts: "ProbeArgs") -> P
 
 
 @dataclass(kw_only=True)
-class ProbeArgs(AnalysisOptions):
+class ProbeArgs(OutputOptions, AnalysisOptions):
     run: str
     """The run the probes are trained on."""
     test_run: str | None = None
@@ -140,18 +141,12 @@ class ProbeArgs(AnalysisOptions):
     top_n: int = 16
     """Features (or neurons) of the sparse probes."""
     seed: int = 0
-    json: str | None = None
-    """Write the results to this JSON file."""
-    plot: str | None = None
-    """Write a PNG: balanced accuracy against layer, per kind of probe (mean over labels)."""
 
     def __post_init__(self):
         super().__post_init__()
         check_positive("top_n", self.top_n)
         if not 0 < self.test_fraction < 1:
             raise UserError(f"--test_fraction must be in (0, 1), got {self.test_fraction}")
-        check_output(self.json, "--json")
-        check_output(self.plot, "--plot")
 
 
 def _check_test_run(run: Run, test: Run) -> None:
@@ -163,10 +158,7 @@ def _check_test_run(run: Run, test: Run) -> None:
 
 
 def _plot(res: ProbeResults, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for kind in KINDS:
         ax.plot(res.layers, np.nanmean(res.balanced_accuracy[kind], axis=1), marker="o", label=kind)
@@ -175,9 +167,7 @@ def _plot(res: ProbeResults, path: str) -> None:
     ax.set_title(f"probes of {res.run}, tested on {res.test}")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save(fig, path, 130)
 
 
 @cli
@@ -189,10 +179,8 @@ def main(argv=None):
         _check_test_run(run, test)
     labels = args.labels or [*data.shapes.COLOURS, *data.shapes.SHAPES, *data.shapes.SIZES]
     res = probe(run, test, labels, args)
-    print(f"balanced accuracy, mean over {len(labels)} labels (tested on {res.test}):")
-    print("layer " + "".join(f"{k:>9}" for k in KINDS))
-    for i, layer in enumerate(res.layers):
-        print(f"{layer:>5} " + "".join(f"{np.nanmean(res.balanced_accuracy[k][i]):>9.3f}" for k in KINDS))
+    print(format_layer_table(f"balanced accuracy, mean over {len(labels)} labels (tested on {res.test}):", res.layers,
+                             {k: np.nanmean(res.balanced_accuracy[k], axis=1) for k in KINDS}))
     if args.json:
         res.save(args.json)
     if args.plot:

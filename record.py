@@ -19,7 +19,7 @@ import data
 from correlation import RunsOptions
 from errors import UserError, cli
 from options import parse
-from runs import LayerInfo, Run, RunMeta, RunWriter, SeedInfo
+from runs import LayerInfo, Run, RunWriter, SeedInfo
 from train import encoder_pass, fvu_pooled
 from wrappedmodels import get_encoder_class
 

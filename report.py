@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from figures import pyplot, save
 from records import write_atomic
 from results import MEASURES, DemoResults, Similarity, Wmppc
 from runs import RunMeta
@@ -85,10 +86,7 @@ def checks(res: DemoResults) -> list[tuple[bool, str]]:
 def calibration_figure(pairs: dict[str, Wmppc], similarities: dict[str, Similarity], path: Path) -> None:
     """One panel per score: each pair's score as a point (wMPPC with its interval), its floor and
     ceiling as marks."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(pairs)
     panels = [("wMPPC (all layers)", [pairs[p].all_layers for p in names], [pairs[p].floor.all_layers for p in names],
                [pairs[p].ceiling.all_layers if pairs[p].ceiling else np.nan for p in names],
@@ -111,9 +109,7 @@ def calibration_figure(pairs: dict[str, Wmppc], similarities: dict[str, Similari
     axes[0].set_yticks(y, names)
     axes[0].invert_yaxis()
     axes[-1].legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save(fig, path, 130)
 
 
 RUN_HEAD = ["run", "model", "checkpoint", "modality", "token", "layers", "samples", "note", "train s"]

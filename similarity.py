@@ -20,8 +20,8 @@ import torch
 from correlation import StreamOptions, pair_cache
 from corr_cache import PairKey
 from errors import UserError, check_positive, cli
-from figures import format_table
-from options import check_output, parse
+from figures import format_table, pyplot, save
+from options import OutputOptions, parse
 from results import MEASURES, MeasureValues, Similarity, SimilarityTable
 from runs import Run, open_runs
 from streaming import merge_top
@@ -183,7 +183,7 @@ def similarity_table(runs: list[Run], engine: SimilarityEngine) -> SimilarityTab
 
 # ---- command line ------------------------------------------------------------------------------------
 @dataclass
-class SimilarityArgs(StreamOptions):
+class SimilarityArgs(OutputOptions, StreamOptions):
     source: str | None = None
     """Run A."""
     target: str | None = None
@@ -196,10 +196,6 @@ class SimilarityArgs(StreamOptions):
     """Share of the variance the principal components of SVCCA keep."""
     no_cache: bool = False
     """Neither read nor write <root>/.cache/."""
-    json: str | None = None
-    """Write the results to this JSON file."""
-    plot: str | None = None
-    """Write a PNG: the layer-pair matrix of each measure, or with --runs each measure's run matrix."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -211,8 +207,6 @@ class SimilarityArgs(StreamOptions):
                 raise UserError("--runs takes two or more distinct runs, without --source/--target")
         elif not (self.source and self.target):
             raise UserError("give --source A --target B, or --runs A B ...")
-        check_output(self.json, "--json")
-        check_output(self.plot, "--plot")
 
 
 @cli
@@ -243,11 +237,8 @@ def main(argv=None):
 
 def _plot_grid(panels: list[tuple[str, np.ndarray, list[str], list[str]]], title: str, path: str) -> None:
     """One heatmap per measure, side by side in one PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False, layout="constrained")
     for ax, (name, values, rows, cols) in zip(axes[0], panels):
         im = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0, vmax=1, aspect="auto")
         ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
@@ -255,8 +246,7 @@ def _plot_grid(panels: list[tuple[str, np.ndarray, list[str], list[str]]], title
         ax.set_title(name)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     fig.suptitle(title)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, 120)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from corr_cache import PairStats
 from correlation import Correlator, EngineOptions, tqdm_progress
 from errors import UserError, cli
 from figures import format_table, plot_heatmap
-from options import check_output, parse
+from options import OutputOptions, parse
 from results import Intervals, Scores, Wmppc, WmppcTable
 from runs import Run, open_runs
 
@@ -108,17 +108,13 @@ def wmppc_table(runs: list[Run], engine: Correlator, calibrate: bool = False, nu
 
 
 @dataclass
-class WmppcArgs(EngineOptions):
+class WmppcArgs(OutputOptions, EngineOptions):
     source: str | None = None
     """Run A."""
     target: str | None = None
     """Run B."""
     runs: list[str] | None = None
     """Several runs: every ordered pair (instead of --source/--target)."""
-    json: str | None = None
-    """Write the results to this JSON file."""
-    plot: str | None = None
-    """Write a heatmap PNG: the layer-pair matrix, or with --runs the all-layers matrix."""
     ci: bool = False
     """Add a 95% interval to every wMPPC: delete-one-block jackknife over 10 contiguous blocks of samples
     (computed by the dense path, whatever the codes)."""
@@ -136,8 +132,6 @@ class WmppcArgs(EngineOptions):
                 raise UserError(f"--runs lists a run twice: {' '.join(self.runs)}")
         elif not (self.source and self.target):
             raise UserError("give --source A --target B, or --runs A B ...")
-        check_output(self.json, "--json")
-        check_output(self.plot, "--plot")
 
 
 def _line(res: Wmppc) -> str:
