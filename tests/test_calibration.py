@@ -239,3 +239,13 @@ def test_record_reproduces_the_runs_own_samples_and_records_held_out_ones(tmp_pa
                                                    "--exclude", "shape=star", "--max_samples", "5"])
     assert "unknown shapes attribute 'shape=hexagon'" in error_line(record.main, [*base, "--runname", "x", "--where",
                                                                                   "shape=hexagon"])
+
+
+def test_training_on_a_filtered_set(tmp_path, bert):
+    import data
+
+    run = train(tmp_path, bert, "circles", "--where", "shape=circle", "--offset", "100")
+    ds = data.from_description(run.meta.dataset)
+    assert run.meta.dataset.where == ["shape=circle"] and run.meta.dataset.offset == 100 and len(ds) == 40
+    assert all(any(s["shape"] == "circle" for s in ds.attributes(n)["shapes"]) for n in range(40))
+    assert all("circle" in ds.caption(n) for n in range(40))
