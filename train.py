@@ -5,7 +5,6 @@ stores the pooled token of every sample; features are computed from those after 
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import time
@@ -216,12 +215,11 @@ def _record(cfg: TrainConfig, settings: SaeSettings, ds: data.PairedDataset, enc
     """The encoder pass that trains every layer's SAEs (one per seed, same batches) on its tokens."""
     if settings.sae_tokens == "pooled" and len(ds) < 2:
         raise UserError("--sae_tokens pooled needs at least 2 samples to train on")
-    sae_cfg = SaeConfig(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(SaeConfig)})
     trainers: dict[int, list[SaeTrainer]] = {}
 
     def train_on(layer: int, tokens_ND: Tensor) -> None:
         if layer not in trainers:
-            trainers[layer] = [SaeTrainer(tokens_ND.shape[-1], sae_cfg, device=device, seed=_init_seed(s, layer))
+            trainers[layer] = [SaeTrainer(tokens_ND.shape[-1], settings, device=device, seed=_init_seed(s, layer))
                                for s in settings.seeds]
         if settings.sae_tokens == "all":
             with torch.enable_grad():
