@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.preprocessing import StandardScaler
@@ -47,28 +48,40 @@ class ProbeResults(Record):
     top_n: int
     layers: list[int]
     labels: list[str]
+    """shapes attributes, or classes of `label_column`."""
     balanced_accuracy: dict[str, np.ndarray]
     """kind -> [L, labels]."""
     auroc: dict[str, np.ndarray]
     """kind -> [L, labels]."""
     train_where: list[str] = field(default_factory=list)
     test_where: list[str] = field(default_factory=list)
+    label_column: str | None = None
 
 
-def _labels(run: Run, names: list[str]) -> np.ndarray:
-    """[N, labels] bool from the run's shapes ground truth."""
-    ds = data.from_description(run.meta.dataset)
-    all_names, attrs_NA = data.attribute_matrix(ds)
+def run_labels(run: Run, names: list[str] | None, column: str | None = None,
+               strict: bool = True) -> tuple[list[str], np.ndarray]:
+    """(names, labels_NL) of the run's samples: shapes attributes or the classes of a label column (all of
+    them when `names` is None). Unknown names are an error when `strict`, else all-False columns (a class
+    that a test set happens to lack)."""
+    all_names, labels_NA = data.label_matrix(data.from_description(run.meta.dataset), column)
+    names = all_names if names is None else names
     unknown = [n for n in names if n not in all_names]
-    if unknown:
-        raise UserError(f"unknown label {', '.join(map(repr, unknown))}: shapes labels are {', '.join(all_names)}")
-    return attrs_NA[:, [all_names.index(n) for n in names]]
+    if unknown and strict:
+        what = f"the classes of column {column!r}" if column else "shapes labels"
+        listed = ", ".join(all_names[:40]) + (", ..." if len(all_names) > 40 else "")
+        raise UserError(f"unknown label {', '.join(map(repr, unknown))}: {what} are {listed}")
+    col = {n: k for k, n in enumerate(all_names)}
+    out = np.zeros((run.n_samples, len(names)), dtype=bool)
+    for j, n in enumerate(names):
+        if n in col:
+            out[:, j] = labels_NA[:, col[n]]
+    return names, out
 
 
 def _mask(run: Run, specs: list[str]) -> np.ndarray:
-    """[N] the samples having every KEY=VALUE attribute of `specs`."""
+    """[N] the samples having every KEY=VALUE attribute of `specs` (shapes)."""
     names = [filter_attribute(s) for s in specs]
-    return _labels(run, names).all(1) if names else np.ones(run.n_samples, dtype=bool)
+    return run_labels(run, names)[1].all(1) if names else np.ones(run.n_samples, dtype=bool)
 
 
 def _fit_score(x_train, y_train, x_test, y_test) -> tuple[float, float]:
@@ -81,9 +94,24 @@ def _fit_score(x_train, y_train, x_test, y_test) -> tuple[float, float]:
     return balanced_accuracy_score(y_test, clf.predict(x)), roc_auc_score(y_test, clf.decision_function(x))
 
 
+def column_auroc(x_NF: np.ndarray, y_NL: np.ndarray, block: int = 1024) -> np.ndarray:
+    """[L, F] AUROC of every column of x as a score for every label of y, ties counting one half (as
+    roc_auc_score): the Mann-Whitney U from scipy's average ranks, all pairs in one product per block of
+    columns. NaN for a label that is all True or all False."""
+    y = np.asarray(y_NL, dtype=np.float64)
+    n1 = y.sum(0)
+    n0 = len(y) - n1
+    out = np.empty((y.shape[1], x_NF.shape[1]))
+    for start in range(0, x_NF.shape[1], block):
+        ranks = rankdata(x_NF[:, start:start + block], axis=0)
+        out[:, start:start + block] = y.T @ ranks - (n1 * (n1 + 1) / 2)[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return out / (n1 * n0)[:, None]
+
+
 def _top(x_train: np.ndarray, y_train: np.ndarray, n: int) -> np.ndarray:
     """The n columns whose values alone separate the classes best (|AUROC - 0.5| on the training samples)."""
-    score = np.array([abs(roc_auc_score(y_train, col) - 0.5) if np.ptp(col) > 0 else 0.0 for col in x_train.T])
+    score = np.abs(column_auroc(x_train, y_train[:, None])[0] - 0.5)
     return np.argsort(-score, kind="stable")[:n]
 
 
@@ -94,15 +122,16 @@ def _features(run: Run, layer: int, codes: str, rows: np.ndarray, rng_seed: int,
     return {"sae": sae, "raw": raw, "random": np.maximum(raw @ proj, 0)}
 
 
-def probe(run: Run, test: Run | None, labels: list[str], opts: "ProbeArgs") -> ProbeResults:
-    y = _labels(run, labels)
+def probe(run: Run, test: Run | None, labels: list[str] | None, opts: "ProbeArgs") -> ProbeResults:
+    labels, y = run_labels(run, labels, opts.label_column)
     train_rows = np.flatnonzero(_mask(run, opts.train_where))
     if test is None:
         held = np.random.default_rng(opts.seed).random(run.n_samples) < opts.test_fraction
         test_rows, train_rows = np.flatnonzero(held & _mask(run, opts.test_where)), train_rows[~held[train_rows]]
         y_test_all = y
     else:
-        test_rows, y_test_all = np.flatnonzero(_mask(test, opts.test_where)), _labels(test, labels)
+        test_rows = np.flatnonzero(_mask(test, opts.test_where))
+        y_test_all = run_labels(test, labels, opts.label_column, strict=False)[1]
     if len(train_rows) == 0 or len(test_rows) == 0:
         raise UserError("no training or no test sample left after --train_where / --test_where / --test_fraction")
     layers = run.layers
@@ -120,7 +149,7 @@ def probe(run: Run, test: Run | None, labels: list[str], opts: "ProbeArgs") -> P
                     cols = _top(tr[base], y_tr, opts.top_n)
                     acc[kind][i, j], auc[kind][i, j] = _fit_score(tr[base][:, cols], y_tr, te[base][:, cols], y_te)
     return ProbeResults(run.name, test.name if test else f"{run.name} (held out)", opts.codes or "relu", opts.top_n,
-                        layers, labels, acc, auc, list(opts.train_where), list(opts.test_where))
+                        layers, labels, acc, auc, list(opts.train_where), list(opts.test_where), opts.label_column)
 
 
 @dataclass(kw_only=True)
@@ -130,8 +159,10 @@ class ProbeArgs(OutputOptions, AnalysisOptions):
     test_run: str | None = None
     """Test on this run (held-out samples recorded with record.py from --run); default: a held-out split."""
     labels: list[str] | None = None
-    """shapes labels (attribute names: red, circle, small, center, bg:blue, "red circle", ...); default:
-    every colour, shape and size."""
+    """shapes labels (attribute names: red, circle, small, center, bg:blue, "red circle", ...; default:
+    every colour, shape and size), or classes of --label_column (default: all)."""
+    label_column: str | None = None
+    """Hub or local datasets: the column whose values are the labels (one-vs-rest per class)."""
     train_where: list[str] = field(default_factory=list)
     """Train on the samples with these KEY=VALUE attributes only (a shift, with --test_where)."""
     test_where: list[str] = field(default_factory=list)
@@ -177,9 +208,11 @@ def main(argv=None):
     test = Run.open(args.root, args.test_run) if args.test_run else None
     if test is not None:
         _check_test_run(run, test)
-    labels = args.labels or [*data.shapes.COLOURS, *data.shapes.SHAPES, *data.shapes.SIZES]
+    labels = args.labels
+    if labels is None and args.label_column is None:
+        labels = [*data.shapes.COLOURS, *data.shapes.SHAPES, *data.shapes.SIZES]
     res = probe(run, test, labels, args)
-    print(format_layer_table(f"balanced accuracy, mean over {len(labels)} labels (tested on {res.test}):", res.layers,
+    print(format_layer_table(f"balanced accuracy, mean over {len(res.labels)} labels (tested on {res.test}):", res.layers,
                              {k: np.nanmean(res.balanced_accuracy[k], axis=1) for k in KINDS}))
     if args.json:
         res.save(args.json)

@@ -22,7 +22,7 @@ SHAPES_ARGS = ("image_size", "seed", "offset", "where", "exclude")
 """Extra arguments of shapes, kept by describe() so that from_description() re-creates it."""
 
 __all__ = ["DATASETS", "DATASETS_HELP", "DataOptions", "DatasetInfo", "PairedDataset", "ShapesConfig", "ShapesDataset", "attribute_matrix",
-           "attribute_names", "fingerprint", "from_description", "load_dataset"]
+           "attribute_names", "fingerprint", "from_description", "label_matrix", "load_dataset"]
 
 
 @dataclass(kw_only=True)
@@ -108,6 +108,18 @@ def _load(name: str, split: str | None, max_samples: int | None, **kwargs) -> Pa
     if os.path.isdir(os.path.expanduser(name)) or os.sep in name or name.startswith((".", "~")):
         return load_folder(name, split, max_samples)
     raise UserError(f"unknown dataset {name!r}: choose {DATASETS_HELP}")
+
+
+def label_matrix(ds: PairedDataset, column: str | None = None) -> tuple[list[str], np.ndarray]:
+    """(names, labels_NL): shapes' attributes, or (with `column`) one class per value of a label column,
+    one-vs-rest."""
+    if column is None:
+        if not isinstance(ds, ShapesDataset):
+            raise UserError(f"dataset {ds.name!r} has no built-in labels: name one of its label columns (--label_column)")
+        return attribute_matrix(ds)
+    values = np.asarray(ds.label_column(column), dtype=object)
+    names = sorted(set(values))
+    return names, values[:, None] == np.asarray(names, dtype=object)[None, :]
 
 
 def from_description(desc: DatasetInfo) -> PairedDataset:

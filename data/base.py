@@ -8,6 +8,8 @@ from functools import cached_property
 
 from PIL import Image
 
+from errors import UserError
+
 
 def fingerprint(name: str, split: str, sample_ids: list[str]) -> str:
     """sha256 of (name, split, ids in order): equal for an image run and a text run over the same
@@ -64,6 +66,11 @@ class PairedDataset:
         """Ground truth of sample i (shapes only); None elsewhere."""
         self._check(i)
         return None
+
+    def label_column(self, column: str) -> list[str]:
+        """Sample n's value in a label column (hub and local datasets; shapes has attributes instead)."""
+        raise UserError(f"dataset {self.name!r} has no label column {column!r}: "
+                        "only hub and local datasets have columns (shapes: use its attributes as labels)")
 
     @cached_property
     def fingerprint(self) -> str:

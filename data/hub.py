@@ -82,6 +82,17 @@ class HFDataset(PairedDataset):
     def caption(self, i: int) -> str:
         return self._captions[self._check(i)]
 
+    def label_column(self, column: str) -> list[str]:
+        import datasets
+
+        feature = self._ds.features.get(column)
+        if feature is None or column == self._image_col:
+            raise UserError(f"unknown label column {column!r}: the dataset's columns are "
+                            + ", ".join(c for c in self._ds.features if c != self._image_col))
+        if isinstance(feature, datasets.ClassLabel):  # class ids -> their names
+            return [feature.int2str(int(v)) for v in self._ds[column]]
+        return [_first(v) for v in self._ds[column]]
+
 
 def _first(value) -> str:
     if isinstance(value, (list, tuple)):

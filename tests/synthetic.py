@@ -1,15 +1,17 @@
 """Synthetic runs on disk, for tests and benchmarks: known activations and SAE weights, no model."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from correlation import Correlator, EngineOptions
-from data import DatasetInfo
+from data import DatasetInfo, PairedDataset, load_dataset
 from runs import LayerInfo, Run, RunMeta, RunWriter, SaeSettings
 
 Rows = Callable[[int, int], np.ndarray]
@@ -54,3 +56,14 @@ def make_run(root: str | Path, name: str, acts_by_layer: dict[int, np.ndarray | 
 def engine(codes: str = "relu", method: str | None = None, **opts) -> Correlator:
     """A CPU engine without a progress bar; `opts` are EngineOptions fields."""
     return Correlator(EngineOptions(codes=codes, device="cpu", **opts), method=method)
+
+
+def labelled_folder(root: Path, n: int = 80) -> PairedDataset:
+    """A local imagefolder whose metadata.jsonl has a `label` column (cat / dog / car, in turn)."""
+    root.mkdir()
+    rows = []
+    for k in range(n):
+        Image.new("RGB", (8, 8), (k, 0, 0)).save(root / f"img{k}.png")
+        rows.append({"file_name": f"img{k}.png", "text": f"picture {k}", "label": ("cat", "dog", "car")[k % 3]})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return load_dataset(str(root))

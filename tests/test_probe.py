@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from synthetic import make_run, random_sae_state
+from synthetic import labelled_folder, make_run, random_sae_state
 
 import data
 import probe
@@ -65,3 +65,21 @@ def test_bad_input(runs, error_line, argv, needle):
                  dataset=data.load_dataset("shapes", max_samples=N).describe())
         argv, needle = ["--test_run", "X"], "was not recorded from 'R'"
     assert needle in error_line(probe.main, ["--root", str(runs), "--run", "R", *argv])
+
+
+def test_label_column_of_a_local_dataset(tmp_path, error_line):
+    ds = labelled_folder(tmp_path / "imgs")
+    names, labels = data.label_matrix(ds, "label")
+    assert names == ["car", "cat", "dog"] and labels[:3].tolist() == [[0, 1, 0], [0, 0, 1], [1, 0, 0]]
+    n = len(ds)
+    x = np.random.default_rng(0).normal(size=(n, D)).astype(np.float32)
+    x[:, 0] += 4.0 * labels[:, 1]  # cat
+    make_run(tmp_path, "F", {0: x}, {0: random_sae_state(D, 4 * D, seed=1)}, dataset=ds.describe())
+    args = probe.ProbeArgs(root=str(tmp_path), run="F", device="cpu", label_column="label", test_fraction=0.5)
+    res = probe.probe(probe.Run.open(tmp_path, "F"), None, None, args)
+    assert res.labels == ["car", "cat", "dog"] and res.label_column == "label"
+    assert res.auroc["raw"][0, 1] > 0.9 and res.auroc["raw"][0, 0] < 0.8
+    base = ["--root", str(tmp_path), "--run", "F"]
+    assert "unknown label column 'kind'" in error_line(probe.main, [*base, "--label_column", "kind"])
+    assert "--label_column" in error_line(probe.main, base)  # no built-in labels outside shapes
+    assert "unknown label 'bird'" in error_line(probe.main, [*base, "--label_column", "label", "--labels", "bird"])
