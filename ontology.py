@@ -26,13 +26,12 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-import data
 from correlation import AnalysisOptions
 from errors import UserError, check_positive, cli
 from figures import format_layer_table, pyplot, save
 from options import OutputOptions, parse
 from probe import column_auroc, run_labels
-from records import Record
+from results import OntologyResults
 from runs import Run, check_comparable
 
 SHAPES_HIERARCHY = {
@@ -107,34 +106,6 @@ def load_hierarchy(path: str | None, run: Run, column: str | None) -> tuple[Hier
     return tree_, holds_NH
 
 
-@dataclass
-class OntologyResults(Record):
-    KIND = "ontology"
-    SCHEMA = 1
-
-    run: str
-    null: str
-    """"<run> (permuted)" or the null run's name."""
-    codes: str
-    threshold: float
-    top_samples: int
-    layers: list[int]
-    nodes: list[str]
-    depth: list[int]
-    best_auroc: dict[str, np.ndarray]
-    """kind -> [L, nodes]: the largest AUROC of one feature (neuron) for the node; NaN for a node that every
-    sample, or none, holds."""
-    lca_depth: dict[str, np.ndarray]
-    """kind -> [L, depth + 1]: the share of the firing features whose top samples' LCA is at each depth."""
-    coverage: dict[str, np.ndarray]
-    """kind -> [L]: the share of the scorable nodes with best AUROC >= threshold."""
-    mean_lca_depth: dict[str, np.ndarray]
-    """kind -> [L]."""
-    label_column: str | None = None
-    hierarchy: str | None = None
-    """The hierarchy file; None: the built-in shapes hierarchy."""
-
-
 def lca_depth(x_NF: np.ndarray, holds_NH: np.ndarray, depth_H: np.ndarray, top: int, codes: bool) -> np.ndarray:
     """[F] the depth of the deepest node that each feature's `top` largest-valued samples all hold (0: only
     the root); for `codes`, -1 for a feature positive on fewer than `top` samples (it has no top samples)."""
@@ -156,9 +127,10 @@ def layer_scores(x_NF: np.ndarray, holds_NH: np.ndarray, tree: Hierarchy, top: i
 
 
 def ontology(run: Run, null: Run, tree: Hierarchy, holds_NH: np.ndarray, opts: "OntologyArgs") -> OntologyResults:
-    best = {k: np.full((len(run.layers), len(tree.nodes)), np.nan) for k in KINDS}
-    lca = {k: np.zeros((len(run.layers), tree.depth.max() + 1)) for k in KINDS}
-    for i, layer in enumerate(tqdm(run.layers, desc=f"ontology of {run.name}", unit="layer", disable=None)):
+    layers = [run.resolve_layer(layer) for layer in opts.layers] if opts.layers else run.layers
+    best = {k: np.full((len(layers), len(tree.nodes)), np.nan) for k in KINDS}
+    lca = {k: np.zeros((len(layers), tree.depth.max() + 1)) for k in KINDS}
+    for i, layer in enumerate(tqdm(layers, desc=f"ontology of {run.name}", unit="layer", disable=None)):
         raw = run.read_acts(layer, slice(None)).numpy()
         xs = {"sae": run.dense_codes(layer, opts.codes or "relu", device=opts.torch_device).cpu().numpy(),
               "raw": np.concatenate([raw, -raw], axis=1),
@@ -168,7 +140,7 @@ def ontology(run: Run, null: Run, tree: Hierarchy, holds_NH: np.ndarray, opts: "
     scorable = ~np.isnan(best["sae"])
     coverage = {k: (np.nan_to_num(v) >= opts.threshold).sum(1) / np.maximum(scorable.sum(1), 1) for k, v in best.items()}
     mean_depth = {k: v @ np.arange(v.shape[1]) for k, v in lca.items()}
-    return OntologyResults(run.name, null.name, opts.codes or "relu", opts.threshold, opts.top_samples, run.layers,
+    return OntologyResults(run.name, null.name, opts.codes or "relu", opts.threshold, opts.top_samples, layers,
                            tree.nodes, tree.depth.tolist(), best, lca, coverage, mean_depth, opts.label_column,
                            opts.hierarchy)
 
@@ -186,6 +158,8 @@ class OntologyArgs(OutputOptions, AnalysisOptions):
     """A node is detected by a feature whose AUROC for it is at least this."""
     top_samples: int = 16
     """The samples whose labels' LCA is taken, per feature."""
+    layers: list[int] | None = None
+    """Layers to score (default: all of the run's)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -225,8 +199,9 @@ def main(argv=None):
     run = Run.open(args.root, args.run)
     tree, holds_NH = load_hierarchy(args.hierarchy, run, args.label_column)
     res = ontology(run, open_null(run, args.null), tree, holds_NH, args)
-    print(format_layer_table(f"share of the {len(tree.nodes)} hierarchy nodes some feature detects "
-                             f"(AUROC >= {args.threshold}):", res.layers, res.coverage))
+    scorable = int((~np.isnan(res.best_auroc["sae"][0])).sum())
+    print(format_layer_table(f"share of the {scorable} hierarchy nodes held by some samples but not all that some "
+                             f"feature detects (AUROC >= {args.threshold}):", res.layers, res.coverage))
     print(format_layer_table(f"mean depth of the LCA of each feature's top {args.top_samples} samples' labels:",
                              res.layers, res.mean_lca_depth))
     if args.json:

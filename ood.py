@@ -29,8 +29,8 @@ from correlation import StreamOptions
 from errors import UserError, check_positive, cli
 from figures import format_layer_table, pyplot, save
 from options import OutputOptions, parse
-from records import Record
-from runs import Run
+from results import OodResults
+from runs import Run, check_recorded_from
 
 SCORES = ("recon_error", "low_energy", "low_max", "knn_codes", "mahalanobis", "knn_raw")
 METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
@@ -81,19 +81,6 @@ def layer_scores(fit: Run, runs: list[Run], layer: int, k: int, device) -> list[
     return out
 
 
-@dataclass
-class OodResults(Record):
-    KIND = "ood"
-    SCHEMA = 1
-
-    fit: str
-    id: str
-    ood: str
-    layers: list[int]
-    metrics: dict[str, dict[str, list[float]]]
-    """score -> metric -> one value per layer."""
-
-
 @dataclass(kw_only=True)
 class OodArgs(OutputOptions, StreamOptions):
     id: str
@@ -114,7 +101,10 @@ def _fit_run(root: str, id_run: Run, ood_run: Run) -> Run:
     if None in sources or len(sources) != 1:
         raise UserError(f"--id {id_run.name!r} and --ood {ood_run.name!r} must both be recorded (record.py) from "
                         f"the same run; they come from {id_run.meta.sae_from!r} and {ood_run.meta.sae_from!r}")
-    return Run.open(root, sources.pop())
+    fit = Run.open(root, sources.pop())
+    check_recorded_from(id_run, fit, "--id")
+    check_recorded_from(ood_run, fit, "--ood")
+    return fit
 
 
 def ood(fit: Run, id_run: Run, ood_run: Run, k: int, device) -> tuple[OodResults, list[dict]]:

@@ -29,33 +29,11 @@ from data.shapes import filter_attribute
 from errors import UserError, check_positive, cli
 from figures import format_layer_table, pyplot, save
 from options import OutputOptions, parse
-from records import Record
-from runs import Run
+from results import ProbeResults
+from runs import Run, check_recorded_from
 
 KINDS = ("sae", "raw", "random", "sae_top", "raw_top")
 """What each probe reads: SAE codes, raw activations, random features, and the two sparse probes."""
-
-
-@dataclass
-class ProbeResults(Record):
-    KIND = "probe"
-    SCHEMA = 1
-
-    run: str
-    test: str
-    """The test run, or "<run> (held out)"."""
-    codes: str
-    top_n: int
-    layers: list[int]
-    labels: list[str]
-    """shapes attributes, or classes of `label_column`."""
-    balanced_accuracy: dict[str, np.ndarray]
-    """kind -> [L, labels]."""
-    auroc: dict[str, np.ndarray]
-    """kind -> [L, labels]."""
-    train_where: list[str] = field(default_factory=list)
-    test_where: list[str] = field(default_factory=list)
-    label_column: str | None = None
 
 
 def run_labels(run: Run, names: list[str] | None, column: str | None = None,
@@ -109,10 +87,11 @@ def column_auroc(x_NF: np.ndarray, y_NL: np.ndarray, block: int = 1024) -> np.nd
         return out / (n1 * n0)[:, None]
 
 
-def _top(x_train: np.ndarray, y_train: np.ndarray, n: int) -> np.ndarray:
-    """The n columns whose values alone separate the classes best (|AUROC - 0.5| on the training samples)."""
-    score = np.abs(column_auroc(x_train, y_train[:, None])[0] - 0.5)
-    return np.argsort(-score, kind="stable")[:n]
+def _top(x_train: np.ndarray, y_train_NL: np.ndarray, n: int) -> np.ndarray:
+    """[labels, n]: per label, the n columns whose values alone separate the classes best (|AUROC - 0.5| on
+    the training samples)."""
+    score = np.nan_to_num(np.abs(column_auroc(x_train, y_train_NL) - 0.5))
+    return np.argsort(-score, axis=1, kind="stable")[:, :n]
 
 
 def _features(run: Run, layer: int, codes: str, rows: np.ndarray, rng_seed: int, device) -> dict[str, np.ndarray]:
@@ -134,20 +113,21 @@ def probe(run: Run, test: Run | None, labels: list[str] | None, opts: "ProbeArgs
         y_test_all = run_labels(test, labels, opts.label_column, strict=False)[1]
     if len(train_rows) == 0 or len(test_rows) == 0:
         raise UserError("no training or no test sample left after --train_where / --test_where / --test_fraction")
-    layers = run.layers
+    layers = [run.resolve_layer(layer) for layer in opts.layers] if opts.layers else run.layers
     acc = {k: np.full((len(layers), len(labels)), np.nan) for k in KINDS}
     auc = {k: np.full((len(layers), len(labels)), np.nan) for k in KINDS}
     for i, layer in enumerate(tqdm(layers, desc=f"probes of {run.name}", unit="layer", disable=None)):
         tr = _features(run, layer, opts.codes or "relu", train_rows, opts.seed + layer, opts.torch_device)
         te = _features(test or run, layer, opts.codes or "relu", test_rows, opts.seed + layer, opts.torch_device)
+        y_tr, y_te = y[train_rows], y_test_all[test_rows]
+        top = {base: _top(tr[base], y_tr, opts.top_n) for base in ("sae", "raw")}
         for j in range(len(labels)):
-            y_tr, y_te = y[train_rows, j], y_test_all[test_rows, j]
             for kind in ("sae", "raw", "random"):
-                acc[kind][i, j], auc[kind][i, j] = _fit_score(tr[kind], y_tr, te[kind], y_te)
-            for kind, base in (("sae_top", "sae"), ("raw_top", "raw")):
-                if len(set(y_tr)) == 2:
-                    cols = _top(tr[base], y_tr, opts.top_n)
-                    acc[kind][i, j], auc[kind][i, j] = _fit_score(tr[base][:, cols], y_tr, te[base][:, cols], y_te)
+                acc[kind][i, j], auc[kind][i, j] = _fit_score(tr[kind], y_tr[:, j], te[kind], y_te[:, j])
+            for base in ("sae", "raw"):
+                cols = top[base][j]
+                acc[f"{base}_top"][i, j], auc[f"{base}_top"][i, j] = _fit_score(
+                    tr[base][:, cols], y_tr[:, j], te[base][:, cols], y_te[:, j])
     return ProbeResults(run.name, test.name if test else f"{run.name} (held out)", opts.codes or "relu", opts.top_n,
                         layers, labels, acc, auc, list(opts.train_where), list(opts.test_where), opts.label_column)
 
@@ -171,6 +151,8 @@ class ProbeArgs(OutputOptions, AnalysisOptions):
     """Without --test_run: the share of the run's samples held out for testing (seeded)."""
     top_n: int = 16
     """Features (or neurons) of the sparse probes."""
+    layers: list[int] | None = None
+    """Layers to probe (default: all of the run's)."""
     seed: int = 0
 
     def __post_init__(self):
@@ -178,14 +160,6 @@ class ProbeArgs(OutputOptions, AnalysisOptions):
         check_positive("top_n", self.top_n)
         if not 0 < self.test_fraction < 1:
             raise UserError(f"--test_fraction must be in (0, 1), got {self.test_fraction}")
-
-
-def _check_test_run(run: Run, test: Run) -> None:
-    """A test run must read the same encoder through the same SAEs."""
-    same = test.meta.sae_from == run.path.name or test.meta.run_id == run.meta.run_id
-    if not same or test.layers != run.layers:
-        raise UserError(f"--test_run {test.name!r} was not recorded from {run.name!r} (record.py --run "
-                        f"{run.name}): its features are another encoder's or SAE's")
 
 
 def _plot(res: ProbeResults, path: str) -> None:
@@ -207,7 +181,7 @@ def main(argv=None):
     run = Run.open(args.root, args.run)
     test = Run.open(args.root, args.test_run) if args.test_run else None
     if test is not None:
-        _check_test_run(run, test)
+        check_recorded_from(test, run, "--test_run")
     labels = args.labels
     if labels is None and args.label_column is None:
         labels = [*data.shapes.COLOURS, *data.shapes.SHAPES, *data.shapes.SIZES]

@@ -42,6 +42,17 @@ class RecordArgs(data.DataOptions, RunsOptions):
             raise UserError(f"--run {self.run}: give the run itself; every SAE seed of it is copied")
 
 
+def reusable(args: RecordArgs) -> Run | None:
+    """The run `args` would write, when it already exists: recorded from the same write of the source run
+    over the same samples."""
+    try:
+        old, source = Run.open(args.root, args.runname), Run.open(args.root, args.run)
+    except UserError:
+        return None
+    same = old.meta.sae_from == source.name and old.meta.sae_from_id == source.meta.run_id
+    return old if same and old.fingerprint == args.load().fingerprint else None
+
+
 def record(args: RecordArgs) -> Run:
     t0 = time.perf_counter()
     source = Run.open(args.root, args.run)
@@ -65,7 +76,7 @@ def record(args: RecordArgs) -> Run:
             first = per_seed[meta.sae.seeds[0]]
             layer_info[layer] = LayerInfo(sae.d_model, sae.n_features, fvu_pooled=first.fvu_pooled, per_seed=per_seed)
         new = writer.finish(dataclasses.replace(meta, runname=args.runname, dataset=ds.describe(), layer_info=layer_info,
-                                                sae_from=source.name))
+                                                sae_from=source.name, sae_from_id=source.meta.run_id))
     print(f"wrote {writer.final} ({len(new.layers)} layers of {source.name!r} over {len(ds)} samples, "
           f"{time.perf_counter() - t0:.1f} s); last layer FVU on them {first.fvu_pooled:.3f}")
     return Run.open(args.root, args.runname)

@@ -1,5 +1,6 @@
-"""Result files (SPEC §6, §7, §14): what wmppc.py, comp_sharedness.py and demo.py write and
-show.py, report.py read, as typed records with a schema number (see records.py)."""
+"""Result files (SPEC §6, §7, §11, §13, §14): what wmppc.py, comp_sharedness.py, similarity.py, probe.py,
+ood.py, ontology.py and demo.py write and show.py, report.py read, as typed records with a schema
+number (see records.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -162,6 +163,84 @@ class AttributeMatch:
 
 
 @dataclass
+class ProbeResults(Record):
+    """probe.py --json (SPEC §13)."""
+    KIND = "probe"
+    SCHEMA = 1
+
+    run: str
+    test: str
+    """The test run, or "<run> (held out)"."""
+    codes: str
+    top_n: int
+    layers: list[int]
+    labels: list[str]
+    """shapes attributes, or classes of `label_column`."""
+    balanced_accuracy: dict[str, np.ndarray]
+    """kind -> [L, labels]."""
+    auroc: dict[str, np.ndarray]
+    """kind -> [L, labels]."""
+    train_where: list[str] = field(default_factory=list)
+    test_where: list[str] = field(default_factory=list)
+    label_column: str | None = None
+
+
+@dataclass
+class OodResults(Record):
+    """ood.py --json (SPEC §13)."""
+    KIND = "ood"
+    SCHEMA = 1
+
+    fit: str
+    id: str
+    ood: str
+    layers: list[int]
+    metrics: dict[str, dict[str, list[float]]]
+    """score -> metric -> one value per layer."""
+
+
+@dataclass
+class OntologyResults(Record):
+    """ontology.py --json (SPEC §13)."""
+    KIND = "ontology"
+    SCHEMA = 1
+
+    run: str
+    null: str
+    """"<run> (permuted)" or the null run's name."""
+    codes: str
+    threshold: float
+    top_samples: int
+    layers: list[int]
+    nodes: list[str]
+    depth: list[int]
+    best_auroc: dict[str, np.ndarray]
+    """kind -> [L, nodes]: the largest AUROC of one feature (neuron) for the node; NaN for a node that every
+    sample, or none, holds."""
+    lca_depth: dict[str, np.ndarray]
+    """kind -> [L, depth + 1]: the share of the firing features whose top samples' LCA is at each depth."""
+    coverage: dict[str, np.ndarray]
+    """kind -> [L]: the share of the scorable nodes with best AUROC >= threshold."""
+    mean_lca_depth: dict[str, np.ndarray]
+    """kind -> [L]."""
+    label_column: str | None = None
+    hierarchy: str | None = None
+    """The hierarchy file; None: the built-in shapes hierarchy."""
+
+
+@dataclass
+class SaeProbes:
+    """The demo's SAE probes (SPEC §13), per demo run (effnet, minilm)."""
+    probes: dict[str, ProbeResults]
+    """Trained on the run's samples, tested on held-out samples recorded from it."""
+    shifted: dict[str, ProbeResults]
+    """Trained on one subset (--train_where), tested on another (--test_where)."""
+    ood: dict[str, list[OodResults]]
+    """One per held-out set (shapes and colours the SAEs never saw)."""
+    ontology: dict[str, OntologyResults]
+
+
+@dataclass
 class DemoResults(Record):
     """Everything demo.py measured; report.py renders it."""
     KIND = "demo"
@@ -187,3 +266,5 @@ class DemoResults(Record):
     """The grid image of each feature of `sharedness`, relative to the report."""
     seconds: float
     peak_rss_gib: float
+    probes: SaeProbes | None = None
+    """Without --no-probes."""

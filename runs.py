@@ -118,6 +118,8 @@ class RunMeta(Record):
     """The encoder's weights were re-initialised (a floor), not the checkpoint's."""
     sae_from: str | None = None
     """Made by record.py: the run whose encoder and SAEs (copied here) were applied to these samples."""
+    sae_from_id: str | None = None
+    """The run_id of that run when recorded: once it is trained again, this recording is stale."""
     versions: dict[str, str] = field(default_factory=dict)
     device: str | None = None
     run_id: str = ""
@@ -389,6 +391,19 @@ def warn_pooled_fit(run: Run) -> None:
             print(f"warning: run {run.name!r} layer {layer}: the SAE reconstructs the recorded pooled token worse "
                   f"than its mean (fvu_pooled {fvu:.2f} > 1), so its features mean little there; "
                   "training with --sae_tokens pooled fits them to those tokens", file=sys.stderr)
+
+
+def check_recorded_from(recorded: Run, source: Run, what: str) -> None:
+    """`recorded` (named by option `what`) must hold `source`'s features over other samples (record.py), or
+    be `source` itself."""
+    if recorded.meta.run_id == source.meta.run_id:
+        return
+    if recorded.meta.sae_from != source.path.name or recorded.layers != source.layers:
+        raise UserError(f"{what} {recorded.name!r} was not recorded from {source.name!r} (record.py --run "
+                        f"{source.name}): its features are another encoder's or SAE's")
+    if recorded.meta.sae_from_id not in (None, source.meta.run_id):
+        raise UserError(f"{what} {recorded.name!r} was recorded from an earlier write of {source.name!r}, which was "
+                        f"trained again since: record it again (record.py --run {source.name} --overwrite)")
 
 
 def check_comparable(runs: list[Run]) -> None:

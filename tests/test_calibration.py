@@ -3,6 +3,7 @@ permutation floor, SAE seeds and ceilings, random re-initialisation, SAEs traine
 the pooled-fit warning and the bad input of all of these."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -239,6 +240,15 @@ def test_record_reproduces_the_runs_own_samples_and_records_held_out_ones(tmp_pa
                                                    "--exclude", "shape=star", "--max_samples", "5"])
     assert "unknown shapes attribute 'shape=hexagon'" in error_line(record.main, [*base, "--runname", "x", "--where",
                                                                                   "shape=hexagon"])
+    held_args = record.parse(record.RecordArgs, [*base, "--runname", "held", "--offset", "40", "--max_samples", "12",
+                                                 "--exclude", "shape=star"], "")
+    assert record.reusable(held_args).meta.run_id == held.meta.run_id
+    assert record.reusable(dataclasses.replace(held_args, offset=41)) is None  # other samples
+    import probe
+
+    train(tmp_path, bert, "src", "--seeds", "0", "1", "--overwrite")  # the source trained again: "held" is stale
+    assert record.reusable(held_args) is None
+    assert "trained again since" in error_line(probe.main, [*base, "--test_run", "held", "--labels", "red"])
 
 
 def test_training_on_a_filtered_set(tmp_path, bert):
