@@ -6,7 +6,9 @@
    samples), plus a null run: the same text model over captions shuffled across samples.
 2. wMPPC for every ordered pair; Comparative Sharedness of the image model, shared with the text model
    and not with the null run; previews of the top features; their best ground-truth attribute.
-3. demo_out/report.html and report.md.
+3. SAE probes (SPEC §13) of both models: linear probes on held-out samples (in distribution and shifted),
+   OOD detection of a shape and a colour that SAEs trained without them never saw, ontology coverage.
+4. demo_out/report.html and report.md.
 """
 from __future__ import annotations
 
@@ -22,11 +24,16 @@ import numpy as np
 import data
 import report
 from comp_sharedness import comp_sharedness, top_features
+import record
 from correlation import Correlator, EngineOptions, tqdm_progress
-from errors import OptionError, check_at_least, cli
+from errors import OptionError, check_at_least, cli, resolve_device
+from ontology import OntologyArgs, load_hierarchy, ontology
+from ood import KNN_K, ood
+from probe import ProbeArgs, probe
+from record import RecordArgs
 from options import parse
 from report import IMAGE, NULL, TEXT
-from results import AttributeMatch, DemoResults
+from results import AttributeMatch, DemoResults, SaeProbes
 from runs import Run, poor_fits
 from sae import SaeConfig
 from show import GalleryOptions, sharedness_gallery
@@ -57,6 +64,8 @@ class DemoConfig:
     """SAE seeds of every run (trained in the same encoder pass): two give each run its seed ceiling."""
     paper_defaults: bool = False
     """The paper's SAE settings: lr 5e-5, batch 16 images and 256 captions."""
+    probes: bool = True
+    """The SAE probes section (SPEC §13): linear probes, OOD detection, ontology coverage (--no-probes: skip)."""
     overwrite: bool = False
     """Replace runs of an earlier demo made with other settings."""
     device: str = "auto"
@@ -78,20 +87,66 @@ RUNS = {  # name -> (modality, model, checkpoint, extra TrainConfig fields)
 }
 
 
-def _train_or_reuse(cfg: DemoConfig, name: str, root: Path) -> tuple[Run, float]:
-    """A run of an earlier demo with the same settings is reused; other settings need --overwrite."""
+def _train_or_reuse(cfg: DemoConfig, name: str, root: Path, **changes) -> tuple[Run, float]:
+    """A run of an earlier demo with the same settings is reused; other settings need --overwrite.
+    `changes`: TrainConfig fields that differ from run `name`'s (another runname, say)."""
     modality, model, checkpoint, extra = RUNS[name]
     tcfg = TrainConfig(runname=name, model=model, checkpoint=checkpoint, layers=cfg.layers, dataset="shapes",
                        max_samples=cfg.max_samples, batch_size=cfg.batch_size, root=str(root),
                        overwrite=cfg.overwrite, device=cfg.device, seeds=cfg.seeds,
                        image_size=cfg.image_size if modality == "image" else None, **extra)
+    tcfg = dataclasses.replace(tcfg, **changes)
     sae_cfg = SaeConfig(lr=cfg.lr)
     run = reusable(tcfg, sae_cfg, modality)
     if run is not None:
         print(f"reusing {run.path} (same settings)")
         return run, 0.0
     res = train(tcfg, sae_cfg, modality)
-    return Run.open(root, name), res.seconds
+    return Run.open(root, tcfg.runname), res.seconds
+
+
+PROBE_LABELS = ["red", "circle", "small"]
+SHIFT = (["shape=circle"], ["shape=square"], ["red", "small"])
+"""Shifted probes: trained on samples with a circle, tested on samples with a square, for these labels."""
+HELD_OUT = {"stars": "shape=star", "purple": "colour=purple"}
+"""The OOD sets: a shape and a colour that the OOD runs' SAEs never saw."""
+PROBE_LAYERS = 4
+"""Layers probed per run, evenly spaced, the last included (probes are the demo's slowest part)."""
+
+
+def _recorded(cfg: DemoConfig, root: Path, source: str, runname: str, **samples) -> Run:
+    """record.py of `source` over other shapes samples, reused when already there."""
+    args = RecordArgs(root=str(root), run=source, runname=runname, device=cfg.device, overwrite=True, **samples)
+    return record.reusable(args) or record.record(args)
+
+
+def sae_probes(cfg: DemoConfig, runs: dict[str, Run], root: Path) -> SaeProbes:
+    """SPEC §13 on effnet and minilm: probes in distribution and shifted, OOD detection of held-out shapes
+    and colours, ontology coverage."""
+    n_test = max(100, cfg.max_samples // 4)
+    ood_offset = 10 * cfg.max_samples  # past the samples the OOD runs scanned (they skip ~40%)
+    out = SaeProbes({}, {}, {}, {})
+    for name in (IMAGE, TEXT):
+        run = runs[name]
+        layers = sorted({run.layers[i] for i in np.linspace(0, len(run.layers) - 1, PROBE_LAYERS).round().astype(int)})
+        test = _recorded(cfg, root, name, f"{name}_test", offset=cfg.max_samples, max_samples=n_test)
+        args = ProbeArgs(root=str(root), run=name, device=cfg.device, layers=layers)
+        out.probes[name] = probe(run, test, PROBE_LABELS, args)
+        train_where, test_where, labels = SHIFT
+        out.shifted[name] = probe(run, test, labels, dataclasses.replace(args, train_where=train_where,
+                                                                         test_where=test_where))
+        tree, holds_NH = load_hierarchy(None, run, None)
+        out.ontology[name] = ontology(run, run.permuted(), tree, holds_NH,
+                                      OntologyArgs(root=str(root), run=name, device=cfg.device, layers=layers))
+        fit, _ = _train_or_reuse(cfg, name, root, runname=f"{name}_ood", layers=layers, seeds=cfg.seeds[:1],
+                                 exclude=list(HELD_OUT.values()))
+        id_set = _recorded(cfg, root, fit.name, f"{name}_ood_id", offset=ood_offset, max_samples=n_test,
+                           exclude=list(HELD_OUT.values()))
+        out.ood[name] = [ood(fit, id_set, _recorded(cfg, root, fit.name, f"{name}_ood_{what}", offset=ood_offset,
+                                                    max_samples=n_test // 2, where=[spec]), KNN_K,
+                             resolve_device(cfg.device))[0]
+                         for what, spec in HELD_OUT.items()]
+    return out
 
 
 def feature_attributes(run: Run, features: list[int], names: list[str], attrs_NA: np.ndarray) -> list[tuple[str, float]]:
@@ -125,6 +180,7 @@ def run_demo(cfg: DemoConfig) -> DemoResults:
     shared.save(out / "comp_sharedness.json")
     gallery = sharedness_gallery(shared, GalleryOptions(root=str(root), out=str(out / "imgs" / "shared"),
                                                         overwrite=True, device=cfg.device))
+    probes = sae_probes(cfg, runs, root) if cfg.probes else None
     results = DemoResults(
         config=dataclasses.asdict(cfg), runs={n: r.meta for n, r in runs.items()}, train_seconds=seconds,
         wmppc=pairs, similarity=similarities, sharedness=shared, attributes=_attributes(runs, shared.features),
@@ -132,7 +188,8 @@ def run_demo(cfg: DemoConfig) -> DemoResults:
                    for s in r.meta.sae.seeds for layer, fvu in poor_fits(r.with_seed(s))],
         gallery=str(gallery.index.relative_to(out.resolve())),
         grids=[str(gallery.grids[IMAGE, f.feature].relative_to(out.resolve())) for f in shared.features],
-        seconds=time.perf_counter() - t0, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+        seconds=time.perf_counter() - t0, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        probes=probes)
     results.save(out / "results.json")
     report.write(results, out)
     return results

@@ -32,8 +32,12 @@ from options import OutputOptions, parse
 from results import OodResults
 from runs import Run, check_recorded_from
 
-SCORES = ("recon_error", "low_energy", "low_max", "knn_codes", "mahalanobis", "knn_raw")
+SAE_SCORES = ("recon_error", "low_energy", "low_max", "knn_codes")
+RAW_SCORES = ("mahalanobis", "knn_raw")
+SCORES = SAE_SCORES + RAW_SCORES
 METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
+KNN_K = 10
+"""Neighbours of the kNN scores by default."""
 
 
 class Detection(NamedTuple):
@@ -87,7 +91,7 @@ class OodArgs(OutputOptions, StreamOptions):
     """In-distribution test samples: a run recorded with record.py from the fitted run."""
     ood: str
     """Out-of-distribution samples, recorded from the same run."""
-    k: int = 10
+    k: int = KNN_K
     """Neighbours of the kNN scores."""
 
     def __post_init__(self):

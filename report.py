@@ -8,7 +8,12 @@ import numpy as np
 
 from figures import pyplot, save
 from records import write_atomic
-from results import MEASURES, DemoResults, Similarity, Wmppc
+from ontology import KINDS as ONTOLOGY_KINDS
+from ood import RAW_SCORES as RAW_OOD_SCORES
+from ood import SAE_SCORES as SAE_OOD_SCORES
+from ood import SCORES as OOD_SCORES
+from probe import KINDS as PROBE_KINDS
+from results import MEASURES, DemoResults, ProbeResults, SaeProbes, Similarity, Wmppc
 from runs import RunMeta
 
 IMAGE, TEXT, NULL = "effnet", "minilm", "null"
@@ -147,6 +152,96 @@ def settings(res: DemoResults) -> str:
             "`uv run demo.py --paper_defaults` uses it.")
 
 
+PROBES_INTRO = ("After Olson et al. (arXiv 2508.11277). Probes: logistic regressions trained on the run's samples and "
+                "tested on held-out samples recorded with record.py (never seen by the SAEs), on the SAE's codes (`sae`), "
+                "the raw pooled activations (`raw`), ReLU random features of the SAE's width (`random`), and the 16 "
+                "best single features or neurons (`*_top`); balanced accuracy, mean over the labels. Shifted: trained on "
+                "samples with a circle, tested on samples with a square. OOD: runs trained without stars and purple "
+                "shapes score held-out stars and purple shapes against held-out in-distribution samples (AUROC; below "
+                "0.5 the score ranks the sets the other way round). Ontology: the share of the hierarchy's nodes "
+                "(warm / cool / achromatic colours, round / angular / pointed shapes, sizes) that one feature detects "
+                "with AUROC >= 0.9, and the mean depth of the lowest common ancestor of each feature's top samples; "
+                "`null`: the SAE's codes with the samples permuted.")
+
+
+def _probe_tables(p: SaeProbes) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, head, rows) of each table of the SAE probes section."""
+    def acc_rows(by_run: dict[str, ProbeResults]) -> list[list[str]]:
+        return [[name, str(layer), *(f"{np.nanmean(r.balanced_accuracy[k][i]):.3f}" for k in PROBE_KINDS)]
+                for name, r in by_run.items() for i, layer in enumerate(r.layers)]
+
+    first = next(iter(p.probes.values()))
+    shift = next(iter(p.shifted.values()))
+    ood_rows = [[name, o.ood, str(layer), *(f"{o.metrics[sc]['auroc'][i]:.3f}" for sc in OOD_SCORES)]
+                for name, sets in p.ood.items() for o in sets for i, layer in enumerate(o.layers)]
+    onto_rows = [[name, str(layer), *(f"{o.coverage[k][i]:.2f}" for k in ONTOLOGY_KINDS),
+                  *(f"{o.mean_lca_depth[k][i]:.2f}" for k in ONTOLOGY_KINDS)]
+                 for name, o in p.ontology.items() for i, layer in enumerate(o.layers)]
+    return [(f"Probes in distribution ({', '.join(first.labels)}): balanced accuracy", ["run", "layer", *PROBE_KINDS],
+             acc_rows(p.probes)),
+            (f"Probes under a shift ({', '.join(shift.labels)}; train {' '.join(shift.train_where)}, test "
+             f"{' '.join(shift.test_where)})", ["run", "layer", *PROBE_KINDS], acc_rows(p.shifted)),
+            ("OOD detection: AUROC", ["run", "OOD set", "layer", *OOD_SCORES], ood_rows),
+            ("Ontology: coverage and LCA depth", ["run", "layer", *(f"coverage {k}" for k in ONTOLOGY_KINDS),
+                                                  *(f"LCA depth {k}" for k in ONTOLOGY_KINDS)], onto_rows)]
+
+
+def probe_findings(p: SaeProbes) -> list[str]:
+    """Which of SAE or raw wins where, in words."""
+    out = []
+    for name, r in p.probes.items():
+        for what, res in (("in distribution", r), ("shifted", p.shifted[name])):
+            sae, raw, rnd = (np.nanmean(res.balanced_accuracy[k], 1) for k in ("sae", "raw", "random"))
+            wins = [str(layer) for layer, a, b in zip(res.layers, sae, raw) if a > b]
+            out.append(f"{name} probes {what}: SAE above raw at layers {', '.join(wins) or 'none'} of "
+                       f"{', '.join(map(str, res.layers))}; random features of the same width "
+                       f"{'match or beat' if (rnd >= sae - 0.005).all() else 'fall below'} the SAE")
+        for o in p.ood[name]:
+            best = {sc: max(o.metrics[sc]["auroc"]) for sc in OOD_SCORES}
+            top = max(best, key=best.get)
+            out.append(f"{name} OOD {o.ood}: best score {top} (AUROC {best[top]:.3f}); best SAE score "
+                       f"{max(best[s] for s in SAE_OOD_SCORES):.3f}, best raw {max(best[s] for s in RAW_OOD_SCORES):.3f}")
+        o = p.ontology[name]
+        out.append(f"{name} ontology coverage, last probed layer: sae {o.coverage['sae'][-1]:.2f}, raw "
+                   f"{o.coverage['raw'][-1]:.2f}, null {o.coverage['null'][-1]:.2f}")
+    return out
+
+
+def probes_figure(p: SaeProbes, path: Path) -> None:
+    """Per run: probe accuracy (in distribution, shifted), OOD AUROC of the held-out sets, ontology coverage."""
+    plt = pyplot()
+    names = list(p.probes)
+    fig, axes = plt.subplots(len(names), 4, figsize=(16, 3.3 * len(names)), squeeze=False)
+    for row, name in zip(axes, names):
+        for ax, res, title in ((row[0], p.probes[name], "probes"), (row[1], p.shifted[name], "probes, shifted")):
+            for k in PROBE_KINDS:
+                ax.plot(res.layers, np.nanmean(res.balanced_accuracy[k], 1), marker="o", label=k)
+            ax.set_title(f"{name}: {title}", fontsize=10)
+            ax.set_ylabel("balanced accuracy")
+        for o, ls in zip(p.ood[name], ("-", "--")):
+            for sc, colour in zip(OOD_SCORES, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+                row[2].plot(o.layers, o.metrics[sc]["auroc"], ls=ls, color=colour, marker=".",
+                            label=f"{sc} ({o.ood.rsplit('_', 1)[-1]})")
+        row[2].set_title(f"{name}: OOD AUROC", fontsize=10)
+        o = p.ontology[name]
+        for k in ONTOLOGY_KINDS:
+            row[3].plot(o.layers, o.coverage[k], marker="o", label=k)
+        row[3].set_title(f"{name}: ontology coverage", fontsize=10)
+        for ax in row:
+            ax.set_xlabel("layer")
+            ax.legend(fontsize=6)
+    save(fig, path, 110)
+
+
+def _probes_html(p: SaeProbes | None) -> str:
+    if p is None:
+        return ""
+    tables = "".join(f"<h3>{html.escape(title)}</h3>{_html_table(head, rows)}" for title, head, rows in _probe_tables(p))
+    findings = "".join(f"<li>{html.escape(line)}</li>" for line in probe_findings(p))
+    return (f"<h2>SAE probes: probes, OOD detection, ontology</h2><p>{html.escape(PROBES_INTRO)}</p><ul>{findings}</ul>"
+            f'<div class="plots"><img src="probes.png" alt="SAE probes" style="max-width:100%"></div>{tables}')
+
+
 def write(res: DemoResults, out: Path) -> None:
     s = _sections(res)
     runs = res.runs
@@ -162,10 +257,16 @@ def write(res: DemoResults, out: Path) -> None:
           *(f"- {w}" for w in res.poor_fits or ["none"]),
           f"\n## Top shared features of `{IMAGE}` (last layer)\n", _md_table(FEAT_HEAD, s["feat_rows"]),
           f"\nPreviews: [{res.gallery}]({res.gallery})\n"]
+    if res.probes is not None:
+        md += ["\n## SAE probes: probes, OOD detection, ontology\n", PROBES_INTRO, "",
+               *(f"- {line}" for line in probe_findings(res.probes)), "\n![SAE probes](probes.png)\n"]
+        md += [f"\n### {title}\n\n{_md_table(head, rows)}" for title, head, rows in _probe_tables(res.probes)]
     for name, meta in runs.items():
         md += [f"\n## SAE quality: `{name}`\n", _md_table(QUALITY_HEAD, _quality_rows(meta))]
     md.append(f"\nTotal {res.seconds:.0f} s, peak memory {res.peak_rss_gib:.2f} GiB.\n")
     write_atomic(out / "report.md", lambda tmp: tmp.write_text("\n".join(md)))
+    if res.probes is not None:
+        probes_figure(res.probes, out / "probes.png")
 
     quality = "".join(f"<h3>{html.escape(n)}</h3>{_html_table(QUALITY_HEAD, _quality_rows(m))}" for n, m in runs.items())
     cards = "".join(
@@ -194,7 +295,7 @@ figure{{margin:0;width:200px}} figure img{{width:200px;border-radius:4px}} figca
 <ul>{"".join(f"<li>{html.escape(w)}</li>" for w in res.poor_fits or ["none"])}</ul>
 <h2>Top shared features of <code>{IMAGE}</code> (last layer)</h2>{_html_table(FEAT_HEAD, s["feat_rows"])}
 <div class="grids">{cards}</div><p><a href="{html.escape(res.gallery)}">Open the feature gallery</a></p>
-<h2>SAE quality per layer</h2>{quality}
+{_probes_html(res.probes)}<h2>SAE quality per layer</h2>{quality}
 <p>Total {res.seconds:.0f} s, peak memory {res.peak_rss_gib:.2f} GiB.</p></body></html>"""
     write_atomic(out / "report.html", lambda tmp: tmp.write_text(page))
 
@@ -210,4 +311,5 @@ def summary(res: DemoResults, out: Path) -> str:
                       for p, w in res.wmppc.items())
             + (f"checks FAILED: {'; '.join(failed)}\n" if failed else "checks: all passed\n")
             + f"{len(res.poor_fits)} SAE layers fit the recorded pooled token worse than its mean\n"
-            f"{res.seconds:.0f} s, peak memory {res.peak_rss_gib:.2f} GiB")
+            + "".join(f"{line}\n" for line in (probe_findings(res.probes) if res.probes else []))
+            + f"{res.seconds:.0f} s, peak memory {res.peak_rss_gib:.2f} GiB")

@@ -82,7 +82,8 @@ def test_second_demo_reuses_runs(demo_run, capsys):
     demo.main(["--out", str(demo_run), "--max_samples", "120", "--layers", "0", "-1", "--image_size", "64",
                "--top", "4"])
     out = capsys.readouterr().out
-    assert out.count("reusing") == 3 and "report:" in out
+    assert out.count("reusing") == 5 and "report:" in out  # 3 runs and the 2 OOD runs
+    assert "layers of" not in out  # nor are the held-out and OOD sets recorded again (record.py: "wrote R (L layers of S")
 
 
 def test_other_settings_need_overwrite(demo_run, error_line):
@@ -110,3 +111,27 @@ def test_report_is_calibrated(demo_run):
     md = (demo_run / "report.md").read_text()
     assert "## Calibrated comparison" in md and "Checks:" in md and "fvu_pooled > 1" in md
     assert (demo_run / "calibration.png").stat().st_size > 10_000
+
+
+def test_sae_probes_section(demo_run):
+    """Held-out and OOD sets never reach SAE training; the report shows what results.json holds."""
+    import data
+    from results import DemoResults
+
+    res = DemoResults.load(demo_run / "results.json")
+    root = demo_run / "sae_features"
+    ids = lambda name: set(data.from_description(Run.open(root, name).meta.dataset).sample_ids)  # noqa: E731
+    for name in (IMAGE, TEXT):
+        assert Run.open(root, f"{name}_test").meta.sae_from == name and not ids(name) & ids(f"{name}_test")
+        fit = data.from_description(Run.open(root, f"{name}_ood").meta.dataset)
+        assert not any(s["shape"] == "star" or s["colour"] == "purple"
+                       for n in range(len(fit)) for s in fit.attributes(n)["shapes"])
+        stars = data.from_description(Run.open(root, f"{name}_ood_stars").meta.dataset)
+        assert all(any(s["shape"] == "star" for s in stars.attributes(n)["shapes"]) for n in range(len(stars)))
+        assert [o.ood for o in res.probes.ood[name]] == [f"{name}_ood_stars", f"{name}_ood_purple"]
+        onto = res.probes.ontology[name]
+        assert onto.coverage["null"].max() == 0 and onto.layers[-1] == Run.open(root, name).layers[-1]
+    md = (demo_run / "report.md").read_text()
+    acc = np.nanmean(res.probes.probes[IMAGE].balanced_accuracy["sae"][-1])
+    assert "## SAE probes" in md and f"| {IMAGE} | {res.probes.probes[IMAGE].layers[-1]} | {acc:.3f} |" in md
+    assert (demo_run / "probes.png").stat().st_size > 10_000
