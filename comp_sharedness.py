@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+import distributed
 from correlation import Correlator, EngineOptions, tqdm_progress
 from errors import UserError, check_at_least, cli
 from options import check_output, parse
@@ -117,6 +118,7 @@ class SharednessArgs(EngineOptions):
 @cli
 def main(argv=None):
     args = parse(SharednessArgs, argv, "Comparative Sharedness of the features of one run (SPEC §7)")
+    distributed.init(args.torch_device)
     engine = Correlator(args, progress=tqdm_progress("correlations"))
     source, *others = open_runs(args.root, [args.source, *args.min_group, *args.max_group])
     others = [r.permuted() for r in others] if args.null == "permute" else others

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 import corr_dense
+import distributed
 import corr_sparse
 from corr_cache import PairCache, PairKey, PairStats
 from corr_dense import LayerSize, Moments, Unit
@@ -160,9 +161,22 @@ class Correlator:
             self._topk = {k: v for k, v in self._topk.items() if k[0] in (run_a.key, run_b.key)}
             la = [a for a in run_a.layers if any(p[0] == a for p in missing)]
             lb = [b for b in run_b.layers if any(p[1] == b for p in missing)]
-            for p, stats in self._compute(run_a, run_b, la, lb).items():
+            if distributed.world_size() > 1:  # each rank its share of A's layers, then all read the cache
+                if cache.folder is None:
+                    raise UserError("several processes (torchrun) share their results through the pair cache: "
+                                    "drop --no_cache")
+                cost = [run_a.n_samples * run_a.n_features(a) * sum(map(run_b.n_features, lb)) for a in la]
+                la = [la[i] for i in distributed.share(cost)]
+            for p, stats in (self._compute(run_a, run_b, la, lb) if la else {}).items():
                 cache.save(key(*p), {k: v for k, v in stats._asdict().items() if v is not None})
                 found[p] = stats
+            if distributed.world_size() > 1:
+                distributed.barrier()
+                found.update({p: self._load(cache, key(*p), run_a.n_features(p[0])) for p in missing if found[p] is None})
+                lost = [p for p in missing if found[p] is None]
+                if lost:
+                    raise UserError(f"layer pair {lost[0]} of {run_a.name} -> {run_b.name} is missing from the cache "
+                                    f"{cache.folder} after every rank finished (a failed write: see the warnings)")
         return {p: found[p] for p in pairs}
 
     def _load(self, cache: PairCache, key: PairKey, n_features: int) -> PairStats | None:

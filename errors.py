@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from distributed import local_device
+
 
 class UserError(Exception):
     """A mistake in the input (flags, runs, files, offline resources); its message is the whole answer."""
@@ -53,16 +55,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def resolve_device(device: str) -> torch.device:
-    """`auto` is cuda when present, else cpu."""
+    """`auto` is cuda when present, else cpu; under torchrun, `cuda` is this rank's GPU (LOCAL_RANK)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise OptionError("device", f"unknown {{opt}} {device!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise OptionError("device", f"{{opt}} {device} asked for but no CUDA GPU is available; use {{opt}} cpu")
-    return dev
+    return local_device(dev)
 
 
 def check_positive(option: str, value: float | None) -> None:

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 import torch
 
+import distributed
 from correlation import StreamOptions, pair_cache
 from corr_cache import PairKey
 from errors import UserError, check_positive, cli
@@ -158,8 +159,21 @@ class SimilarityEngine:
         cache.save(key, {m: np.array(v) for m, v in out.items()})
         return out
 
+    def prefill(self, jobs: list[tuple[Run, Run, int, int]]) -> None:
+        """Under torchrun: each rank computes and caches its share of the (A, B, a, b) pairs, and waits for the
+        others, so that every rank then reads them all from the cache."""
+        if distributed.world_size() == 1:
+            return
+        if not self.use_cache:
+            raise UserError("several processes (torchrun) share their results through the cache: drop --no_cache")
+        cost = [ra.n_samples * (ra.acts(a).shape[1] * rb.acts(b).shape[1] + ra.n_samples) for ra, rb, a, b in jobs]
+        for i in distributed.share(cost):
+            self.pair(*jobs[i])
+        distributed.barrier()
+
     def compare(self, run_a: Run, run_b: Run) -> Similarity:
         la, lb = run_a.layers, run_b.layers
+        self.prefill([(run_a, run_b, a, b) for a in la for b in lb] + [(run_a, run_b.permuted(), la[-1], lb[-1])])
         values = {(a, b): self.pair(run_a, run_b, a, b) for a in la for b in lb}
         floor = self.pair(run_a, run_b.permuted(), la[-1], lb[-1])
         measures = {m: MeasureValues(values[la[-1], lb[-1]][m], np.array([[values[a, b][m] for b in lb] for a in la]))
@@ -169,6 +183,8 @@ class SimilarityEngine:
 
 def similarity_table(runs: list[Run], engine: SimilarityEngine) -> SimilarityTable:
     r = len(runs)
+    engine.prefill([(a, c, a.layers[-1], c.layers[-1]) for a in runs for b in runs if a is not b
+                    for c in (b, b.permuted())])
     values = {m: np.full((r, r), np.nan) for m in MEASURES}
     floor = {m: np.full((r, r), np.nan) for m in MEASURES}
     for i, a in enumerate(runs):
@@ -213,6 +229,7 @@ class SimilarityArgs(OutputOptions, StreamOptions):
 def main(argv=None):
     args = parse(SimilarityArgs, argv, "Classic similarity measures between runs: CKA, debiased CKA, SVCCA, "
                                        "mutual kNN (SPEC §11)")
+    distributed.init(args.torch_device)
     engine = SimilarityEngine(args.chunk_size, args.k, args.variance, not args.no_cache)
     names = args.runs or [args.source, args.target]
     runs = open_runs(args.root, names, features=False)

@@ -11,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+import distributed
 from corr_cache import PairStats
 from correlation import Correlator, EngineOptions, tqdm_progress
 from errors import UserError, cli
@@ -146,6 +147,7 @@ def _line(res: Wmppc) -> str:
 @cli
 def main(argv=None):
     args = parse(WmppcArgs, argv, "wMPPC between SAE runs (SPEC §6)")
+    distributed.init(args.torch_device)
     engine = Correlator(args, progress=tqdm_progress("correlations"), jackknife=args.ci)
     if args.runs is None:
         run_a, run_b = open_runs(args.root, [args.source, args.target])
