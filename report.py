@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
-from figures import pyplot, save
+from figures import plot_heatmap, pyplot, save
 from records import write_atomic
 from ontology import KINDS as ONTOLOGY_KINDS
 from ood import RAW_SCORES as RAW_OOD_SCORES
 from ood import SAE_SCORES as SAE_OOD_SCORES
 from ood import SCORES as OOD_SCORES
 from probe import KINDS as PROBE_KINDS
-from results import MEASURES, DemoResults, ProbeResults, SaeProbes, Similarity, Wmppc
+from results import MEASURES, DemoResults, ProbeResults, SaeProbes, Similarity, StudyResults, Wmppc
 from runs import RunMeta
 
 IMAGE, TEXT, NULL = "effnet", "minilm", "null"
@@ -55,19 +55,22 @@ def _sections(res: DemoResults) -> dict:
                   f"{html.escape(at.attribute)} (r={at.r:.2f})", f"{html.escape(at.match_attribute)} (r={at.match_r:.2f})"]
                  for f, at in zip(res.sharedness.features, res.attributes)]
     return {"run_rows": run_rows, "wm_rows": wm_rows, "feat_rows": feat_rows, "names": names,
-            "cal_rows": [_calibration_row(pair, res) for pair in res.wmppc]}
+            "cal_rows": [_calibration_row(pair, res.wmppc, res.similarity) for pair in res.wmppc]}
 
 
 CAL_HEAD = ["pair (A -> B)", "wMPPC all layers [95% CI]", "floor", "ceiling", "wMPPC last layer [95% CI]",
             *(f"{m} (floor)" for m in MEASURES)]
 
 
-def _calibration_row(pair: str, res: DemoResults) -> list[str]:
-    w, sim = res.wmppc[pair], res.similarity[pair]
-    return [pair, f"{w.all_layers:.3f} [{w.ci.all_layers[0]:.3f}, {w.ci.all_layers[1]:.3f}]",
-            f"{w.floor.all_layers:.3f}", f"{w.ceiling.all_layers:.3f}" if w.ceiling else "–",
-            f"{w.last_layer:.3f} [{w.ci.last_layer[0]:.3f}, {w.ci.last_layer[1]:.3f}]",
-            *(f"{sim.measures[m].last_layer:.3f} ({sim.floor[m]:.3f})" for m in MEASURES)]
+def _calibration_row(pair: str, wmppc: dict[str, Wmppc], similarity: dict[str, Similarity]) -> list[str]:
+    w, sim = wmppc[pair], similarity.get(pair)
+
+    def score(key: str) -> str:
+        ci = getattr(w.ci, key) if w.ci else None
+        return f"{getattr(w, key):.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    return [pair, score("all_layers"), f"{w.floor.all_layers:.3f}" if w.floor else "–",
+            f"{w.ceiling.all_layers:.3f}" if w.ceiling else "–", score("last_layer"),
+            *(f"{sim.measures[m].last_layer:.3f} ({sim.floor[m]:.3f})" if sim else "–" for m in MEASURES)]
 
 
 def checks(res: DemoResults) -> list[tuple[bool, str]]:
@@ -95,11 +98,13 @@ def calibration_figure(pairs: dict[str, Wmppc], similarities: dict[str, Similari
     names = list(pairs)
     panels = [("wMPPC (all layers)", [pairs[p].all_layers for p in names], [pairs[p].floor.all_layers for p in names],
                [pairs[p].ceiling.all_layers if pairs[p].ceiling else np.nan for p in names],
-               [pairs[p].ci.all_layers for p in names])]
+               [pairs[p].ci.all_layers for p in names] if all(pairs[p].ci for p in names) else None)]
     panels += [(f"{m} (last layer)", [similarities[p].measures[m].last_layer for p in names],
                 [similarities[p].floor[m] for p in names], [similarities[p].ceiling[m] for p in names], None)
-               for m in MEASURES]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 0.45 * len(names) + 1.6), sharey=True)
+               for m in MEASURES if similarities]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 0.45 * len(names) + 1.6), sharey=True,
+                             squeeze=False)
+    axes = axes[0]
     y = np.arange(len(names))
     for ax, (title, score, floor, ceiling, ci) in zip(axes, panels):
         if ci is not None:
@@ -242,6 +247,17 @@ def _probes_html(p: SaeProbes | None) -> str:
             f'<div class="plots"><img src="probes.png" alt="SAE probes" style="max-width:100%"></div>{tables}')
 
 
+STYLE = """<style>
+body{font:15px/1.5 system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#1d2330}
+h1{margin-bottom:.2em} .headline{background:#eef4ff;border-left:4px solid #3b6fd8;padding:.7em 1em;font-weight:600}
+table{border-collapse:collapse;margin:.6em 0 1.4em;font-size:14px} th,td{border-bottom:1px solid #dde2ea;padding:.3em .7em;text-align:right}
+th{background:#f5f7fa} td:first-child,th:first-child{text-align:left}
+.plots{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start} .plots img{max-width:min(100%,520px);margin:.4em 0} .grids{display:flex;flex-wrap:wrap;gap:12px}
+figure{margin:0;width:200px} figure img{width:200px;border-radius:4px} figcaption{font-size:13px;color:#555}
+</style>"""
+"""The report pages' stylesheet."""
+
+
 def write(res: DemoResults, out: Path) -> None:
     s = _sections(res)
     runs = res.runs
@@ -274,14 +290,7 @@ def write(res: DemoResults, out: Path) -> None:
         f'{html.escape(at.attribute)}</figcaption></figure>'
         for at, p in zip(res.attributes, res.grids))
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>saeshare demo report</title>
-<style>
-body{{font:15px/1.5 system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#1d2330}}
-h1{{margin-bottom:.2em}} .headline{{background:#eef4ff;border-left:4px solid #3b6fd8;padding:.7em 1em;font-weight:600}}
-table{{border-collapse:collapse;margin:.6em 0 1.4em;font-size:14px}} th,td{{border-bottom:1px solid #dde2ea;padding:.3em .7em;text-align:right}}
-th{{background:#f5f7fa}} td:first-child,th:first-child{{text-align:left}}
-.plots{{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}} .plots img{{max-width:min(100%,520px);margin:.4em 0}} .grids{{display:flex;flex-wrap:wrap;gap:12px}}
-figure{{margin:0;width:200px}} figure img{{width:200px;border-radius:4px}} figcaption{{font-size:13px;color:#555}}
-</style></head><body>
+{STYLE}</head><body>
 <h1>saeshare demo report</h1><p>{html.escape(INTRO)} {html.escape(settings(res))}</p>
 <p class="headline">{html.escape(headline(res))}</p><p>{html.escape(READING)}</p>
 <h2>Runs</h2>{_html_table(RUN_HEAD, s["run_rows"])}
@@ -313,3 +322,75 @@ def summary(res: DemoResults, out: Path) -> str:
             + f"{len(res.poor_fits)} SAE layers fit the recorded pooled token worse than its mean\n"
             + "".join(f"{line}\n" for line in (probe_findings(res.probes) if res.probes else []))
             + f"{res.seconds:.0f} s, peak memory {res.peak_rss_gib:.2f} GiB")
+
+
+# ---- a study's report (study.py): the demo's, for N runs ---------------------------------------------------
+STUDY_RUN_HEAD = ["run", "model", "checkpoint", "modality", "token", "layers", "samples", "SAE seeds", "note"]
+
+
+def _study_runs(res: StudyResults) -> list[list[str]]:
+    note = lambda m: ("captions shuffled (null)" if m.dataset.shuffle_captions is not None  # noqa: E731
+                      else "random init (floor)" if m.random_init else "")
+    return [[n, m.model, html.escape(Path(m.checkpoint).name), m.modality, m.token, str(len(m.layers)),
+             str(m.dataset.n_samples), " ".join(map(str, m.sae.seeds)), note(m)] for n, m in res.runs.items()]
+
+
+def _group_rows(rep) -> list[list[str]]:
+    return [[str(f.feature), f"{f.delta:.4g}", f"{f.mass:.4g}",
+             *(f"{f.rho[n]:+.3f} (#{f.match[n]})" for n in [*rep.min_group, *rep.max_group])] for f in rep.features]
+
+
+def _study_figures(res: StudyResults, out: Path) -> list[str]:
+    """The figures, written under out; their paths relative to it."""
+    names = list(res.runs)
+    plot_heatmap(res.table.all_layers, names, names, "source", "target", "wMPPC, all layers", out / "wmppc_runs.png")
+    figs = ["wmppc_runs.png"]
+    if all(w.floor is not None for w in res.wmppc.values()):
+        calibration_figure(res.wmppc, res.similarity, out / "calibration.png")
+        figs.append("calibration.png")
+    (out / "pairs").mkdir(exist_ok=True)
+    for pair, w in res.wmppc.items():
+        rel = f"pairs/wmppc_{w.source}_{w.target}.png"
+        plot_heatmap(w.layer_matrix, [str(x) for x in w.source_layers], [str(x) for x in w.target_layers],
+                     f"{w.source} layer", f"{w.target} layer", f"wMPPC {pair}", out / rel)
+        figs.append(rel)
+    return figs
+
+
+def write_study(res: StudyResults, out: Path) -> None:
+    """<out>/report.md and report.html of a study: runs, the wMPPC matrix, calibration, per-pair layer
+    heatmaps, and each Comparative Sharedness group with its previews."""
+    names = list(res.runs)
+    figs = _study_figures(res, out)
+    t = res.table
+    wm_rows = [[a] + [f"{t.all_layers[i, j]:.3f} / {t.last_layer[i, j]:.3f}" if i != j else "–"
+                      for j in range(len(names))] for i, a in enumerate(names)]
+    cal_rows = [_calibration_row(pair, res.wmppc, res.similarity) for pair in res.wmppc]
+    groups = [(f"{rep.source}: shared with {', '.join(rep.min_group)}, not with {', '.join(rep.max_group)}",
+               ["feature", "Delta", "mass S", *(f"rho -> {n} (match)" for n in [*rep.min_group, *rep.max_group])],
+               _group_rows(rep), gallery) for rep, gallery in zip(res.sharedness, res.galleries)]
+    md = [f"# saeshare study: {out.name}\n", f"{len(names)} runs, codes `{t.codes}`.\n", "## Runs\n",
+          _md_table(STUDY_RUN_HEAD, _study_runs(res)), "\n## wMPPC (row -> column; all layers / last layer)\n",
+          _md_table(["source", *names], wm_rows), "\n## Calibration (every ordered pair)\n", CALIBRATION, "\n",
+          _md_table(CAL_HEAD, cal_rows), "", *(f"![{f}]({f})" for f in figs)]
+    for title, head, rows, gallery in groups:
+        md += [f"\n## Comparative Sharedness: {title}\n", _md_table(head, rows), f"\nPreviews: [{gallery}]({gallery})"]
+    write_atomic(out / "report.md", lambda tmp: tmp.write_text("\n".join(md) + "\n"))
+    group_html = "".join(f"<h2>Comparative Sharedness: {html.escape(title)}</h2>{_html_table(head, rows)}"
+                         f'<p><a href="{html.escape(gallery)}">previews</a></p>' for title, head, rows, gallery in groups)
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>saeshare study {html.escape(out.name)}</title>
+{STYLE}</head><body><h1>saeshare study: {html.escape(out.name)}</h1>
+<h2>Runs</h2>{_html_table(STUDY_RUN_HEAD, _study_runs(res))}
+<h2>wMPPC (row &rarr; column; all layers / last layer)</h2>{_html_table(["source", *names], wm_rows)}
+<h2>Calibration (every ordered pair)</h2><p>{html.escape(CALIBRATION)}</p>{_html_table(CAL_HEAD, cal_rows)}
+<div class="plots">{"".join(f'<img src="{html.escape(f)}" alt="{html.escape(f)}">' for f in figs)}</div>
+{group_html}</body></html>"""
+    write_atomic(out / "report.html", lambda tmp: tmp.write_text(page))
+
+
+def study_summary(res: StudyResults, out: Path) -> str:
+    return (f"report: {out / 'report.html'} (and report.md)\n"
+            + "".join(f"{pair}: wMPPC all layers {w.all_layers:.3f}, last layer {w.last_layer:.3f}"
+                      + (f", floor {w.floor.all_layers:.3f}" if w.floor else "")
+                      + (f", ceiling {w.ceiling.all_layers:.3f}" if w.ceiling else "") + "\n"
+                      for pair, w in res.wmppc.items()).rstrip())

@@ -268,3 +268,22 @@ class DemoResults(Record):
     peak_rss_gib: float
     probes: SaeProbes | None = None
     """Without --no-probes."""
+
+
+@dataclass
+class StudyResults(Record):
+    """<out>/results.json: everything the study measured; its report renders it."""
+    KIND = "study"
+    SCHEMA = 1
+
+    config: dict[str, Any]
+    """The study file, as read."""
+    runs: dict[str, RunMeta]
+    wmppc: dict[str, Wmppc]
+    """"A->B" -> wMPPC of A -> B, every ordered pair."""
+    table: WmppcTable
+    similarity: dict[str, Similarity] = field(default_factory=dict)
+    """"A->B" -> the classic measures (with --analyses.similarity)."""
+    sharedness: list[SharednessReport] = field(default_factory=list)
+    galleries: list[str] = field(default_factory=list)
+    """The gallery page of each group, relative to <out>."""

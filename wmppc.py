@@ -84,24 +84,35 @@ def calibrated(run_a: Run, run_b: Run, engine: Correlator, ref_engine: Correlato
     return res
 
 
+def pair_scores(runs: list[Run], engine: Correlator, calibrate: bool = False,
+                null: bool = False) -> dict[tuple[str, str], Wmppc]:
+    """wMPPC of every ordered pair (names of A, B), with floor and ceiling when `calibrate`; `null`: every
+    target run's samples permuted."""
+    return {(a.name, b.name): (calibrated if calibrate else wmppc)(a, b.permuted() if null else b, engine)
+            for a in runs for b in runs if a is not b}
+
+
 def wmppc_table(runs: list[Run], engine: Correlator, calibrate: bool = False, null: bool = False) -> WmppcTable:
     """wMPPC of every ordered pair, row -> column; NaN on the diagonal (not computed); with their
     floors, ceilings and intervals when asked for; `null`: every column run's samples permuted."""
-    pairs = {(i, j): (calibrated if calibrate else wmppc)(a, b.permuted() if null else b, engine)
-             for i, a in enumerate(runs) for j, b in enumerate(runs) if i != j}
+    return table_of([r.name for r in runs], pair_scores(runs, engine, calibrate, null), engine.codes)
+
+
+def table_of(names: list[str], pairs: dict[tuple[str, str], Wmppc], codes: str) -> WmppcTable:
+    """The pairs' scores as [runs, runs] tables."""
     first = next(iter(pairs.values()))
 
     def table(get: Callable[[Wmppc], float | list[float]]) -> np.ndarray:
         shape = np.shape(get(first))
-        out = np.full((len(runs), len(runs), *shape), np.nan)
-        for (i, j), res in pairs.items():
-            out[i, j] = get(res)
+        out = np.full((len(names), len(names), *shape), np.nan)
+        for (a, b), res in pairs.items():
+            out[names.index(a), names.index(b)] = get(res)
         return out
 
-    res = WmppcTable([r.name for r in runs], engine.codes, table(lambda r: r.all_layers), table(lambda r: r.last_layer))
+    res = WmppcTable(names, codes, table(lambda r: r.all_layers), table(lambda r: r.last_layer))
     if first.ci is not None:
         res.ci = {k: table(lambda r: getattr(r.ci, k)) for k in ("all_layers", "last_layer")}
-    if calibrate:
+    if first.floor is not None:
         res.floor = {k: table(lambda r: getattr(r.floor, k)) for k in ("all_layers", "last_layer")}
         if all(r.ceiling is not None for r in pairs.values()):
             res.ceiling = {k: table(lambda r: getattr(r.ceiling, k)) for k in ("all_layers", "last_layer")}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +136,33 @@ def test_sae_probes_section(demo_run):
     acc = np.nanmean(res.probes.probes[IMAGE].balanced_accuracy["sae"][-1])
     assert "## SAE probes" in md and f"| {IMAGE} | {res.probes.probes[IMAGE].layers[-1]} | {acc:.3f} |" in md
     assert (demo_run / "probes.png").stat().st_size > 10_000
+
+
+def test_demo_study_gives_the_demos_numbers(demo_run, capsys):
+    """studies/demo.toml is what demo.py runs: at the test's size it reuses the demo's runs (nothing is
+    trained) and its wMPPC equal the demo's."""
+    import study
+    from results import DemoResults, StudyResults
+
+    text = (Path(demo.__file__).parent / "studies" / "demo.toml").read_text()
+    for line in ('max_samples = 2000', 'image_size = 128', 'seeds = [0, 1]', 'lr = 1e-3', 'shuffle_captions = 0'):
+        assert line in text
+    small = (text.replace('out = "studies/demo_out"', f'out = "{demo_run}"').replace("max_samples = 2000", "max_samples = 120")
+             .replace("image_size = 128", "image_size = 64").replace("[[encoders]]\n", "[[encoders]]\nlayers = [0, -1]\n")
+             .replace("top = 8", "top = 4"))
+    path = demo_run / "small.toml"
+    path.write_text(small)
+    ids = {n: Run.open(demo_run / "sae_features", n).meta.run_id for n in (IMAGE, TEXT, NULL)}
+    study.main([str(path)])
+    assert capsys.readouterr().out.count("reusing") == 3
+    assert ids == {n: Run.open(demo_run / "sae_features", n).meta.run_id for n in ids}  # nothing trained again
+    got = StudyResults.load(demo_run / "results.json")
+    assert set(got.wmppc) == {f"{a}->{b}" for a in (IMAGE, TEXT, NULL) for b in (IMAGE, TEXT, NULL) if a != b}
+    assert (demo_run / "report.html").is_file() and (demo_run / f"pairs/wmppc_{IMAGE}_{TEXT}.png").is_file()
+    demo.main(["--out", str(demo_run), "--max_samples", "120", "--layers", "0", "-1", "--image_size", "64", "--top", "4"])
+    want = DemoResults.load(demo_run / "results.json")
+    for pair, w in want.wmppc.items():
+        assert got.wmppc[pair].all_layers == w.all_layers and got.wmppc[pair].floor == w.floor
+        assert got.wmppc[pair].ci.all_layers == w.ci.all_layers and got.wmppc[pair].ceiling == w.ceiling
+        np.testing.assert_array_equal(got.wmppc[pair].layer_matrix, w.layer_matrix)
+    assert [f.feature for f in got.sharedness[0].features] == [f.feature for f in want.sharedness.features]

@@ -1,0 +1,274 @@
+"""The paper's whole study in one command (SPEC §12): encoders, dataset, SAE settings and analyses in a
+TOML file.
+
+    uv run study.py studies/demo.toml              # train what is missing, analyse, write the report
+    uv run study.py studies/paper_coco.toml --dry_run
+    torchrun --nproc_per_node 8 study.py studies/paper_coco.toml
+
+It trains every encoder whose run is missing (a complete run with the same settings is reused; one with
+other settings is refused without --overwrite), then computes the wMPPC of every ordered pair (with
+floors, ceilings and intervals as asked), the classic measures, each Comparative Sharedness group with
+previews, and writes <out>/report.md and <out>/report.html. Runs are renamed into place only when complete
+and every correlation is cached, so the same command, interrupted anywhere, resumes where it stopped.
+Under torchrun the layer pairs of the analyses are shared by the ranks; training runs on rank 0.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import distributed
+from comp_sharedness import check_groups, comp_sharedness, top_features
+from correlation import Correlator, EngineOptions, tqdm_progress
+from data import DataOptions
+import report
+from errors import ArgumentParser, UserError, cli, resolve_device
+from options import add_options, options_from
+from records import from_jsonable
+from results import StudyResults
+from runs import Run, open_runs
+from sae import SaeConfig
+from show import GalleryOptions, sharedness_gallery
+from similarity import SimilarityEngine
+from train import TrainConfig, reusable, train
+from wmppc import calibrated, table_of, wmppc
+from wrappedmodels import get_encoder_class
+
+STUDY_OWNED = ("root", "overwrite", "device", "seeds", *(f.name for f in dataclasses.fields(DataOptions)))
+"""TrainConfig fields set by the study as a whole, not per encoder."""
+
+
+@dataclass(kw_only=True)
+class Group:
+    """A Comparative Sharedness group (SPEC §7)."""
+    source: str
+    shared: list[str]
+    """The runs the features must be shared with (the paper's G)."""
+    not_shared: list[str]
+    """The runs they must not be shared with (H)."""
+    top: int = 8
+    """Features kept and previewed."""
+
+
+@dataclass(kw_only=True)
+class Analyses:
+    codes: str = "relu"
+    """relu or topk (SPEC §6)."""
+    calibrate: bool = True
+    """Floors (permutation) and ceilings (SAE seeds) of every wMPPC."""
+    ci: bool = False
+    """95% jackknife intervals of every wMPPC (dense path)."""
+    similarity: bool = True
+    """CKA, debiased CKA, SVCCA and mutual kNN of every ordered pair (last layers)."""
+    mem_gb: float = 1.0
+    """Memory for the correlation accumulators, GiB."""
+    groups: list[Group] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class Study:
+    out: str
+    """Folder of the study: runs in <out>/sae_features, report and results in <out>."""
+    data: DataOptions = field(default_factory=DataOptions)
+    sae: SaeConfig = field(default_factory=SaeConfig)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """SAE seeds of every run (two or more give each run its ceiling)."""
+    device: str = "auto"
+    encoders: list[dict[str, typing.Any]]
+    """One table per run: `modality` (image or text) and TrainConfig fields (runname, model, checkpoint,
+    layers, token, batch_size, image_size, random_init, shuffle_captions, ...)."""
+    analyses: Analyses = field(default_factory=Analyses)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.out) / "sae_features"
+
+
+def _known_keys(table: dict, tp: type, where: str) -> None:
+    names = {f.name for f in dataclasses.fields(tp)}
+    unknown = sorted(set(table) - names)
+    if unknown:
+        raise UserError(f"{where}: unknown field {unknown[0]!r} (fields: {', '.join(sorted(names))})")
+
+
+def load_study(path: str) -> tuple[Study, list[tuple[str, TrainConfig]]]:
+    """The study and (modality, TrainConfig) of every encoder, all checked before any work."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise UserError(f"cannot read the study {path!r}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not TOML ({e})") from None
+    for key, tp in (("", Study), ("data", DataOptions), ("sae", SaeConfig), ("analyses", Analyses)):
+        _known_keys(raw.get(key, {}) if key else raw, tp, f"{path}: {key or 'top level'}")
+    for i, g in enumerate(raw.get("analyses", {}).get("groups", [])):
+        _known_keys(g, Group, f"{path}: analyses.groups[{i}]")
+    try:
+        study = from_jsonable(Study, raw, "")
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path}: {e}") from None
+    encoders = [_encoder(study, table, f"{path}: encoders[{i}]") for i, table in enumerate(study.encoders)]
+    names = [cfg.runname for _, cfg in encoders]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"{path}: two encoders are named {twice[0]!r}")
+    for i, g in enumerate(study.analyses.groups):
+        unknown = [n for n in (g.source, *g.shared, *g.not_shared) if n not in names]
+        if unknown:
+            raise UserError(f"{path}: analyses.groups[{i}] names {unknown[0]!r}, not a run of the study "
+                            f"({', '.join(names)})")
+        if not g.shared or not g.not_shared:
+            raise UserError(f"{path}: analyses.groups[{i}]: `shared` and `not_shared` each need a run")
+        check_groups(g.source, g.shared, g.not_shared)
+    return study, encoders
+
+
+def _encoder(study: Study, table: dict, where: str) -> tuple[str, TrainConfig]:
+    table = dict(table)
+    modality = table.pop("modality", None)
+    if modality not in ("image", "text"):
+        raise UserError(f"{where}: `modality` must be \"image\" or \"text\", got {modality!r}")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(STUDY_OWNED)
+    unknown = sorted(set(table) - fields)
+    if unknown:
+        raise UserError(f"{where}: unknown field {unknown[0]!r} (fields: modality, {', '.join(sorted(fields))})")
+    for required in ("runname", "model"):
+        if required not in table:
+            raise UserError(f"{where}: missing field {required!r}")
+    get_encoder_class(table["model"], modality)
+    return modality, TrainConfig(**table, **dataclasses.asdict(study.data), root=str(study.root),
+                                 device=study.device, seeds=study.seeds)
+
+
+class Step(typing.NamedTuple):
+    cfg: TrainConfig
+    modality: str
+    reuse: bool
+
+
+def plan(study: Study, encoders: list[tuple[str, TrainConfig]], overwrite: bool) -> list[Step]:
+    """Reuse or train, per encoder; a run with other settings is refused unless `overwrite`."""
+    steps = []
+    for modality, cfg in encoders:
+        reuse = reusable(cfg, study.sae, modality) is not None
+        exists = (study.root / cfg.runname).exists()
+        if exists and not reuse and not overwrite:
+            raise UserError(f"run {cfg.runname!r} exists in {study.root} with other settings (or incomplete "
+                            "settings of an earlier version): pass --overwrite to train it again")
+        steps.append(Step(dataclasses.replace(cfg, overwrite=exists and not reuse), modality, reuse))
+    return steps
+
+
+TFLOPS = {"fp32": 67, "tf32": 495, "bf16": 990}
+"""H100 SXM dense peaks, TFLOP/s, for the dry run's estimate."""
+
+
+def analysis_flops(widths: dict[str, list[int]], n: int, analyses: Analyses, n_seeds: int) -> float:
+    """Matrix-product FLOPs of the wMPPC matrix with `relu` codes: 2 N F_a F_b per layer pair of every ordered
+    pair of runs, again for each floor and each seed ceiling. `widths`: SAE features per layer."""
+    total = sum(2.0 * n * sum(fa) * sum(fb) for a, fa in widths.items() for b, fb in widths.items() if a != b)
+    if analyses.calibrate:
+        total *= 2
+        total += sum(2.0 * n * sum(f) ** 2 * (n_seeds - 1) for f in widths.values()) * (len(widths) - 1)
+    return total
+
+
+def dry_run(study: Study, steps: list[Step]) -> str:
+    lines = [f"study in {study.out}: {len(steps)} runs, dataset {study.data.dataset}, seeds {study.seeds}"]
+    widths = {}
+    for step in steps:
+        cfg = step.cfg
+        lines.append(f"  {'reuse' if step.reuse else 'train'} {cfg.runname}: {step.modality} {cfg.model} "
+                     f"{cfg.checkpoint or get_encoder_class(cfg.model, step.modality).default_checkpoint}, "
+                     f"layers {cfg.layers or 'all'}")
+        if step.reuse:
+            meta = Run.open(study.root, cfg.runname).meta
+            widths[cfg.runname] = [meta.layer_info[layer].n_features for layer in meta.layers]
+    a = study.analyses
+    lines.append(f"  analyses: wMPPC of {len(steps) * (len(steps) - 1)} ordered pairs ({a.codes} codes"
+                 + (", floors and ceilings" if a.calibrate else "") + (", intervals" if a.ci else "") + ")"
+                 + (", classic measures" if a.similarity else "") + f", {len(a.groups)} sharedness groups")
+    if len(widths) == len(steps):
+        n = Run.open(study.root, steps[0].cfg.runname).n_samples
+        flops = analysis_flops(widths, n, a, len(study.seeds))
+        lines.append(f"  estimated wMPPC matrix cost: {flops / 1e15:.3g} PFLOP, "
+                     + ", ".join(f"{flops / (t * 1e12) / 3600:.2g} h at {k} peak" for k, t in TFLOPS.items()))
+    else:
+        lines.append("  the wMPPC cost is estimated once every run is trained (it needs each layer's width)")
+    return "\n".join(lines)
+
+
+def analyse(study: Study, runs: list[Run]) -> StudyResults:
+    a = study.analyses
+    opts = EngineOptions(root=str(study.root), codes=a.codes, device=study.device, mem_gb=a.mem_gb)
+    engine = Correlator(opts, progress=tqdm_progress("correlations"), jackknife=a.ci)
+    ref = Correlator(opts, progress=tqdm_progress("correlations (floors, ceilings)")) if a.ci else engine
+    pairs = {f"{x.name}->{y.name}": (calibrated(x, y, engine, ref) if a.calibrate else wmppc(x, y, engine))
+             for x in runs for y in runs if x is not y}
+    names = [r.name for r in runs]
+    table = table_of(names, {tuple(k.split("->")): v for k, v in pairs.items()}, engine.codes)
+    sims = SimilarityEngine()
+    similarity = {f"{x.name}->{y.name}": sims.compare(x, y) for x in runs for y in runs if x is not y} if a.similarity else {}
+    by_name = dict(zip(names, runs))
+    reports = [top_features(comp_sharedness(by_name[g.source], [by_name[n] for n in g.shared],
+                                            [by_name[n] for n in g.not_shared], engine), g.top) for g in a.groups]
+    return StudyResults({}, {r.name: r.meta for r in runs}, pairs, table, similarity, reports)
+
+
+def run_study(path: str, study: Study, encoders: list[tuple[str, TrainConfig]], overwrite: bool,
+              dry: bool) -> StudyResults | None:
+    steps = plan(study, encoders, overwrite)
+    if dry:
+        print(dry_run(study, steps))
+        return None
+    if distributed.rank() == 0:
+        study.root.mkdir(parents=True, exist_ok=True)
+        for step in steps:
+            if step.reuse:
+                print(f"reusing {study.root / step.cfg.runname} (same settings)")
+            else:
+                train(step.cfg, study.sae, step.modality)
+    distributed.barrier()
+    runs = open_runs(study.root, [cfg.runname for _, cfg in encoders])
+    res = analyse(study, runs)
+    res.config = tomllib.loads(Path(path).read_text())
+    if distributed.rank() == 0:
+        out = Path(study.out)
+        for g, rep in zip(study.analyses.groups, res.sharedness):
+            gallery = sharedness_gallery(rep, GalleryOptions(root=str(study.root), out=str(out / "imgs" / g.source),
+                                                             overwrite=True, device=study.device))
+            res.galleries.append(str(gallery.index.relative_to(out.resolve())))
+        res.save(out / "results.json")
+        report.write_study(res, out)
+    return res
+
+
+@dataclass
+class StudyArgs:
+    config: str
+    """The study's TOML file."""
+    overwrite: bool = False
+    """Train again the runs that exist with other settings."""
+    dry_run: bool = False
+    """Print the plan and its estimated cost; train and compute nothing."""
+
+
+@cli
+def main(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="the study's TOML file (see studies/)")
+    add_options(p, StudyArgs, skip=("config",))
+    args = options_from(StudyArgs, p.parse_args(argv))
+    study, encoders = load_study(args.config)
+    distributed.init(resolve_device(study.device))
+    res = run_study(args.config, study, encoders, args.overwrite, args.dry_run)
+    if res is not None:
+        print(report.study_summary(res, Path(study.out)))
+
+
+if __name__ == "__main__":
+    main()

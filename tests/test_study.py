@@ -1,0 +1,85 @@
+"""study.py (SPEC §12): bad configs are refused in one line before any training; a study interrupted in
+the middle resumes without training its complete runs again; --dry_run trains nothing."""
+from __future__ import annotations
+
+import pytest
+from tiny_models import checkpoint_for
+
+import study
+from runs import Run
+
+
+def _config(out, ckpt, extra_encoder: str = "", groups: str = "") -> str:
+    enc = "\n".join(f'''[[encoders]]
+runname = "{name}"
+modality = "text"
+model = "Bert"
+checkpoint = "{ckpt}"
+layers = [1]
+batch_size = 8
+{extra}
+''' for name, extra in (("a", ""), ("b", "shuffle_captions = 0"), ("c", extra_encoder)))
+    return f'''out = "{out}"
+seeds = [0, 1]
+device = "cpu"
+[data]
+max_samples = 40
+[sae]
+expansion_factor = 2
+top_k = 4
+lr = 1e-3
+{enc}
+[analyses]
+similarity = false
+{groups}'''
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return checkpoint_for("Bert", tmp_path_factory.mktemp("ckpt"))
+
+
+def test_interrupted_study_resumes_without_retraining(tmp_path, bert, monkeypatch, capsys):
+    path = tmp_path / "s.toml"
+    path.write_text(_config(tmp_path / "out", bert, groups='[[analyses.groups]]\nsource = "a"\nshared = ["c"]\n'
+                                                          'not_shared = ["b"]\ntop = 2\n'))
+    study.main([str(path), "--dry_run"])
+    assert "train a" in capsys.readouterr().out and not (tmp_path / "out" / "sae_features").exists()
+    real_train, calls = study.train, []
+
+    def train_then_stop(cfg, sae_cfg, modality):
+        calls.append(cfg.runname)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed while training the second run
+        return real_train(cfg, sae_cfg, modality)
+
+    monkeypatch.setattr(study, "train", train_then_stop)
+    with pytest.raises(SystemExit):
+        study.main([str(path)])
+    first = Run.open(tmp_path / "out" / "sae_features", "a").meta.run_id
+    monkeypatch.setattr(study, "train", lambda *a: calls.append(a[0].runname) or real_train(*a))
+    study.main([str(path)])
+    out = capsys.readouterr().out
+    assert calls == ["a", "b", "b", "c"] and "reusing" in out and "report:" in out
+    assert Run.open(tmp_path / "out" / "sae_features", "a").meta.run_id == first
+    assert (tmp_path / "out" / "report.md").read_text().count("a->c") >= 1
+    assert "a: shared with c, not with b" in (tmp_path / "out" / "report.md").read_text()
+    study.main([str(path), "--dry_run"])
+    assert "PFLOP" in capsys.readouterr().out  # every run trained: the matrix's cost is known
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda s: s.replace('model = "Bert"', 'model = "Bart"', 1), "unknown --model 'Bart'"),
+    (lambda s: s.replace('model = "Bert"\n', '', 1), "encoders[0]: missing field 'model'"),
+    (lambda s: s.replace('runname = "b"', 'runname = "a"'), "two encoders are named 'a'"),
+    (lambda s: s + '[[analyses.groups]]\nsource = "a"\nshared = ["zz"]\nnot_shared = ["b"]\n',
+     "analyses.groups[0] names 'zz', not a run of the study"),
+    (lambda s: s.replace("top_k = 4", "topk = 4"), "sae: unknown field 'topk'"),
+    (lambda s: s.replace('modality = "text"', 'modality = "audio"', 1), "`modality` must be"),
+    (lambda s: s + "\n[oops", "not TOML"),
+])
+def test_bad_config_is_one_line_before_any_training(tmp_path, bert, error_line, change, needle):
+    path = tmp_path / "s.toml"
+    path.write_text(change(_config(tmp_path / "out", bert)))
+    assert needle in error_line(study.main, [str(path)])
+    assert not (tmp_path / "out").exists()
