@@ -168,8 +168,9 @@ class Correlator:
                 cost = [run_a.n_samples * run_a.n_features(a) * sum(map(run_b.n_features, lb)) for a in la]
                 la = [la[i] for i in distributed.share(cost)]
             for p, stats in (self._compute(run_a, run_b, la, lb) if la else {}).items():
-                cache.save(key(*p), {k: v for k, v in stats._asdict().items() if v is not None})
-                found[p] = stats
+                if found.get(p) is None:  # a pair read from the cache stays as it is
+                    cache.save(key(*p), {k: v for k, v in stats._asdict().items() if v is not None})
+                    found[p] = stats
             if distributed.world_size() > 1:
                 distributed.barrier()
                 found.update({p: self._load(cache, key(*p), run_a.n_features(p[0])) for p in missing if found[p] is None})
@@ -257,8 +258,8 @@ class Correlator:
                 chunks = ((j, xa, xb) for (j, xa), (_, xb) in zip(self._centred_codes(buf_a, run_a, ga, mean_a),
                                                                   self._centred_codes(buf_b, run_b, gb, mean_b)))
                 corr_dense.cross(blocks, chunks)
-                total = blocks[0] if n_blocks == 1 else torch.sum(blocks, 0, out=acc[n_blocks * cells:(n_blocks + 1) * cells]
-                                                                  .view(len(mean_a), len(mean_b)))
+                total = blocks[0] if n_blocks == 1 else _sum_blocks(blocks, acc[n_blocks * cells:(n_blocks + 1) * cells]
+                                                                   .view(len(mean_a), len(mean_b)))
                 if best_J is not None:
                     self._jackknife(best_J, blocks, total, acc[-cells:].view_as(total), ga, gb, mom_a, mom_b)
                 corr_dense.update_best(best, corr_dense.correlations(total, _group_vec(ga, mom_a, "inv_F"),
@@ -326,6 +327,16 @@ def _group_vec(group: list[Unit], moments: dict[int, LayerMoments], field: str, 
     dtype None keeps float64."""
     vec = torch.cat([getattr(getattr(moments[u.layer], which), field)[..., u.start:u.stop] for u in group], dim=-1)
     return vec if dtype is None else vec.to(dtype)
+
+
+def _sum_blocks(blocks: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The sum over the first dimension, block after block: each element's rounding does not depend on the
+    group's shape (torch.sum's reduction order does), so that any split of the layers across ranks gives the
+    same bits."""
+    out.copy_(blocks[0])
+    for block in blocks[1:]:
+        out.add_(block)
+    return out
 
 
 def _running_best(shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

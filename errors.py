@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
+import time
 
 import torch
 
@@ -35,16 +37,26 @@ def cli(main):
         try:
             return main(argv)
         except OptionError as e:
-            print(f"error: {e.as_flag()}", file=sys.stderr)
-            sys.exit(2)
+            _fail(f"error: {e.as_flag()}")
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            _fail(f"error: {e}")
         except KeyboardInterrupt:
             print("interrupted: nothing complete was overwritten", file=sys.stderr)
             sys.exit(130)
 
     return wrapper
+
+
+RANK_GRACE_S = 3.0
+"""Under torchrun, ranks other than 0 wait this long before reporting an error: when every rank meets the
+same bad input, torchrun stops them as rank 0 exits, and the error is printed once."""
+
+
+def _fail(line: str) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+        time.sleep(RANK_GRACE_S)
+    print(line, file=sys.stderr)
+    sys.exit(2)
 
 
 class ArgumentParser(argparse.ArgumentParser):

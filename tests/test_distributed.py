@@ -69,7 +69,7 @@ def test_two_ranks_equal_one_process_and_resume(roots, tmp_path):
     double = _launch("wmppc.py", ["--root", str(two), *args, "--json", str(tmp_path / "two.json")], 2)
     assert double.returncode == 0, double.stderr
     assert (tmp_path / "one.json").read_text() == (tmp_path / "two.json").read_text()  # bitwise
-    assert double.stdout.count("All layers") == 1  # rank 0 alone prints
+    assert double.stdout.count("All layers (row -> column)") == 1  # rank 0 alone prints
 
     entries = sorted((two / ".cache").glob("corr-*.npz"))
     dropped, kept = entries[::3], entries[1::3]
@@ -101,3 +101,6 @@ def test_a_failing_rank_ends_every_rank_with_one_error_line(roots, tmp_path):
     assert time.perf_counter() - t0 < 60 and res.returncode != 0
     errors = [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "corrupt" in errors[0] and "layer02.acts.npy" in errors[0]
+    same = _launch("wmppc.py", ["--root", str(bad), "--source", "A", "--target", "nope", "--device", "cpu"], 2, timeout=120)
+    errors = [line for line in (same.stdout + same.stderr).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no run 'nope'" in errors[0]  # every rank meets it: printed once
