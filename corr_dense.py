@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Iterable, NamedTuple
 
+import numpy as np
 import torch
 
 from sae import TopKSAE
@@ -47,6 +48,13 @@ def make_moments(mean_F: torch.Tensor, m2_F: torch.Tensor, mass_F: torch.Tensor,
     constant = constant_F | (m2_F <= 1e-12 * n * mean_F.square())
     inv = torch.where(constant, torch.zeros_like(m2_F), 1 / m2_F.clamp_min(1e-300).sqrt())
     return Moments(mean_F, inv, mass_F)
+
+
+def codes_of(sae: TopKSAE, x_nD: torch.Tensor, codes: str, cols: torch.Tensor) -> torch.Tensor:
+    """Dense codes [n, len(cols)] of the features `cols` (an index tensor), as codes_into computes them."""
+    if codes == "relu":
+        return torch.mm(x_nD - sae.b_dec, sae.W_enc[:, cols]).relu_()
+    return sae.encode(x_nD).dense(sae.n_features)[:, cols]
 
 
 def codes_into(out_nf: torch.Tensor, sae: TopKSAE, x_nD: torch.Tensor, codes: str, cols: slice) -> torch.Tensor:
@@ -161,15 +169,79 @@ def offsets(group: list[Unit]) -> list[tuple[Unit, int]]:
     return out
 
 
-def cross(acc_Jab: torch.Tensor, centred_chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+UNIT_ROUNDOFF = {"fp32": 0.0, "tf32": 2.0**-11, "bf16": 2.0**-8}
+"""Relative rounding of a code to each precision's inputs (fp32 is the reference itself)."""
+
+
+def product_error(precision: str) -> float:
+    """A bound on |approximate - fp32| of a correlation whose products take inputs rounded to `precision`,
+    accumulated in float32: each input carries a relative error u, so a product 2u + u^2, and (bf16) the
+    chunk product is rounded to bf16 again (u); summed over samples this is at most that factor times
+    sum |a||b| <= ||a|| ||b|| (Cauchy-Schwarz), i.e. that factor once normalised. The float32 accumulation both
+    paths share is left out (the fp32 path has it too)."""
+    u = UNIT_ROUNDOFF[precision]
+    return 2 * u + u * u + (u if precision == "bf16" else 0.0)
+
+
+def cross(acc_Jab: torch.Tensor, centred_chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
+          precision: str = "fp32") -> torch.Tensor:
     """acc[j] = sum over the chunks of block j of A_n^T B_n for centred codes A_n [n, a], B_n [n, b].
     Choice of precision: the means come from a first pass in float64, so the chunks are centred
     before the product and float32 accumulation (BLAS speed, half the memory) loses no digits to
-    cancellation. Each block's products are accumulated once, into its own block."""
+    cancellation. Each block's products are accumulated once, into its own block. tf32 / bf16: the products
+    on tensor cores (float32 accumulation inside each product), to be re-checked (Recheck)."""
     acc_Jab.zero_()
-    for j, a_na, b_nb in centred_chunks:
-        acc_Jab[j].addmm_(a_na.T, b_nb)
+    cuda = torch.backends.cuda.matmul
+    saved = cuda.allow_tf32, cuda.allow_bf16_reduced_precision_reduction
+    cuda.allow_tf32, cuda.allow_bf16_reduced_precision_reduction = precision == "tf32", False
+    try:
+        for j, a_na, b_nb in centred_chunks:
+            if precision == "bf16":
+                acc_Jab[j].add_(torch.mm(a_na.T.bfloat16(), b_nb.bfloat16()))
+            else:
+                acc_Jab[j].addmm_(a_na.T, b_nb)
+    finally:
+        cuda.allow_tf32, cuda.allow_bf16_reduced_precision_reduction = saved
     return acc_Jab
+
+
+class Recheck:
+    """The exact re-check of a lower precision: while the groups of B stream by, every (feature of A, feature
+    of B) whose approximate correlation is within twice the error bound of the feature's running best is a
+    candidate (a pair outside cannot be the true best); once all of B is seen, candidates are pruned with the
+    final best and recomputed exactly, and the best of each feature is the exact best of its candidates (ties:
+    the lowest feature of B, as the fp32 path)."""
+
+    def __init__(self, precision: str):
+        self.window = 2 * product_error(precision)
+        self.cands: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+
+    def collect(self, best, corr: torch.Tensor, group_a: list[Unit], group_b: list[Unit], inv_a: torch.Tensor) -> None:
+        """`inv_a` [group a features]: 0 for a constant feature, whose correlations are exactly 0 either way."""
+        for ua, oa in offsets(group_a):
+            live = inv_a[oa:oa + ua.stop - ua.start] > 0
+            for ub, ob in offsets(group_b):
+                block = corr[oa:oa + ua.stop - ua.start, ob:ob + ub.stop - ub.start]
+                rho = best[ua.layer, ub.layer][0][ua.start:ua.stop]
+                i, j = torch.nonzero((block >= (rho - self.window)[:, None]) & live[:, None], as_tuple=True)
+                self.cands.setdefault((ua.layer, ub.layer), []).append((i + ua.start, j + ub.start, block[i, j]))
+
+    def resolve(self, best, group_a: list[Unit], exact) -> None:
+        """Replace the approximate best of group_a's features by the exact one; `exact(pair, ia, jb)` gives the
+        correlations of those feature pairs."""
+        for pair, parts in self.cands.items():
+            ia, jb, approx = (torch.cat(x) for x in zip(*parts))
+            rho, match = best[pair]
+            keep = approx >= rho[ia] - self.window
+            ia, jb = ia[keep], jb[keep]
+            corr = exact(pair, ia, jb).to(rho.dtype)
+            # best per A feature: sort by (feature, -corr, feature of B), keep each feature's first
+            order = torch.from_numpy(np.lexsort((jb.cpu().numpy(), -corr.double().cpu().numpy(), ia.cpu().numpy())))
+            ia, jb, corr = ia[order], jb[order], corr[order]
+            first = torch.ones_like(ia, dtype=torch.bool)
+            first[1:] = ia[1:] != ia[:-1]
+            rho[ia[first]], match[ia[first]] = corr[first], jb[first]
+        self.cands.clear()
 
 
 def correlations(cov_ab: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor) -> torch.Tensor:

@@ -28,13 +28,15 @@ import distributed
 import corr_sparse
 from corr_cache import PairCache, PairKey, PairStats
 from corr_dense import LayerSize, Moments, Unit
-from errors import UserError, check_positive, resolve_device
+from errors import OptionError, UserError, check_positive, resolve_device
 from options import check_choices
 from runs import DEFAULT_ROOT, Codes, Run, check_comparable
 
 DEFAULT_CHUNK = 2048
 DEFAULT_MEM_GB = 1.0
 JACKKNIFE_BLOCKS = 10
+RECHECK_BATCH = 8192
+"""Candidate pairs whose exact products are summed at once (memory: a chunk of samples times this)."""
 """Contiguous blocks of samples of the delete-one-block jackknife (SPEC §11)."""
 
 Progress = Callable[[int, int], None]
@@ -83,6 +85,9 @@ class EngineOptions(AnalysisOptions):
     null: Literal["none", "permute"] = "none"
     """permute: compare against the target runs with their samples permuted (fixed seed, no retraining),
     what chance alone gives: a floor."""
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    """Dense path's products: fp32, or on tensor cores (tf32, bf16) with every feature's best match then
+    re-checked exactly, so rho and the match equal fp32's (to 1e-5)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -134,6 +139,10 @@ class Correlator:
             raise ValueError("the jackknife is computed by the dense path")
         if self.method not in ("dense", "sparse") or (self.method == "sparse" and self.codes != "topk"):
             raise ValueError(f"method {self.method!r} cannot compute {self.codes!r} codes")
+        self.precision = opts.precision
+        if self.precision != "fp32" and (jackknife or self.method != "dense"):
+            raise OptionError("precision", f"{{opt}} {self.precision} is for the dense path's scores (relu codes, "
+                                           "without --ci): the jackknife and the sparse path compute in fp32")
         self.device, self.chunk_size = opts.torch_device, opts.chunk_size
         self.mem_bytes = max(1, int(opts.mem_gb * 2**30))
         self.use_cache, self.progress = not opts.no_cache, progress or _no_progress
@@ -249,6 +258,7 @@ class Correlator:
         acc = torch.empty(slots * cap_a * cap_b, device=self.device)
         buf_a, buf_b = self._scratch(run_a, cap_a), self._scratch(run_b, cap_b)
         best = {(a, b): _running_best((na,), self.device) for a, na in sizes_a for b, _ in sizes_b}
+        recheck = corr_dense.Recheck(self.precision) if self.precision != "fp32" else None
         best_J = {p: _running_best((n_blocks, len(v[0])), self.device) for p, v in best.items()} if n_blocks > 1 else None
         for ga in corr_dense.pack(sizes_a, cap_a):
             for gb in corr_dense.pack(sizes_b, cap_b):
@@ -257,14 +267,38 @@ class Correlator:
                 blocks = acc[:n_blocks * cells].view(n_blocks, len(mean_a), len(mean_b))
                 chunks = ((j, xa, xb) for (j, xa), (_, xb) in zip(self._centred_codes(buf_a, run_a, ga, mean_a),
                                                                   self._centred_codes(buf_b, run_b, gb, mean_b)))
-                corr_dense.cross(blocks, chunks)
+                corr_dense.cross(blocks, chunks, self.precision)
                 total = blocks[0] if n_blocks == 1 else _sum_blocks(blocks, acc[n_blocks * cells:(n_blocks + 1) * cells]
                                                                    .view(len(mean_a), len(mean_b)))
                 if best_J is not None:
                     self._jackknife(best_J, blocks, total, acc[-cells:].view_as(total), ga, gb, mom_a, mom_b)
-                corr_dense.update_best(best, corr_dense.correlations(total, _group_vec(ga, mom_a, "inv_F"),
-                                                                     _group_vec(gb, mom_b, "inv_F")), ga, gb)
+                inv_a = _group_vec(ga, mom_a, "inv_F")
+                corr = corr_dense.correlations(total, inv_a, _group_vec(gb, mom_b, "inv_F"))
+                corr_dense.update_best(best, corr, ga, gb)
+                if recheck is not None:
+                    recheck.collect(best, corr, ga, gb, inv_a)
+            if recheck is not None:
+                recheck.resolve(best, ga, self._exact_products(run_a, run_b, mom_a, mom_b))
         return {p: (*best[p], None if best_J is None else best_J[p][0]) for p in best}
+
+    def _exact_products(self, run_a: Run, run_b: Run, mom_a, mom_b):
+        """(pair, features of A, features of B) -> their Pearson correlations, from fp32 codes and float64
+        sums over every sample (the re-check of a lower precision's candidates)."""
+        def exact(pair: tuple[int, int], ia: torch.Tensor, jb: torch.Tensor) -> torch.Tensor:
+            a, b = pair
+            ua, ja = torch.unique(ia, return_inverse=True)
+            ub, jj = torch.unique(jb, return_inverse=True)
+            sae_a, sae_b = run_a.sae(a, self.device), run_b.sae(b, self.device)
+            mean_a, mean_b = (m[layer].full.mean_F[u].float() for m, layer, u in ((mom_a, a, ua), (mom_b, b, ub)))
+            dot = torch.zeros(len(ia), dtype=torch.float64, device=self.device)
+            for (_, xa), (_, xb) in zip(self._acts_chunks(run_a, a), self._acts_chunks(run_b, b)):
+                ca = corr_dense.codes_of(sae_a, xa, self.codes, ua).sub_(mean_a)
+                cb = corr_dense.codes_of(sae_b, xb, self.codes, ub).sub_(mean_b)
+                for s in range(0, len(ia), RECHECK_BATCH):
+                    sl = slice(s, s + RECHECK_BATCH)
+                    dot[sl] += (ca[:, ja[sl]] * cb[:, jj[sl]]).sum(0, dtype=torch.float64)
+            return dot * mom_a[a].full.inv_F[ia] * mom_b[b].full.inv_F[jb]
+        return exact
 
     @staticmethod
     def _jackknife(best_J, blocks, total, scratch, ga: list[Unit], gb: list[Unit], mom_a, mom_b) -> None:

@@ -66,6 +66,8 @@ class Analyses:
     """CKA, debiased CKA, SVCCA and mutual kNN of every ordered pair (last layers)."""
     mem_gb: float = 1.0
     """Memory for the correlation accumulators, GiB."""
+    precision: str = "fp32"
+    """fp32, tf32 or bf16: the dense path's products (re-checked exactly; intervals stay fp32)."""
     groups: list[Group] = field(default_factory=list)
 
 
@@ -204,9 +206,11 @@ def dry_run(study: Study, steps: list[Step]) -> str:
 
 def analyse(study: Study, runs: list[Run]) -> StudyResults:
     a = study.analyses
-    opts = EngineOptions(root=str(study.root), codes=a.codes, device=study.device, mem_gb=a.mem_gb)
-    engine = Correlator(opts, progress=tqdm_progress("correlations"), jackknife=a.ci)
-    ref = Correlator(opts, progress=tqdm_progress("correlations (floors, ceilings)")) if a.ci else engine
+    opts = EngineOptions(root=str(study.root), codes=a.codes, device=study.device, mem_gb=a.mem_gb,
+                         precision=a.precision)
+    ref = Correlator(opts, progress=tqdm_progress("correlations"))
+    engine = Correlator(dataclasses.replace(opts, precision="fp32"), progress=tqdm_progress("correlations (jackknife)"),
+                        jackknife=True) if a.ci else ref
     pairs = {f"{x.name}->{y.name}": (calibrated(x, y, engine, ref) if a.calibrate else wmppc(x, y, engine))
              for x in runs for y in runs if x is not y}
     names = [r.name for r in runs]
@@ -215,7 +219,7 @@ def analyse(study: Study, runs: list[Run]) -> StudyResults:
     similarity = {f"{x.name}->{y.name}": sims.compare(x, y) for x in runs for y in runs if x is not y} if a.similarity else {}
     by_name = dict(zip(names, runs))
     reports = [top_features(comp_sharedness(by_name[g.source], [by_name[n] for n in g.shared],
-                                            [by_name[n] for n in g.not_shared], engine), g.top) for g in a.groups]
+                                            [by_name[n] for n in g.not_shared], ref), g.top) for g in a.groups]
     return StudyResults({}, {r.name: r.meta for r in runs}, pairs, table, similarity, reports)
 
 

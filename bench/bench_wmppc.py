@@ -4,9 +4,12 @@ machine is shared and noisy: the torch.mm reference of (a) is timed between the 
   (a) dense path throughput as a fraction of plain torch.mm on the same shapes (target >= 0.8)
   (b) sparse path speed-up over the dense path on top-k codes, same numbers (target >= 20x, equal to 1e-5)
   (c) peak RSS of an all-layers wMPPC at N=50000, F=6144, 12 layers each (target <= 4 GiB)
+  (d) --precision fp32 / tf32 / bf16 (dense path, relu codes): throughput as a fraction of torch.mm in the
+      same precision, the share of time in the exact re-check, and rho / match against fp32 (to 1e-5)
 
     uv run bench/bench_wmppc.py            # full sizes: ~15 minutes on 2 cores
     uv run bench/bench_wmppc.py --quick    # small sizes, a minute
+    uv run bench/bench_wmppc.py --device cuda --skip memory    # on a GPU
 """
 from __future__ import annotations
 
@@ -89,7 +92,7 @@ def load() -> str:
     return "load average %.1f %.1f %.1f" % os.getloadavg()
 
 
-def bench_speed(root: Path, n: int, n_features: int, n_layers: int) -> None:
+def bench_speed(root: Path, n: int, n_features: int, n_layers: int, device: str = "cpu") -> None:
     run_a, run_b = build_pair(root, n, n_features, n_layers)
     pairs = n_layers ** 2
     print(f"(a)/(b): two runs of {n_layers} layers, N={n}, F={n_features}, d={n_features // 8}, k={K}, "
@@ -99,15 +102,19 @@ def bench_speed(root: Path, n: int, n_features: int, n_layers: int) -> None:
     # product) between the engine's own products, all through the run, so that a busy machine slows
     # both sides alike (this box is shared: timings taken before and after drift by up to 2x)
     chunk = correlation.DEFAULT_CHUNK
-    x, y, out = torch.randn(chunk, n_features), torch.randn(chunk, n_features), torch.empty(n_features, n_features)
+    x, y = torch.randn(chunk, n_features, device=device), torch.randn(chunk, n_features, device=device)
+    out = torch.empty(n_features, n_features, device=device)
     ref: list[float] = []
 
     def reference():
+        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        sync()
         t = time.perf_counter()
         torch.mm(x.T, y, out=out)
+        sync()
         ref.append(time.perf_counter() - t)
     _, t_dense, t_products = timed_inside(
-        lambda: engine("relu", no_cache=True).pair_stats(run_a, run_b),
+        lambda: engine("relu", no_cache=True, device=device).pair_stats(run_a, run_b),
         torch.Tensor, "addmm_", after=reference)
     t_dense -= sum(ref)
     t_ref = pairs * (n / chunk) * float(np.median(ref))
@@ -116,9 +123,9 @@ def bench_speed(root: Path, n: int, n_features: int, n_layers: int) -> None:
     print(f"(a) dense throughput / torch.mm throughput = {t_ref / t_dense:.2f}   (target >= 0.8)")
     print(f"(a) share of the dense path's time in its float32 products (addmm_) = {t_products / t_dense:.2f}")
 
-    dense, t_dense_topk = timed(lambda: engine("topk", no_cache=True, method="dense").pair_stats(run_a, run_b))
+    dense, t_dense_topk = timed(lambda: engine("topk", no_cache=True, method="dense", device=device).pair_stats(run_a, run_b))
     sparse, t_sparse, t_codes = timed_inside(
-        lambda: engine("topk", no_cache=True).pair_stats(run_a, run_b), corr_sparse, "topk_table")
+        lambda: engine("topk", no_cache=True, device=device).pair_stats(run_a, run_b), corr_sparse, "topk_table")
     diff = max(float(np.abs(dense[p].rho_F - sparse[p].rho_F).max()) for p in dense)
     same = np.mean([np.mean(dense[p].match_F == sparse[p].match_F) for p in dense])
     print(f"(b) top-k codes: dense path {t_dense_topk:.1f} s, sparse path {t_sparse:.1f} s "
@@ -127,6 +134,45 @@ def bench_speed(root: Path, n: int, n_features: int, n_layers: int) -> None:
           f"{t_dense_topk / (t_sparse - t_codes):.1f}x not counting the top-k codes")
     print(f"(b) max |rho dense - rho sparse| = {diff:.2e} (target <= 1e-5); same match for {100 * same:.2f}% "
           f"of features; {load()}")
+
+
+def mm_seconds(x: torch.Tensor, y: torch.Tensor, precision: str, repeat: int = 5) -> float:
+    """Median time of one chunk's product x^T y in `precision` (the engine's unit of work)."""
+    cuda = torch.backends.cuda.matmul
+    cuda.allow_tf32 = precision == "tf32"
+    a, b = (x.bfloat16(), y.bfloat16()) if precision == "bf16" else (x, y)
+    times = []
+    for _ in range(repeat + 1):
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        torch.mm(a.T, b)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    cuda.allow_tf32 = False
+    return float(np.median(times[1:]))
+
+
+def bench_precision(root: Path, n: int, n_features: int, n_layers: int, device: str) -> None:
+    run_a, run_b = build_pair(root, n, n_features, n_layers)
+    pairs, chunk = n_layers ** 2, correlation.DEFAULT_CHUNK
+    x, y = torch.randn(chunk, n_features, device=device), torch.randn(chunk, n_features, device=device)
+    print(f"(d) two runs of {n_layers} layers, N={n}, F={n_features}, relu codes, on {device}; {load()}")
+    ref = None
+    for precision in ("fp32", "tf32", "bf16"):
+        eng = engine("relu", no_cache=True, precision=precision, device=device)
+        stats, seconds, recheck = timed_inside(lambda: eng.pair_stats(run_a, run_b), corr_dense.Recheck, "resolve")
+        t_mm = pairs * (n / chunk) * mm_seconds(x, y, precision)
+        line = (f"(d) {precision}: {seconds:.1f} s, throughput / torch.mm {precision} = {t_mm / seconds:.2f}, "
+                f"re-check {recheck / seconds:.0%} of the time")
+        if ref is None:
+            ref = stats
+        else:
+            diff = max(float(np.abs(stats[p].rho_F - ref[p].rho_F).max()) for p in ref)
+            same = np.mean([np.mean(stats[p].match_F == ref[p].match_F) for p in ref])
+            line += f"; max |rho - rho fp32| = {diff:.1e} (target <= 1e-5), same match {100 * same:.2f}%"
+        print(line)
 
 
 def peak_rss_self() -> int:
@@ -191,7 +237,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes")
     p.add_argument("--workdir", help="where to write the synthetic runs (default: a temporary folder)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["speed", "memory"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["speed", "memory", "precision"])
+    p.add_argument("--device", default="cpu", help="where (a), (b) and (d) run: cpu or cuda")
     p.add_argument("--dense_mem_layers", type=int, default=4,
                    help="(c) dense relu: measure the first LxL layer pairs (12x12 takes hours on 2 cores)")
     p.add_argument("--dense_mem_n", type=int, default=4096, help="(c) dense relu: samples")
@@ -206,7 +253,9 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_wmppc-"))
     try:
         if "speed" not in args.skip:
-            bench_speed(work / "speed", *speed)
+            bench_speed(work / "speed", *speed, args.device)
+        if "precision" not in args.skip:
+            bench_precision(work / "precision", *speed, args.device)
         if "memory" not in args.skip:
             bench_memory(work / "memory", *memory, min(args.dense_mem_n, memory[0]), min(args.dense_mem_layers, memory[2]))
     finally:

@@ -54,8 +54,8 @@ def make_run(root: str | Path, name: str, acts_by_layer: dict[int, np.ndarray | 
 
 
 def engine(codes: str = "relu", method: str | None = None, **opts) -> Correlator:
-    """A CPU engine without a progress bar; `opts` are EngineOptions fields."""
-    return Correlator(EngineOptions(codes=codes, device="cpu", **opts), method=method)
+    """An engine without a progress bar (on the CPU unless `device` is given); `opts` are EngineOptions fields."""
+    return Correlator(EngineOptions(codes=codes, **{"device": "cpu", **opts}), method=method)
 
 
 def labelled_folder(root: Path, n: int = 80) -> PairedDataset:
