@@ -49,19 +49,30 @@ def init(device: torch.device) -> None:
         sys.stdout = open(os.devnull, "w")
 
 
-def share(costs: list[float]) -> list[int]:
-    """The indices of the items this rank computes: longest first, each to the least loaded rank (ties to
-    the lowest rank), the same on every rank."""
+def assign(costs: list[float]) -> list[int]:
+    """The rank of each item: longest first, each to the least loaded rank (ties to the lowest rank), the
+    same on every rank."""
     loads = [(0.0, r) for r in range(world_size())]
-    mine = []
+    owner = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         load, r = heapq.heappop(loads)
-        if r == rank():
-            mine.append(i)
+        owner[i] = r
         heapq.heappush(loads, (load + costs[i], r))
-    return sorted(mine)
+    return owner
+
+
+def share(costs: list[float]) -> list[int]:
+    """The indices of the items this rank computes (see assign)."""
+    return [i for i, r in enumerate(assign(costs)) if r == rank()]
 
 
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def from_rank0(*values):
+    """Rank 0's values, on every rank (pickled)."""
+    objs = list(values)
+    dist.broadcast_object_list(objs, src=0)
+    return objs

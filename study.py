@@ -10,7 +10,7 @@ other settings is refused without --overwrite), then computes the wMPPC of every
 floors, ceilings and intervals as asked), the classic measures, each Comparative Sharedness group with
 previews, and writes <out>/report.md and <out>/report.html. Runs are renamed into place only when complete
 and every correlation is cached, so the same command, interrupted anywhere, resumes where it stopped.
-Under torchrun the layer pairs of the analyses are shared by the ranks; training runs on rank 0.
+Under torchrun the ranks share each training (train_dist.py) and the layer pairs of the analyses.
 """
 from __future__ import annotations
 
@@ -229,13 +229,12 @@ def run_study(path: str, study: Study, encoders: list[tuple[str, TrainConfig]], 
     if dry:
         print(dry_run(study, steps))
         return None
-    if distributed.rank() == 0:
-        study.root.mkdir(parents=True, exist_ok=True)
-        for step in steps:
-            if step.reuse:
-                print(f"reusing {study.root / step.cfg.runname} (same settings)")
-            else:
-                train(step.cfg, study.sae, step.modality)
+    study.root.mkdir(parents=True, exist_ok=True)
+    for step in steps:  # under torchrun every rank takes part in the training (train_dist)
+        if step.reuse:
+            print(f"reusing {study.root / step.cfg.runname} (same settings)")
+        else:
+            train(step.cfg, study.sae, step.modality)
     distributed.barrier()
     runs = open_runs(study.root, [cfg.runname for _, cfg in encoders])
     res = analyse(study, runs)

@@ -5,6 +5,7 @@ stores the pooled token of every sample; features are computed from those after 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import data
+import distributed
 from errors import ArgumentParser, OptionError, UserError, check_positive, resolve_device
 from options import add_options, check_choices, options_from
 from runs import DEFAULT_ROOT, FLOAT16_MAX, LayerInfo, Run, RunMeta, RunWriter, SaeSettings, SeedInfo
@@ -144,7 +146,9 @@ def reusable(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> Run | None:
 def train(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> TrainResult:
     t0 = time.perf_counter()
     cls = get_encoder_class(cfg.model, modality)
-    with RunWriter(cfg.root, cfg.runname, cfg.overwrite) as writer:  # refuses an existing run before any work
+    main = distributed.rank() == 0  # under torchrun, rank 0 writes the run
+    # refuses an existing run before any work
+    with RunWriter(cfg.root, cfg.runname, cfg.overwrite) if main else contextlib.nullcontext() as writer:
         device = resolve_device(cfg.device)
         ds = cfg.load(cfg.shuffle_captions)
         encoder = cls(cfg.checkpoint, device=device, token=cfg.token)
@@ -156,19 +160,33 @@ def train(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> TrainResult:
             encoder.image_size = cfg.image_size
         layers = encoder.resolve_layers(cfg.layers)
         settings = _settings(cfg, sae_cfg, modality)
-        layer_info = _record(cfg, settings, ds, encoder, layers, writer, device)
-        meta = writer.finish(RunMeta(
+        if distributed.world_size() > 1:
+            import train_dist  # it builds on this module
+
+            layer_info = train_dist.record_and_train(cfg, settings, ds, encoder, layers, writer, device)
+        else:
+            layer_info = _record(cfg, settings, ds, encoder, layers, writer, device)
+        meta = None if not main else writer.finish(RunMeta(
             runname=cfg.runname, modality=encoder.modality, model=cfg.model, checkpoint=encoder.checkpoint,
             token=encoder.token, dataset=ds.describe(), sae=settings, layers=layers, layer_info=layer_info,
             n_layers_model=encoder.n_layers, acts_dtype=cfg.acts_dtype, image_size=getattr(encoder, "image_size", None),
             random_init=cfg.random_init,
             versions=_versions(), device=str(device)))
-    return TrainResult(writer.final, meta, time.perf_counter() - t0)
+    final = writer.final if main else None
+    if distributed.world_size() > 1:
+        meta, final = distributed.from_rank0(meta, final)
+    return TrainResult(final, meta, time.perf_counter() - t0)
 
 
 def _init_seed(seed: int, layer: int) -> int:
     """Seed of one SAE's initialisation: distinct for every (SAE seed, layer)."""
     return seed * 1_000_003 + layer
+
+
+def loader_workers(num_workers: int | None, device: torch.device) -> int:
+    """DataLoader workers: a few on a GPU (decoding would starve it), none on a CPU (they would compete
+    with the model for the cores)."""
+    return num_workers if num_workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
 
 
 def encoder_pass(ds: data.PairedDataset, encoder: Encoder, layers: list[int], writer: RunWriter, device: torch.device,
@@ -179,12 +197,11 @@ def encoder_pass(ds: data.PairedDataset, encoder: Encoder, layers: list[int], wr
     written at its sample's row of the run's [N, d] arrays (returned); on_tokens(layer, tokens_ND) gets
     each batch's training tokens (padding excluded unless settings.train_on_padding)."""
     n = len(ds)
-    workers = num_workers if num_workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
     # the paper's shuffled loader: the SAEs see the samples in a seeded random order, the rows are
     # written at each sample's own index, so the run stays in dataset order and paired with others
     order = np.random.default_rng(settings.seed).permutation(n) if settings.shuffle else np.arange(n)
     loader = DataLoader(_Samples(ds, encoder), batch_size=settings.batch_size, sampler=order.tolist(),
-                        num_workers=workers, collate_fn=_Collate(encoder))
+                        num_workers=loader_workers(num_workers, device), collate_fn=_Collate(encoder))
     acts: dict[int, np.ndarray] = {}
     done = 0
     bar = tqdm(loader, desc=desc, unit="batch", disable=None)  # a bar on a terminal, none in logs
@@ -313,6 +330,7 @@ def main_for(modality: str, argv=None) -> TrainResult:
     cls = get_encoder_class(args.model, modality)
     cfg = options_from(TrainConfig, args, checkpoint=getattr(args, cls.checkpoint_flag.lstrip("-")))
     sae_cfg = options_from(SaeConfig, args)
+    distributed.init(resolve_device(cfg.device))
     torch.manual_seed(cfg.seed)
     result = train(cfg, sae_cfg, modality)
     last = result.meta.layer_info[result.meta.layers[-1]]

@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from synthetic import make_run, random_sae_state
+from tiny_models import checkpoint_for
 
 import distributed
+from runs import Run
 
 REPO = Path(__file__).resolve().parents[1]
 N = 300
@@ -104,3 +106,27 @@ def test_a_failing_rank_ends_every_rank_with_one_error_line(roots, tmp_path):
     same = _launch("wmppc.py", ["--root", str(bad), "--source", "A", "--target", "nope", "--device", "cpu"], 2, timeout=120)
     errors = [line for line in (same.stdout + same.stderr).splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no run 'nope'" in errors[0]  # every rank meets it: printed once
+
+
+@pytest.mark.slow
+def test_training_on_two_ranks_is_one_process_training(tmp_path):
+    """Each batch split across the ranks for the encoder, each layer's SAEs (two seeds) on one rank: the
+    same run as one process, up to the encoder's float rounding on smaller batches."""
+    ckpt = checkpoint_for("Bert", tmp_path / "ckpt")
+    args = ["--model", "Bert", "--bert_model_name", ckpt, "--root", str(tmp_path), "--max_samples", "37",
+            "--batch_size", "8", "--expansion_factor", "2", "--top_k", "4", "--layers", "0", "1", "--seeds", "0", "1",
+            "--lr", "1e-3", "--device", "cpu"]
+    one = _launch("train_text.py", [*args, "--runname", "one"], 1)
+    two = _launch("train_text.py", [*args, "--runname", "two"], 2)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    assert two.stdout.count("wrote") == 1  # rank 0 alone reports
+    a, b = Run.open(tmp_path, "one"), Run.open(tmp_path, "two")
+    assert a.meta.dataset == b.meta.dataset and a.meta.sae == b.meta.sae and a.layers == b.layers == [0, 1]
+    for layer in a.layers:
+        np.testing.assert_allclose(b.acts(layer), a.acts(layer), rtol=1e-5, atol=1e-5)
+        for seed in (0, 1):
+            for name, w in a.with_seed(seed).sae(layer).state().items():
+                np.testing.assert_allclose(b.with_seed(seed).sae(layer).state()[name], w, rtol=1e-4, atol=1e-5)
+        assert a.meta.layer_info[layer].tokens_seen == b.meta.layer_info[layer].tokens_seen
+        assert a.meta.layer_info[layer].fvu == pytest.approx(b.meta.layer_info[layer].fvu, rel=1e-4)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind

@@ -1,0 +1,146 @@
+"""Training on several devices under torchrun (SPEC §12): `torchrun --nproc_per_node G train_image.py ...`.
+
+Every rank walks the same batches in the same order (the seeded shuffle of one process). Each batch is
+split in G contiguous slices, one per rank, for the encoder's forward pass; each layer's SAEs live on one
+rank (longest first, balanced by d^2), which receives that layer's tokens of the whole batch from every
+rank (`all_to_all_single`, uneven splits) in the batch's order, so it takes exactly the steps one process
+would. Rank 0 gathers the pooled rows, receives every SAE at the end, writes the run and renames it into
+place. The run equals one process's up to the float rounding of the encoder on smaller batches.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import data
+import distributed
+from errors import UserError
+from runs import FLOAT16_MAX, LayerInfo, RunWriter
+from sae import SaeTrainer, TopKSAE
+from train import _check_finite, _Collate, _finish_layer, _init_seed, _Samples, loader_workers
+from wrappedmodels import Encoder
+
+
+class _Received(NamedTuple):
+    """An SAE trained on another rank, as _finish_layer reads a trainer."""
+    sae: TopKSAE
+    metrics_: tuple
+
+    def metrics(self):
+        return self.metrics_
+
+
+def _slices(order: np.ndarray, batch_size: int) -> list[list[int]]:
+    """This rank's contiguous share of every batch (possibly empty)."""
+    g, r = distributed.world_size(), distributed.rank()
+    return [np.array_split(order[s:s + batch_size], g)[r].tolist() for s in range(0, len(order), batch_size)]
+
+
+def _exchange(tokens: dict[int, torch.Tensor], owner: dict[int, int], dims: dict[int, int]) -> dict[int, torch.Tensor]:
+    """Each layer's tokens of the whole batch, on its owner, in rank order (the batch's order)."""
+    g, me, layers = distributed.world_size(), distributed.rank(), sorted(tokens)
+    device = next(iter(tokens.values())).device
+    counts = torch.tensor([len(tokens[layer]) for layer in layers], dtype=torch.long, device=device)
+    every = [torch.empty_like(counts) for _ in range(g)]
+    dist.all_gather(every, counts)
+    counts_GL = torch.stack(every).cpu().numpy()
+    send = [torch.cat([tokens[layer].reshape(-1) for layer in layers if owner[layer] == dest] or
+                      [torch.empty(0, device=device)]) for dest in range(g)]
+    mine = [i for i, layer in enumerate(layers) if owner[layer] == me]
+    recv_sizes = [int(sum(counts_GL[src, i] * dims[layers[i]] for i in mine)) for src in range(g)]
+    out = torch.empty(sum(recv_sizes), device=device)
+    dist.all_to_all_single(out, torch.cat(send), recv_sizes, [len(x) for x in send])
+    got: dict[int, list[torch.Tensor]] = {layers[i]: [] for i in mine}
+    offset = 0
+    for src in range(g):
+        for i in mine:
+            n = int(counts_GL[src, i]) * dims[layers[i]]
+            got[layers[i]].append(out[offset:offset + n].view(-1, dims[layers[i]]))
+            offset += n
+    return {layer: torch.cat(parts) for layer, parts in got.items()}
+
+
+def _gather_rows(rows: list[int], pooled: dict[int, np.ndarray]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """On rank 0: the sample rows and pooled vectors of the whole batch (every rank's slice)."""
+    objs = [None] * distributed.world_size() if distributed.rank() == 0 else None
+    dist.gather_object((rows, pooled), objs, dst=0)
+    if objs is None:
+        return np.empty(0, dtype=np.int64), {}
+    all_rows = np.concatenate([np.asarray(r, dtype=np.int64) for r, _ in objs])
+    return all_rows, {layer: np.concatenate([p[layer] for _, p in objs if len(p[layer])]) for layer in pooled}
+
+
+def encoder_pass(ds: data.PairedDataset, encoder: Encoder, layers: list[int], writer: RunWriter | None,
+                 settings, acts_dtype: str, num_workers: int | None, desc: str,
+                 device: torch.device) -> tuple[dict[int, np.ndarray], dict[int, list[SaeTrainer]], dict[int, int]]:
+    """The distributed pass: (pooled arrays on rank 0, this rank's trainers, the owner of each layer)."""
+    n = len(ds)
+    order = np.random.default_rng(settings.seed).permutation(n) if settings.shuffle else np.arange(n)
+    slices = _slices(order, settings.batch_size)
+    loader = iter(DataLoader(_Samples(ds, encoder), batch_sampler=[s for s in slices if s],
+                             num_workers=loader_workers(num_workers, device), collate_fn=_Collate(encoder)))
+    acts: dict[int, np.ndarray] = {}
+    trainers: dict[int, list[SaeTrainer]] = {}
+    owner: dict[int, int] | None = None
+    dims: dict[int, int] = {}
+    for rows_list in tqdm(slices, desc=desc, unit="batch", disable=None if distributed.rank() == 0 else True):
+        tokens, pooled = {}, {}
+        if rows_list:
+            rows, inputs = next(loader)
+            recorded = encoder.record(inputs, layers)
+        for layer in layers:
+            if rows_list:
+                acts_BTD = recorded[layer].float()
+                _check_finite(acts_BTD, layer, rows, ds)
+                mask_BT = encoder.token_mask(inputs, acts_BTD)
+                dims[layer] = acts_BTD.shape[-1]
+                tokens[layer] = (acts_BTD.reshape(-1, dims[layer]) if settings.train_on_padding else acts_BTD[mask_BT])
+                pooled[layer] = encoder.pool(acts_BTD, mask_BT).cpu().numpy()
+                if acts_dtype == "float16" and np.abs(pooled[layer]).max() > FLOAT16_MAX:
+                    raise UserError(f"layer {layer}: pooled activations exceed the float16 range; use --acts_dtype float32")
+        if owner is None:  # every rank has a non-empty slice of the first batch (batch_size >= world size)
+            owner = dict(zip(layers, distributed.assign([dims[layer] ** 2 for layer in layers])))
+        for layer in layers:
+            tokens.setdefault(layer, torch.empty(0, dims[layer], device=device))
+            pooled.setdefault(layer, np.empty((0, dims[layer]), dtype=np.float32))
+        for layer, x in _exchange(tokens, owner, dims).items():
+            if layer not in trainers:
+                trainers[layer] = [SaeTrainer(dims[layer], settings, device=device, seed=_init_seed(s, layer))
+                                   for s in settings.seeds]
+            with torch.enable_grad():
+                for trainer in trainers[layer]:
+                    trainer.train_step(x)
+        all_rows, all_pooled = _gather_rows(rows_list, pooled)
+        if writer is not None:
+            for layer in layers:
+                if layer not in acts:
+                    acts[layer] = writer.acts(layer, n, dims[layer], acts_dtype)
+                acts[layer][all_rows] = all_pooled[layer]
+    return acts, trainers, owner
+
+
+def record_and_train(cfg, settings, ds: data.PairedDataset, encoder: Encoder, layers: list[int],
+                     writer: RunWriter | None, device: torch.device) -> dict[int, LayerInfo] | None:
+    """train._record for several ranks: the layer infos on rank 0, None elsewhere."""
+    if settings.sae_tokens != "all":
+        raise UserError("training under torchrun takes --sae_tokens all (pooled tokens train on one device)")
+    if min(settings.batch_size, len(ds)) < distributed.world_size():
+        raise UserError(f"a batch of {min(settings.batch_size, len(ds))} samples cannot be split across "
+                        f"{distributed.world_size()} ranks: raise --batch_size (or use fewer ranks)")
+    acts, trainers, owner = encoder_pass(ds, encoder, layers, writer, settings, cfg.acts_dtype, cfg.num_workers,
+                                         f"{cfg.runname}: {len(layers)} layers on {distributed.world_size()} ranks",
+                                         device)
+    mine = {layer: [(t.sae.state(), t.metrics()) for t in ts] for layer, ts in trainers.items()}
+    objs = [None] * distributed.world_size() if distributed.rank() == 0 else None
+    dist.gather_object(mine, objs, dst=0)
+    if objs is None:
+        return None
+    received = {layer: [_Received(TopKSAE.from_state(state, settings.top_k).to(device), m) for state, m in saes]
+                for part in objs for layer, saes in part.items()}
+    return {layer: _finish_layer(layer, received[layer], settings.seeds, acts[layer], encoder, writer, device)
+            for layer in layers}
