@@ -3,6 +3,7 @@ TOML file.
 
     uv run study.py studies/demo.toml              # train what is missing, analyse, write the report
     uv run study.py studies/paper_coco.toml --dry_run
+    uv run study.py studies/paper_coco.toml --train_index 3     # one encoder (a Slurm array task)
     torchrun --nproc_per_node 8 study.py studies/paper_coco.toml
 
 It trains every encoder whose run is missing (a complete run with the same settings is reused; one with
@@ -224,7 +225,11 @@ def analyse(study: Study, runs: list[Run]) -> StudyResults:
 
 
 def run_study(path: str, study: Study, encoders: list[tuple[str, TrainConfig]], overwrite: bool,
-              dry: bool) -> StudyResults | None:
+              dry: bool, train_index: int | None = None) -> StudyResults | None:
+    if train_index is not None:
+        if not 0 <= train_index < len(encoders):
+            raise UserError(f"--train_index {train_index}: the study has encoders 0..{len(encoders) - 1}")
+        encoders = encoders[train_index:train_index + 1]
     steps = plan(study, encoders, overwrite)
     if dry:
         print(dry_run(study, steps))
@@ -236,6 +241,8 @@ def run_study(path: str, study: Study, encoders: list[tuple[str, TrainConfig]], 
         else:
             train(step.cfg, study.sae, step.modality)
     distributed.barrier()
+    if train_index is not None:
+        return None
     runs = open_runs(study.root, [cfg.runname for _, cfg in encoders])
     res = analyse(study, runs)
     res.config = tomllib.loads(Path(path).read_text())
@@ -258,6 +265,8 @@ class StudyArgs:
     """Train again the runs that exist with other settings."""
     dry_run: bool = False
     """Print the plan and its estimated cost; train and compute nothing."""
+    train_index: int | None = None
+    """Train only the study's encoder number i (0-based: a Slurm array task's id), then stop."""
 
 
 @cli
@@ -268,7 +277,7 @@ def main(argv=None):
     args = options_from(StudyArgs, p.parse_args(argv))
     study, encoders = load_study(args.config)
     distributed.init(resolve_device(study.device))
-    res = run_study(args.config, study, encoders, args.overwrite, args.dry_run)
+    res = run_study(args.config, study, encoders, args.overwrite, args.dry_run, args.train_index)
     if res is not None:
         print(report.study_summary(res, Path(study.out)))
 

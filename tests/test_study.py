@@ -45,6 +45,9 @@ def test_interrupted_study_resumes_without_retraining(tmp_path, bert, monkeypatc
                                                           'not_shared = ["b"]\ntop = 2\n'))
     study.main([str(path), "--dry_run"])
     assert "train a" in capsys.readouterr().out and not (tmp_path / "out" / "sae_features").exists()
+    study.main([str(path), "--train_index", "2"])  # a Slurm array task: encoder c alone, no analysis
+    assert Run.open(tmp_path / "out" / "sae_features", "c") and not (tmp_path / "out" / "sae_features" / "a").exists()
+    assert not (tmp_path / "out" / "report.md").exists()
     real_train, calls = study.train, []
 
     def train_then_stop(cfg, sae_cfg, modality):
@@ -60,7 +63,7 @@ def test_interrupted_study_resumes_without_retraining(tmp_path, bert, monkeypatc
     monkeypatch.setattr(study, "train", lambda *a: calls.append(a[0].runname) or real_train(*a))
     study.main([str(path)])
     out = capsys.readouterr().out
-    assert calls == ["a", "b", "b", "c"] and "reusing" in out and "report:" in out
+    assert calls == ["a", "b", "b"] and "reusing" in out and "report:" in out  # c came from its array task
     assert Run.open(tmp_path / "out" / "sae_features", "a").meta.run_id == first
     assert (tmp_path / "out" / "report.md").read_text().count("a->c") >= 1
     assert "a: shared with c, not with b" in (tmp_path / "out" / "report.md").read_text()
