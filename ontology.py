@@ -204,10 +204,7 @@ def main(argv=None):
                              f"feature detects (AUROC >= {args.threshold}):", res.layers, res.coverage))
     print(format_layer_table(f"mean depth of the LCA of each feature's top {args.top_samples} samples' labels:",
                              res.layers, res.mean_lca_depth))
-    if args.json:
-        res.save(args.json)
-    if args.plot:
-        _plot(res, args.plot)
+    args.write(res, lambda path: _plot(res, path))
 
 
 if __name__ == "__main__":

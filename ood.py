@@ -151,10 +151,7 @@ def main(argv=None):
     res, curves = ood(fit, id_run, ood_run, args.k, args.torch_device)
     print(format_layer_table(f"AUROC per layer, {res.ood} against {res.id} (fit on {res.fit}):", res.layers,
                              {s: res.metrics[s]["auroc"] for s in SCORES}))
-    if args.json:
-        res.save(args.json)
-    if args.plot:
-        _plot(res, curves, args.plot)
+    args.write(res, lambda path: _plot(res, curves, path))
 
 
 if __name__ == "__main__":

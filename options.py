@@ -114,3 +114,10 @@ class OutputOptions:
             parent()
         check_output(self.json, "--json")
         check_output(self.plot, "--plot")
+
+    def write(self, record, plot=None) -> None:
+        """Save `record` to --json and call plot(path) for --plot, each when asked for."""
+        if self.json:
+            record.save(self.json)
+        if self.plot and plot is not None:
+            plot(self.plot)

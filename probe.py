@@ -188,10 +188,7 @@ def main(argv=None):
     res = probe(run, test, labels, args)
     print(format_layer_table(f"balanced accuracy, mean over {len(res.labels)} labels (tested on {res.test}):", res.layers,
                              {k: np.nanmean(res.balanced_accuracy[k], axis=1) for k in KINDS}))
-    if args.json:
-        res.save(args.json)
-    if args.plot:
-        _plot(res, args.plot)
+    args.write(res, lambda path: _plot(res, path))
 
 
 if __name__ == "__main__":

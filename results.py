@@ -241,20 +241,25 @@ class SaeProbes:
 
 
 @dataclass
-class DemoResults(Record):
+class Compared:
+    """What the demo and a study both record: the runs and every ordered pair's scores."""
+    config: dict[str, Any]
+    """The settings (the demo's options, or the study file as read)."""
+    runs: dict[str, RunMeta]
+    wmppc: dict[str, Wmppc]
+    """"A->B" -> wMPPC of A -> B, every ordered pair (with interval, floor and ceiling when computed)."""
+    similarity: dict[str, Similarity]
+    """"A->B" -> the classic measures, every ordered pair (empty: not computed)."""
+
+
+@dataclass
+class DemoResults(Compared, Record):
     """Everything demo.py measured; report.py renders it."""
     KIND = "demo"
     SCHEMA = 1
 
-    config: dict[str, Any]
-    """The demo's settings."""
-    runs: dict[str, RunMeta]
     train_seconds: dict[str, float]
     """0 for a reused run."""
-    wmppc: dict[str, Wmppc]
-    """"A->B" -> wMPPC of A -> B, every ordered pair, with interval, floor and ceiling."""
-    similarity: dict[str, Similarity]
-    """"A->B" -> the classic measures, every ordered pair."""
     poor_fits: list[str]
     """Layers (of every run and seed) whose SAE reconstructs the recorded pooled token worse than its mean."""
     sharedness: SharednessReport
@@ -271,19 +276,12 @@ class DemoResults(Record):
 
 
 @dataclass
-class StudyResults(Record):
+class StudyResults(Compared, Record):
     """<out>/results.json: everything the study measured; its report renders it."""
     KIND = "study"
     SCHEMA = 1
 
-    config: dict[str, Any]
-    """The study file, as read."""
-    runs: dict[str, RunMeta]
-    wmppc: dict[str, Wmppc]
-    """"A->B" -> wMPPC of A -> B, every ordered pair."""
     table: WmppcTable
-    similarity: dict[str, Similarity] = field(default_factory=dict)
-    """"A->B" -> the classic measures (with --analyses.similarity)."""
     sharedness: list[SharednessReport] = field(default_factory=list)
     galleries: list[str] = field(default_factory=list)
     """The gallery page of each group, relative to <out>."""

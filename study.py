@@ -221,7 +221,8 @@ def analyse(study: Study, runs: list[Run]) -> StudyResults:
     by_name = dict(zip(names, runs))
     reports = [top_features(comp_sharedness(by_name[g.source], [by_name[n] for n in g.shared],
                                             [by_name[n] for n in g.not_shared], ref), g.top) for g in a.groups]
-    return StudyResults({}, {r.name: r.meta for r in runs}, pairs, table, similarity, reports)
+    return StudyResults(config={}, runs={r.name: r.meta for r in runs}, wmppc=pairs, similarity=similarity,
+                        table=table, sharedness=reports)
 
 
 def run_study(path: str, study: Study, encoders: list[tuple[str, TrainConfig]], overwrite: bool,
