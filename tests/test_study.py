@@ -39,7 +39,7 @@ def bert(tmp_path_factory):
     return checkpoint_for("Bert", tmp_path_factory.mktemp("ckpt"))
 
 
-def test_interrupted_study_resumes_without_retraining(tmp_path, bert, monkeypatch, capsys):
+def test_interrupted_study_resumes_without_retraining(tmp_path, bert, monkeypatch, capsys, error_line):
     path = tmp_path / "s.toml"
     path.write_text(_config(tmp_path / "out", bert, groups='[[analyses.groups]]\nsource = "a"\nshared = ["c"]\n'
                                                           'not_shared = ["b"]\ntop = 2\n'))
@@ -69,6 +69,8 @@ def test_interrupted_study_resumes_without_retraining(tmp_path, bert, monkeypatc
     assert "a: shared with c, not with b" in (tmp_path / "out" / "report.md").read_text()
     study.main([str(path), "--dry_run"])
     assert "PFLOP" in capsys.readouterr().out  # every run trained: the matrix's cost is known
+    path.write_text(path.read_text().replace("lr = 1e-3", "lr = 2e-3"))  # other SAE settings
+    assert "--overwrite" in error_line(study.main, [str(path)])
 
 
 @pytest.mark.parametrize("change,needle", [
