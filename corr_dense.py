@@ -226,15 +226,18 @@ class Recheck:
                 i, j = torch.nonzero((block >= (rho - self.window)[:, None]) & live[:, None], as_tuple=True)
                 self.cands.setdefault((ua.layer, ub.layer), []).append((i + ua.start, j + ub.start, block[i, j]))
 
-    def resolve(self, best, group_a: list[Unit], exact) -> None:
-        """Replace the approximate best of group_a's features by the exact one; `exact(pair, ia, jb)` gives the
-        correlations of those feature pairs."""
+    def resolve(self, best, exact) -> None:
+        """Replace the approximate best of the collected features of A by the exact one; `exact({pair: (ia,
+        jb)})` gives the correlations of those feature pairs, every pair in one pass over the samples."""
+        pruned = {}
         for pair, parts in self.cands.items():
             ia, jb, approx = (torch.cat(x) for x in zip(*parts))
+            keep = approx >= best[pair][0][ia] - self.window
+            pruned[pair] = ia[keep], jb[keep]
+        for pair, corr in exact(pruned).items():
             rho, match = best[pair]
-            keep = approx >= rho[ia] - self.window
-            ia, jb = ia[keep], jb[keep]
-            corr = exact(pair, ia, jb).to(rho.dtype)
+            ia, jb = pruned[pair]
+            corr = corr.to(rho.dtype)
             # best per A feature: sort by (feature, -corr, feature of B), keep each feature's first
             order = torch.from_numpy(np.lexsort((jb.cpu().numpy(), -corr.double().cpu().numpy(), ia.cpu().numpy())))
             ia, jb, corr = ia[order], jb[order], corr[order]

@@ -278,27 +278,35 @@ class Correlator:
                 if recheck is not None:
                     recheck.collect(best, corr, ga, gb, inv_a)
             if recheck is not None:
-                recheck.resolve(best, ga, self._exact_products(run_a, run_b, mom_a, mom_b))
+                recheck.resolve(best, self._exact_products(run_a, run_b, mom_a, mom_b))
         return {p: (*best[p], None if best_J is None else best_J[p][0]) for p in best}
 
     def _exact_products(self, run_a: Run, run_b: Run, mom_a, mom_b):
-        """(pair, features of A, features of B) -> their Pearson correlations, from fp32 codes and float64
-        sums over every sample (the re-check of a lower precision's candidates)."""
-        def exact(pair: tuple[int, int], ia: torch.Tensor, jb: torch.Tensor) -> torch.Tensor:
-            a, b = pair
-            ua, ja = torch.unique(ia, return_inverse=True)
-            ub, jj = torch.unique(jb, return_inverse=True)
-            sae_a, sae_b = run_a.sae(a, self.device), run_b.sae(b, self.device)
-            mean_a, mean_b = (m[layer].full.mean_F[u].float() for m, layer, u in ((mom_a, a, ua), (mom_b, b, ub)))
-            dot = torch.zeros(len(ia), dtype=torch.float64, device=self.device)
-            for (_, xa), (_, xb) in zip(self._acts_chunks(run_a, a), self._acts_chunks(run_b, b)):
-                ca = corr_dense.codes_of(sae_a, xa, self.codes, ua).sub_(mean_a)
-                cb = corr_dense.codes_of(sae_b, xb, self.codes, ub).sub_(mean_b)
-                for s in range(0, len(ia), RECHECK_BATCH):
-                    sl = slice(s, s + RECHECK_BATCH)
-                    dot[sl] += (ca[:, ja[sl]] * cb[:, jj[sl]]).sum(0, dtype=torch.float64)
-            return dot * mom_a[a].full.inv_F[ia] * mom_b[b].full.inv_F[jb]
+        """{(layer a, layer b): (features of A, features of B)} -> their Pearson correlations, from fp32 codes
+        and float64 sums, in one pass over the samples for every pair (the re-check of a lower precision)."""
+        def exact(cands: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]) -> dict[tuple[int, int], torch.Tensor]:
+            la, lb = sorted({a for a, _ in cands}), sorted({b for _, b in cands})
+            used_a = {a: torch.unique(torch.cat([ia for (x, _), (ia, _) in cands.items() if x == a])) for a in la}
+            used_b = {b: torch.unique(torch.cat([jb for (_, y), (_, jb) in cands.items() if y == b])) for b in lb}
+            pos = {p: (torch.searchsorted(used_a[p[0]], ia), torch.searchsorted(used_b[p[1]], jb))
+                   for p, (ia, jb) in cands.items()}
+            dots = {p: torch.zeros(len(ia), dtype=torch.float64, device=self.device) for p, (ia, _) in cands.items()}
+            chunks = [self._acts_chunks(run_a, a) for a in la] + [self._acts_chunks(run_b, b) for b in lb]
+            for xs in zip(*chunks):
+                code = {("a", a): self._centred(run_a, a, x, used_a[a], mom_a) for a, (_, x) in zip(la, xs)}
+                code.update({("b", b): self._centred(run_b, b, x, used_b[b], mom_b) for b, (_, x) in zip(lb, xs[len(la):])})
+                for p, (pa, pb) in pos.items():
+                    ca, cb = code["a", p[0]], code["b", p[1]]
+                    for s in range(0, len(pa), RECHECK_BATCH):
+                        sl = slice(s, s + RECHECK_BATCH)
+                        dots[p][sl] += (ca[:, pa[sl]] * cb[:, pb[sl]]).sum(0, dtype=torch.float64)
+            return {p: dots[p] * mom_a[p[0]].full.inv_F[ia] * mom_b[p[1]].full.inv_F[jb] for p, (ia, jb) in cands.items()}
         return exact
+
+    def _centred(self, run: Run, layer: int, x: torch.Tensor, features: torch.Tensor, moments) -> torch.Tensor:
+        """fp32 codes of some features of a layer, centred as the dense path centres them."""
+        codes = corr_dense.codes_of(run.sae(layer, self.device), x, self.codes, features)
+        return codes.sub_(moments[layer].full.mean_F[features].float())
 
     @staticmethod
     def _jackknife(best_J, blocks, total, scratch, ga: list[Unit], gb: list[Unit], mom_a, mom_b) -> None:

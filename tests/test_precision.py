@@ -63,7 +63,7 @@ def test_recheck_fixes_a_near_tie_that_bf16_gets_wrong():
     assert best[0, 0][1].item() != right
     check = corr_dense.Recheck("bf16")
     check.collect(best, approx, group_a, group_b, inv_a)
-    check.resolve(best, group_a, lambda pair, ia, jb: exact[ia, jb])
+    check.resolve(best, lambda cands: {p: exact[ia, jb] for p, (ia, jb) in cands.items()})
     assert best[0, 0][1].item() == right and best[0, 0][0].item() == pytest.approx(exact[0, right].item(), abs=1e-7)
 
 
