@@ -368,16 +368,21 @@ def write_study(res: StudyResults, out: Path) -> None:
     cal_rows = [_calibration_row(pair, res.wmppc, res.similarity) for pair in res.wmppc]
     groups = [(f"{rep.source}: shared with {', '.join(rep.min_group)}, not with {', '.join(rep.max_group)}",
                ["feature", "Delta", "mass S", *(f"rho -> {n} (match)" for n in [*rep.min_group, *rep.max_group])],
-               _group_rows(rep), gallery) for rep, gallery in zip(res.sharedness, res.galleries)]
+               _group_rows(rep), gallery, grids)
+              for rep, gallery, grids in zip(res.sharedness, res.galleries, res.grids)]
     md = [f"# saeshare study: {out.name}\n", f"{len(names)} runs, codes `{t.codes}`.\n", "## Runs\n",
           _md_table(STUDY_RUN_HEAD, _study_runs(res)), "\n## wMPPC (row -> column; all layers / last layer)\n",
           _md_table(["source", *names], wm_rows), "\n## Calibration (every ordered pair)\n", CALIBRATION, "\n",
           _md_table(CAL_HEAD, cal_rows), "", *(f"![{f}]({f})" for f in figs)]
-    for title, head, rows, gallery in groups:
-        md += [f"\n## Comparative Sharedness: {title}\n", _md_table(head, rows), f"\nPreviews: [{gallery}]({gallery})"]
+    for title, head, rows, gallery, grids in groups:
+        md += [f"\n## Comparative Sharedness: {title}\n", _md_table(head, rows), "",
+               *(f"![feature {r[0]}]({g})" for r, g in zip(rows, grids)), f"\nPreviews: [{gallery}]({gallery})"]
     write_atomic(out / "report.md", lambda tmp: tmp.write_text("\n".join(md) + "\n"))
-    group_html = "".join(f"<h2>Comparative Sharedness: {html.escape(title)}</h2>{_html_table(head, rows)}"
-                         f'<p><a href="{html.escape(gallery)}">previews</a></p>' for title, head, rows, gallery in groups)
+    group_html = "".join(
+        f"<h2>Comparative Sharedness: {html.escape(title)}</h2>{_html_table(head, rows)}<div class=\"grids\">"
+        + "".join(f'<figure><img src="{html.escape(g)}" alt="feature {r[0]}"><figcaption>feature {r[0]}</figcaption>'
+                  "</figure>" for r, g in zip(rows, grids))
+        + f'</div><p><a href="{html.escape(gallery)}">open the gallery</a></p>' for title, head, rows, gallery, grids in groups)
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>saeshare study {html.escape(out.name)}</title>
 {STYLE}</head><body><h1>saeshare study: {html.escape(out.name)}</h1>
 <h2>Runs</h2>{_html_table(STUDY_RUN_HEAD, _study_runs(res))}

@@ -285,3 +285,5 @@ class StudyResults(Compared, Record):
     sharedness: list[SharednessReport] = field(default_factory=list)
     galleries: list[str] = field(default_factory=list)
     """The gallery page of each group, relative to <out>."""
+    grids: list[list[str]] = field(default_factory=list)
+    """Per group, the grid image of each of its source features, relative to <out>."""

@@ -253,6 +253,7 @@ def run_study(path: str, study: Study, encoders: list[tuple[str, TrainConfig]], 
             gallery = sharedness_gallery(rep, GalleryOptions(root=str(study.root), out=str(out / "imgs" / g.source),
                                                              overwrite=True, device=study.device))
             res.galleries.append(str(gallery.index.relative_to(out.resolve())))
+            res.grids.append([str(gallery.grids[rep.source, f.feature].relative_to(out.resolve())) for f in rep.features])
         res.save(out / "results.json")
         report.write_study(res, out)
     return res

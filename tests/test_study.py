@@ -67,6 +67,9 @@ def test_interrupted_study_resumes_without_retraining(tmp_path, bert, monkeypatc
     assert Run.open(tmp_path / "out" / "sae_features", "a").meta.run_id == first
     assert (tmp_path / "out" / "report.md").read_text().count("a->c") >= 1
     assert "a: shared with c, not with b" in (tmp_path / "out" / "report.md").read_text()
+    res = study.StudyResults.load(tmp_path / "out" / "results.json")
+    assert len(res.grids[0]) == 2 and all((tmp_path / "out" / g).is_file() for g in res.grids[0])
+    assert res.grids[0][0] in (tmp_path / "out" / "report.html").read_text()
     study.main([str(path), "--dry_run"])
     assert "PFLOP" in capsys.readouterr().out  # every run trained: the matrix's cost is known
     path.write_text(path.read_text().replace("lr = 1e-3", "lr = 2e-3"))  # other SAE settings
