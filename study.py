@@ -22,6 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import costs
 import distributed
 from comp_sharedness import check_groups, comp_sharedness, top_features
 from correlation import Correlator, EngineOptions, tqdm_progress
@@ -35,7 +36,7 @@ from runs import Run, open_runs
 from sae import SaeConfig
 from show import GalleryOptions, sharedness_gallery
 from similarity import SimilarityEngine
-from train import TrainConfig, reusable, train
+from train import TrainConfig, build_encoder, reusable, train
 from wmppc import calibrated, table_of, wmppc
 from wrappedmodels import get_encoder_class
 
@@ -166,42 +167,46 @@ def plan(study: Study, encoders: list[tuple[str, TrainConfig]], overwrite: bool)
     return steps
 
 
-TFLOPS = {"fp32": 67, "tf32": 495, "bf16": 990}
-"""H100 SXM dense peaks, TFLOP/s, for the dry run's estimate."""
-
-
-def analysis_flops(widths: dict[str, list[int]], n: int, analyses: Analyses, n_seeds: int) -> float:
-    """Matrix-product FLOPs of the wMPPC matrix with `relu` codes: 2 N F_a F_b per layer pair of every ordered
-    pair of runs, again for each floor and each seed ceiling. `widths`: SAE features per layer."""
-    total = sum(2.0 * n * sum(fa) * sum(fb) for a, fa in widths.items() for b, fb in widths.items() if a != b)
-    if analyses.calibrate:
-        total *= 2
-        total += sum(2.0 * n * sum(f) ** 2 * (n_seeds - 1) for f in widths.values()) * (len(widths) - 1)
-    return total
+def _size(study: Study, step: Step) -> costs.EncoderSize | str:
+    """A run's size: from the run when it exists, else from one forward pass of its encoder over a few
+    samples; a string says why it is unknown (a model that cannot be loaded here, say)."""
+    if step.reuse:
+        meta = Run.open(study.root, step.cfg.runname).meta
+        info = [meta.layer_info[layer] for layer in meta.layers]
+        return costs.EncoderSize([i.d_model for i in info], [i.tokens_seen / meta.dataset.n_samples for i in info], 0.0)
+    try:
+        encoder = build_encoder(step.cfg, step.modality, resolve_device(study.device))
+        return costs.measure(encoder, step.cfg.load(step.cfg.shuffle_captions), encoder.resolve_layers(step.cfg.layers))
+    except UserError as e:
+        return str(e)
 
 
 def dry_run(study: Study, steps: list[Step]) -> str:
+    """The plan, and what it costs on one H100 (costs.py), from each run's size."""
     lines = [f"study in {study.out}: {len(steps)} runs, dataset {study.data.dataset}, seeds {study.seeds}"]
-    widths = {}
+    sizes = {}
     for step in steps:
         cfg = step.cfg
+        sizes[cfg.runname] = _size(study, step)
+        what = (f"{len(sizes[cfg.runname].widths)} layers of d {max(sizes[cfg.runname].widths)}"
+                if isinstance(sizes[cfg.runname], costs.EncoderSize) else f"size unknown: {sizes[cfg.runname]}")
         lines.append(f"  {'reuse' if step.reuse else 'train'} {cfg.runname}: {step.modality} {cfg.model} "
-                     f"{cfg.checkpoint or get_encoder_class(cfg.model, step.modality).default_checkpoint}, "
-                     f"layers {cfg.layers or 'all'}")
-        if step.reuse:
-            meta = Run.open(study.root, cfg.runname).meta
-            widths[cfg.runname] = [meta.layer_info[layer].n_features for layer in meta.layers]
+                     f"{cfg.checkpoint or get_encoder_class(cfg.model, step.modality).default_checkpoint}; {what}")
     a = study.analyses
     lines.append(f"  analyses: wMPPC of {len(steps) * (len(steps) - 1)} ordered pairs ({a.codes} codes"
                  + (", floors and ceilings" if a.calibrate else "") + (", intervals" if a.ci else "") + ")"
                  + (", classic measures" if a.similarity else "") + f", {len(a.groups)} sharedness groups")
-    if len(widths) == len(steps):
-        n = Run.open(study.root, steps[0].cfg.runname).n_samples
-        flops = analysis_flops(widths, n, a, len(study.seeds))
-        lines.append(f"  estimated wMPPC matrix cost: {flops / 1e15:.3g} PFLOP, "
-                     + ", ".join(f"{flops / (t * 1e12) / 3600:.2g} h at {k} peak" for k, t in TFLOPS.items()))
-    else:
-        lines.append("  the wMPPC cost is estimated once every run is trained (it needs each layer's width)")
+    known = [s for s in sizes.values() if isinstance(s, costs.EncoderSize)]
+    if len(known) < len(sizes):
+        return "\n".join([*lines, "  cost: unknown until every run's size is (see above)"])
+    n, e = len(study.data.load()), study.sae.expansion_factor
+    todo = [costs.training_flops(sizes[st.cfg.runname], n, e, len(study.seeds)) for st in steps if not st.reuse]
+    enc, sae = sum(t[0] for t in todo), sum(t[1] for t in todo)
+    matrix = costs.matrix_flops(known, n, e, a.mem_gb, a.calibrate, len(study.seeds))
+    lines.append(f"  estimated cost on one H100 at {costs.EFFICIENCY:.0%} of peak (divide by the GPUs):\n" + costs.table([
+        ("training what is missing (encoders fp32; SAE steps fp32 or --sae_dtype bfloat16)", enc + sae,
+         {"fp32": costs.hours(enc + sae, "fp32"), "tf32": None, "bf16": costs.hours(enc, "fp32") + costs.hours(sae, "bf16")}),
+        (f"all-layers wMPPC matrix, {a.codes} codes", matrix, {k: costs.hours(matrix, k) for k in costs.PEAK_TFLOPS})]))
     return "\n".join(lines)
 
 

@@ -143,21 +143,26 @@ def reusable(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> Run | None:
     return run if same and meta.dataset == cfg.load(cfg.shuffle_captions).describe() else None
 
 
+def build_encoder(cfg: TrainConfig, modality: str, device: torch.device) -> Encoder:
+    """The encoder a run of `cfg` records: its checkpoint, token, input size, and random weights for a floor."""
+    encoder = get_encoder_class(cfg.model, modality)(cfg.checkpoint, device=device, token=cfg.token)
+    if cfg.random_init:
+        encoder.reinitialise(cfg.seed)
+    if cfg.image_size is not None:
+        if not hasattr(encoder, "image_size"):
+            raise UserError(f"--image_size applies to EfficientNetLite; {cfg.model} uses its own processor")
+        encoder.image_size = cfg.image_size
+    return encoder
+
+
 def train(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> TrainResult:
     t0 = time.perf_counter()
-    cls = get_encoder_class(cfg.model, modality)
     main = distributed.rank() == 0  # under torchrun, rank 0 writes the run
     # refuses an existing run before any work
     with RunWriter(cfg.root, cfg.runname, cfg.overwrite) if main else contextlib.nullcontext() as writer:
         device = resolve_device(cfg.device)
         ds = cfg.load(cfg.shuffle_captions)
-        encoder = cls(cfg.checkpoint, device=device, token=cfg.token)
-        if cfg.random_init:
-            encoder.reinitialise(cfg.seed)
-        if cfg.image_size is not None:
-            if not hasattr(encoder, "image_size"):
-                raise UserError(f"--image_size applies to EfficientNetLite; {cfg.model} uses its own processor")
-            encoder.image_size = cfg.image_size
+        encoder = build_encoder(cfg, modality, device)
         layers = encoder.resolve_layers(cfg.layers)
         settings = _settings(cfg, sae_cfg, modality)
         if distributed.world_size() > 1:

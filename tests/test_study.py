@@ -44,7 +44,9 @@ def test_interrupted_study_resumes_without_retraining(tmp_path, bert, monkeypatc
     path.write_text(_config(tmp_path / "out", bert, groups='[[analyses.groups]]\nsource = "a"\nshared = ["c"]\n'
                                                           'not_shared = ["b"]\ntop = 2\n'))
     study.main([str(path), "--dry_run"])
-    assert "train a" in capsys.readouterr().out and not (tmp_path / "out" / "sae_features").exists()
+    out = capsys.readouterr().out
+    assert "train a" in out and "1 layers of d 64" in out and "all-layers wMPPC matrix" in out  # measured
+    assert not (tmp_path / "out" / "sae_features").exists()
     study.main([str(path), "--train_index", "2"])  # a Slurm array task: encoder c alone, no analysis
     assert Run.open(tmp_path / "out" / "sae_features", "c") and not (tmp_path / "out" / "sae_features" / "a").exists()
     assert not (tmp_path / "out" / "report.md").exists()

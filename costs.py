@@ -1,0 +1,86 @@
+"""What training and the all-layers wMPPC matrix cost, counted from this code's own work (SPEC §12): the
+study's `--dry_run` and bench/cost.py.
+
+- training: the encoder's forward pass (2 FLOPs per parameter and token) and, per layer, seed and token,
+  the SAE step's dense encoder product (2 d F forward, 2 d F for its gradient: the decoder and top-k parts
+  are sparse, k/F of that);
+- the matrix with `relu` codes: for every ordered pair, the dense path's plan (corr_dense.plan within the
+  accumulator memory) gives the groups; each (A group, B group) pass computes both groups' codes (2 N d f)
+  and their product (2 N f_a f_b); again for each floor, and each run's ceiling (its seed 0 against each
+  other seed, one per column).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+import corr_dense
+
+PEAK_TFLOPS = {"fp32": 67, "tf32": 495, "bf16": 990}
+"""H100 SXM dense peaks."""
+EFFICIENCY = 0.8
+"""Share of the peak the products reach (bench/bench_wmppc.py (a) measures it against torch.mm)."""
+
+
+class EncoderSize(NamedTuple):
+    widths: list[int]
+    """d of each recorded layer."""
+    tokens: list[float]
+    """Tokens per sample the SAEs of each layer train on (a CNN's blocks have fewer positions as they go)."""
+    params: float
+    """Encoder parameters (0: unknown, the forward pass is not counted)."""
+
+
+def training_flops(size: EncoderSize, n: int, expansion: int, seeds: int) -> tuple[float, float]:
+    """(the encoder's forward passes, the SAE steps) over n samples."""
+    sae = sum(n * t * seeds * 4 * d * expansion * d for d, t in zip(size.widths, size.tokens))
+    return n * max(size.tokens) * 2 * size.params, sae
+
+
+def pair_flops(a: EncoderSize, b: EncoderSize, n: int, expansion: int, mem_gb: float) -> float:
+    """One ordered pair, all layers, relu codes, as the dense path plans it."""
+    sizes_a = [corr_dense.LayerSize(i, expansion * d) for i, d in enumerate(a.widths)]
+    sizes_b = [corr_dense.LayerSize(i, expansion * d) for i, d in enumerate(b.widths)]
+    plan = corr_dense.plan(sizes_a, sizes_b, int(mem_gb * 2**30) // 4)
+    n_ga, n_gb = len(corr_dense.pack(sizes_a, plan.cap_a)), len(corr_dense.pack(sizes_b, plan.cap_b))
+    codes = 2 * n * expansion * (sum(d * d for d in a.widths) * n_gb + sum(d * d for d in b.widths) * n_ga)
+    return 2 * n * sum(s.n_features for s in sizes_a) * sum(s.n_features for s in sizes_b) + codes
+
+
+def matrix_flops(sizes: list[EncoderSize], n: int, expansion: int, mem_gb: float, calibrate: bool,
+                 seeds: int) -> float:
+    scores = sum(pair_flops(a, b, n, expansion, mem_gb) for i, a in enumerate(sizes) for j, b in enumerate(sizes)
+                 if i != j)
+    if not calibrate:
+        return scores
+    ceilings = sum(pair_flops(a, a, n, expansion, mem_gb) for a in sizes) * (seeds - 1) * (len(sizes) - 1)
+    return 2 * scores + ceilings
+
+
+def hours(flops: float, precision: str, efficiency: float = EFFICIENCY) -> float:
+    return flops / (PEAK_TFLOPS[precision] * 1e12 * efficiency) / 3600
+
+
+@torch.no_grad()
+def measure(encoder, ds, layers: list[int], samples: int = 8) -> EncoderSize:
+    """An encoder's size from one forward pass over a few samples: what it records, not a table."""
+    items = [encoder.transform(ds.image(i) if encoder.modality == "image" else ds.caption(i))
+             for i in range(min(samples, len(ds)))]
+    inputs = encoder.collate(items)
+    recorded = encoder.record(inputs, layers)
+    tokens = [float(encoder.token_mask(inputs, recorded[layer]).sum()) / len(items) for layer in layers]
+    params = float(sum(p.numel() for p in encoder.model.parameters()))
+    return EncoderSize([int(recorded[layer].shape[-1]) for layer in layers], tokens, params)
+
+
+def table(rows: list[tuple[str, float, dict[str, float | None]]]) -> str:
+    """A Markdown table of (work, FLOPs, precision -> hours or None when not offered)."""
+    head = "| work | PFLOP | " + " | ".join(PEAK_TFLOPS) + " |\n|---|---|" + "---|" * len(PEAK_TFLOPS)
+    lines = [f"| {name} | {f'{flops / 1e15:,.0f}' if flops >= 1e16 else f'{flops / 1e15:.3g}'} | " + " | ".join("–" if h is None else _duration(h) for h in by.values())
+             + " |" for name, flops, by in rows]
+    return "\n".join([head, *lines])
+
+
+def _duration(hours_: float) -> str:
+    return f"{hours_:.1f} h" if hours_ >= 1 else f"{hours_ * 60:.0f} min" if hours_ * 60 >= 1 else f"{hours_ * 3600:.1f} s"
