@@ -109,7 +109,8 @@ PROBE_LABELS = ["red", "circle", "small"]
 SHIFT = (["shape=circle"], ["shape=square"], ["red", "small"])
 """Shifted probes: trained on samples with a circle, tested on samples with a square, for these labels."""
 HELD_OUT = {"stars": "shape=star", "purple": "colour=purple"}
-"""The OOD sets: a shape and a colour that the OOD runs' SAEs never saw."""
+"""The OOD sets: a shape and a colour that the OOD runs' SAEs never saw (they train on half the samples, one
+seed, the probed layers: what OOD scoring needs, in less of the demo's time)."""
 PROBE_LAYERS = 4
 """Layers probed per run, evenly spaced, the last included (probes are the demo's slowest part)."""
 
@@ -139,7 +140,7 @@ def sae_probes(cfg: DemoConfig, runs: dict[str, Run], root: Path) -> SaeProbes:
         out.ontology[name] = ontology(run, run.permuted(), tree, holds_NH,
                                       OntologyArgs(root=str(root), run=name, device=cfg.device, layers=layers))
         fit, _ = _train_or_reuse(cfg, name, root, runname=f"{name}_ood", layers=layers, seeds=cfg.seeds[:1],
-                                 exclude=list(HELD_OUT.values()))
+                                 max_samples=max(20, cfg.max_samples // 2), exclude=list(HELD_OUT.values()))
         id_set = _recorded(cfg, root, fit.name, f"{name}_ood_id", offset=ood_offset, max_samples=n_test,
                            exclude=list(HELD_OUT.values()))
         out.ood[name] = [ood(fit, id_set, _recorded(cfg, root, fit.name, f"{name}_ood_{what}", offset=ood_offset,
