@@ -127,6 +127,8 @@ def layer_scores(x_NF: np.ndarray, holds_NH: np.ndarray, tree: Hierarchy, top: i
 
 
 def ontology(run: Run, null: Run, tree: Hierarchy, holds_NH: np.ndarray, opts: "OntologyArgs") -> OntologyResults:
+    if opts.top_samples > run.n_samples:
+        raise UserError(f"--top_samples {opts.top_samples}: run {run.name!r} has {run.n_samples} samples")
     layers = [run.resolve_layer(layer) for layer in opts.layers] if opts.layers else run.layers
     best = {k: np.full((len(layers), len(tree.nodes)), np.nan) for k in KINDS}
     lca = {k: np.zeros((len(layers), tree.depth.max() + 1)) for k in KINDS}

@@ -79,6 +79,10 @@ def test_planted_nodes_are_detected_by_the_sae_and_not_by_the_null(root, tmp_pat
     assert "share of the" in text and "LCA" in text and (tmp_path / "o.png").stat().st_size > 5000
 
 
+def test_more_top_samples_than_samples(root, error_line):
+    assert "has 600 samples" in error_line(ontology.main, ["--root", str(root), "--run", "R", "--top_samples", "601"])
+
+
 @pytest.mark.parametrize("tree,needle", [
     ({"warm": ["red", "magenta"]}, "does not have: 'magenta'"),
     ([1, 2], "expected a JSON object"),
