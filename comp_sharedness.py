@@ -10,6 +10,7 @@ Both groups must be non-empty (SPEC §10): with H empty the score is just "share
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -21,7 +22,7 @@ from correlation import Correlator, EngineOptions, tqdm_progress
 from errors import UserError, check_at_least, cli
 from options import check_output, parse
 from results import SharedFeature, SharednessReport
-from runs import Run, open_runs
+from runs import PERMUTED, Run, open_runs
 
 
 class Sharedness(NamedTuple):
@@ -126,7 +127,17 @@ def main(argv=None):
     report = top_features(res, args.top)
     print(format_features(res, report.features))
     if args.json:
-        report.save(args.json)
+        (_plain_names(report) if args.null == "permute" else report).save(args.json)
+
+
+def _plain_names(report: SharednessReport) -> SharednessReport:
+    """A null's report under the runs' own names, marked `null`: show.py --from_json finds the runs."""
+    plain = lambda name: name.removesuffix(PERMUTED)  # noqa: E731
+    feats = [dataclasses.replace(f, rho={plain(k): v for k, v in f.rho.items()},
+                                 match={plain(k): v for k, v in f.match.items()}) for f in report.features]
+    return dataclasses.replace(report, min_group=list(map(plain, report.min_group)),
+                               max_group=list(map(plain, report.max_group)), features=feats, null=True,
+                               layers=None if report.layers is None else {plain(k): v for k, v in report.layers.items()})
 
 
 if __name__ == "__main__":

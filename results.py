@@ -102,6 +102,8 @@ class SharednessReport(Record):
     codes: str = "relu"
     layers: dict[str, int] | None = None
     """The layer used for each run, source included (None: the last recorded layer of each)."""
+    null: bool = False
+    """The groups' samples were permuted (--null permute): a floor. The names are the runs' own."""
 
     @classmethod
     def migrate(cls, obj: dict, schema: int | None) -> dict:

@@ -198,6 +198,10 @@ above all --shuffle_captions SEED's (a null run permuted back into its pairs wou
 itself: seen on the demo before this salt, floor 0.957 for null -> minilm)."""
 
 
+PERMUTED = " (permuted)"
+"""How a permutation null's name ends."""
+
+
 def null_permutation(n: int, seed: int = NULL_SEED) -> np.ndarray:
     """[N] int64: the sample order of a permutation null."""
     return np.random.default_rng([NULL_SALT, seed]).permutation(n)
@@ -261,7 +265,7 @@ class Run:
     def name(self) -> str:
         """As the user addresses it: RUN, RUN@SEED for a seed other than the first, " (permuted)" for a null."""
         name = self.path.name if self.seed == self.meta.sae.seeds[0] else f"{self.path.name}@{self.seed}"
-        return name if self.perm_N is None else f"{name} (permuted)"
+        return name if self.perm_N is None else f"{name}{PERMUTED}"
 
     @property
     def layers(self) -> list[int]:

@@ -192,6 +192,19 @@ def test_overwrite(root, gallery, tmp_path, error_line):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def test_from_json_of_a_null(root, tmp_path):
+    """comp_sharedness.py --null permute writes the runs' own names (and null: true), so show.py can read it."""
+    import comp_sharedness
+
+    path = tmp_path / "null.json"
+    comp_sharedness.main(["--root", str(root), "--source", "img", "--min_group", "txt", "--max_group", "img2",
+                          "--null", "permute", "--top", "2", "--device", "cpu", "--json", str(path)])
+    got = json.loads(path.read_text())
+    assert got["null"] is True and got["min_group"] == ["txt"] and set(got["features"][0]["rho"]) == {"txt", "img2"}
+    show.main(["--from_json", str(path), "--root", str(root), "--out", str(tmp_path / "g")])
+    assert (tmp_path / "g" / "index.html").is_file()
+
+
 def test_from_json(root, tmp_path, monkeypatch):
     src = show.feature_stats(Run.open(root, "img"), 3, progress=False)
     feats = [{"feature": 4, "delta": 2.5, "mass": 1.0, "rho": {"txt": 0.8, "img2": 0.1},
