@@ -65,7 +65,7 @@ class DemoConfig:
     paper_defaults: bool = False
     """The paper's SAE settings: lr 5e-5, batch 16 images and 256 captions."""
     probes: bool = True
-    """The SAE probes section (SPEC §13): linear probes, OOD detection, ontology coverage (--no-probes: skip)."""
+    """The SAE probes section (SPEC §13): linear probes, OOD detection, ontology coverage (--no_probes: skip)."""
     overwrite: bool = False
     """Replace runs of an earlier demo made with other settings."""
     device: str = "auto"

@@ -69,6 +69,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
         else:
             kw["default"] = default
         parser.add_argument(f"--{f.name}", **kw)
+        if kw.get("action") is argparse.BooleanOptionalAction:  # argparse spells the negative --no-x; ours use _
+            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
 
 
 def parse(cls: type[T], argv: list[str] | None, description: str, **parser_kw: Any) -> T:

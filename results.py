@@ -274,7 +274,7 @@ class DemoResults(Compared, Record):
     seconds: float
     peak_rss_gib: float
     probes: SaeProbes | None = None
-    """Without --no-probes."""
+    """None with --no_probes."""
 
 
 @dataclass

@@ -66,7 +66,7 @@ class TrainConfig(data.DataOptions):
     """With --sae_tokens pooled: epochs over the stored pooled tokens."""
     shuffle: bool = True
     """Train the SAEs on the samples in a random order drawn from --seed (the paper's shuffled loader);
-    the recorded rows stay in dataset order. --no-shuffle: dataset order."""
+    the recorded rows stay in dataset order. --no_shuffle: dataset order."""
     train_on_padding: bool = False
     """Also train on padding positions of captions (the paper's code does)."""
     acts_dtype: Literal["float32", "float16"] = "float32"

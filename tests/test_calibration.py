@@ -205,7 +205,7 @@ def test_shuffled_pass_keeps_rows_paired_and_trains_in_a_seeded_order(tmp_path, 
     seen = []
     getitem = train_module._Samples.__getitem__
     monkeypatch.setattr(train_module._Samples, "__getitem__", lambda self, i: seen.append(i) or getitem(self, i))
-    ordered = train(tmp_path, bert, "ordered", "--no-shuffle", "--batch_size", "1")
+    ordered = train(tmp_path, bert, "ordered", "--no_shuffle", "--batch_size", "1")
     assert seen == list(range(40))
     seen.clear()
     shuffled = train(tmp_path, bert, "shuffled", "--batch_size", "1", "--seed", "3")
