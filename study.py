@@ -156,9 +156,15 @@ class Step(typing.NamedTuple):
 
 def plan(study: Study, encoders: list[tuple[str, TrainConfig]], overwrite: bool) -> list[Step]:
     """Reuse or train, per encoder; a run with other settings is refused unless `overwrite`."""
-    steps = []
+    steps, described = [], {}
+
+    def dataset(cfg: TrainConfig):  # the study's samples, loaded once (a hub dataset takes a while)
+        if cfg.shuffle_captions not in described:
+            described[cfg.shuffle_captions] = cfg.load(cfg.shuffle_captions).describe()
+        return described[cfg.shuffle_captions]
+
     for modality, cfg in encoders:
-        reuse = reusable(cfg, study.sae, modality) is not None
+        reuse = reusable(cfg, study.sae, modality, lambda cfg=cfg: dataset(cfg)) is not None
         exists = (study.root / cfg.runname).exists()
         if exists and not reuse and not overwrite:
             raise UserError(f"run {cfg.runname!r} exists in {study.root} with other settings (or incomplete "

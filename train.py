@@ -126,9 +126,11 @@ def _settings(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> SaeSetting
                        sae_tokens=cfg.sae_tokens, sae_epochs=cfg.sae_epochs, shuffle=cfg.shuffle)
 
 
-def reusable(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> Run | None:
+def reusable(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str,
+             dataset: Callable[[], data.DatasetInfo] | None = None) -> Run | None:
     """The complete run cfg.runname if training `cfg` again would make the same run (same encoder,
-    layers, token, samples and SAE settings), else None."""
+    layers, token, samples and SAE settings), else None. `dataset()` describes cfg's samples (default: load
+    them), called only when the run exists: a study loads a hub dataset once for all its runs."""
     try:
         run = Run.open(cfg.root, cfg.runname)
     except UserError:
@@ -140,7 +142,8 @@ def reusable(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> Run | None:
             and meta.random_init == cfg.random_init
             and meta.n_layers_model is not None
             and meta.layers == layer_ids(cfg.layers, meta.n_layers_model, f"run {run.name!r}"))
-    return run if same and meta.dataset == cfg.load(cfg.shuffle_captions).describe() else None
+    describe = dataset or (lambda: cfg.load(cfg.shuffle_captions).describe())
+    return run if same and meta.dataset == describe() else None
 
 
 def build_encoder(cfg: TrainConfig, modality: str, device: torch.device) -> Encoder:
