@@ -144,8 +144,11 @@ def _encoder(study: Study, table: dict, where: str) -> tuple[str, TrainConfig]:
         if required not in table:
             raise UserError(f"{where}: missing field {required!r}")
     get_encoder_class(table["model"], modality)
-    return modality, TrainConfig(**table, **dataclasses.asdict(study.data), root=str(study.root),
-                                 device=study.device, seeds=study.seeds)
+    try:  # typed as run.json is: a wrong type names its field
+        return modality, from_jsonable(TrainConfig, {**table, **dataclasses.asdict(study.data), "root": str(study.root),
+                                                     "device": study.device, "seeds": study.seeds}, "")
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 class Step(typing.NamedTuple):

@@ -87,6 +87,7 @@ def test_interrupted_study_resumes_without_retraining(tmp_path, bert, monkeypatc
     (lambda s: s.replace("top_k = 4", "topk = 4"), "sae: unknown field 'topk'"),
     (lambda s: s.replace('modality = "text"', 'modality = "audio"', 1), "`modality` must be"),
     (lambda s: s + "\n[oops", "not TOML"),
+    (lambda s: s.replace("layers = [1]", 'layers = "all"', 1), "encoders[0]: layers: a list expected"),
 ])
 def test_bad_config_is_one_line_before_any_training(tmp_path, bert, error_line, change, needle):
     path = tmp_path / "s.toml"
