@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from scipy import sparse
 from sklearn.covariance import EmpiricalCovariance
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.neighbors import NearestNeighbors
@@ -57,30 +58,50 @@ def detection(score_id: np.ndarray, score_ood: np.ndarray) -> Detection:
                      average_precision_score(1 - y_ood, -score), average_precision_score(y_ood, score))
 
 
-def _knn_distance(fit: np.ndarray, query: np.ndarray, k: int, same: bool) -> np.ndarray:
-    """Cosine distance to the k-th nearest fit sample (itself left out when `query` is `fit`)."""
+def _knn_distance(fit, query, k: int, same: bool) -> np.ndarray:
+    """Cosine distance to the k-th nearest fit sample (itself left out when `query` is `fit`); dense arrays
+    or sparse matrices."""
     nn = NearestNeighbors(n_neighbors=k + same, metric="cosine").fit(fit)
     return nn.kneighbors(query)[0][:, -1]
 
 
-def layer_scores(fit: Run, runs: list[Run], layer: int, k: int, device) -> list[dict[str, np.ndarray]]:
+class SaeScores(NamedTuple):
+    recon_error: np.ndarray
+    energy: np.ndarray
+    max_code: np.ndarray
+    codes: sparse.csr_matrix
+    """[N, F] the top-k codes, k entries a row: memory N k, not N F."""
+
+
+@torch.no_grad()
+def sae_scores(run: Run, layer: int, sae, chunk_size: int, device) -> SaeScores:
+    """The SAE's view of a run's samples, chunk by chunk."""
+    parts = []
+    for start in range(0, run.n_samples, chunk_size):
+        x = run.read_acts(layer, slice(start, start + chunk_size), device)
+        pre = sae.pre_acts(x)
+        top = sae.encode(x)
+        parts.append(((x - sae.decode(*top)).square().sum(1).cpu().numpy(), pre.sum(1).cpu().numpy(),
+                      pre.max(1).values.cpu().numpy(), top.top_acts.cpu().numpy(), top.top_indices.cpu().numpy()))
+    recon, energy, max_code, vals, idx = (np.concatenate(p) for p in zip(*parts))
+    n, k = idx.shape
+    codes = sparse.csr_matrix((vals.ravel(), idx.ravel(), np.arange(0, n * k + 1, k)), shape=(n, sae.n_features))
+    return SaeScores(recon, energy, max_code, codes)
+
+
+def layer_scores(fit: Run, runs: list[Run], layer: int, k: int, device,
+                 chunk_size: int = 4096) -> list[dict[str, np.ndarray]]:
     """Every score of every run's samples at one layer, fitted on `fit`'s samples."""
     sae = fit.sae(layer, device)
     raw_fit = fit.read_acts(layer, slice(None)).numpy()
-    codes_fit = fit.dense_codes(layer, "topk", slice(None), device).cpu().numpy()
+    codes_fit = sae_scores(fit, layer, sae, chunk_size, device).codes
     cov = EmpiricalCovariance().fit(raw_fit)
     out = []
     for run in runs:
-        x = run.read_acts(layer, slice(None), device)
-        with torch.no_grad():
-            pre = sae.pre_acts(x)
-            top = sae.encode(x)
-            recon = (x - sae.decode(*top)).square().sum(1)
-        codes = top.dense(sae.n_features).cpu().numpy()
-        raw = x.cpu().numpy()
-        out.append({"recon_error": recon.cpu().numpy(), "low_energy": -pre.sum(1).cpu().numpy(),
-                    "low_max": -pre.max(1).values.cpu().numpy(),
-                    "knn_codes": _knn_distance(codes_fit, codes, k, run is fit),
+        got = sae_scores(run, layer, sae, chunk_size, device)
+        raw = run.read_acts(layer, slice(None)).numpy()
+        out.append({"recon_error": got.recon_error, "low_energy": -got.energy, "low_max": -got.max_code,
+                    "knn_codes": _knn_distance(codes_fit, got.codes, k, run is fit),
                     "mahalanobis": cov.mahalanobis(raw), "knn_raw": _knn_distance(raw_fit, raw, k, run is fit)})
     return out
 
@@ -111,13 +132,13 @@ def _fit_run(root: str, id_run: Run, ood_run: Run) -> Run:
     return fit
 
 
-def ood(fit: Run, id_run: Run, ood_run: Run, k: int, device) -> tuple[OodResults, list[dict]]:
+def ood(fit: Run, id_run: Run, ood_run: Run, k: int, device, chunk_size: int = 4096) -> tuple[OodResults, list[dict]]:
     if fit.n_samples <= k or id_run.n_samples < 2 or ood_run.n_samples < 2:
         raise UserError(f"too few samples: the fitted run needs more than --k {k}, each set at least 2")
     metrics = {s: {m: [] for m in METRICS} for s in SCORES}
     curves = []
     for layer in tqdm(fit.layers, desc="OOD scores", unit="layer", disable=None):
-        s_id, s_ood = layer_scores(fit, [id_run, ood_run], layer, k, device)
+        s_id, s_ood = layer_scores(fit, [id_run, ood_run], layer, k, device, chunk_size)
         curves.append((s_id, s_ood))
         for s in SCORES:
             for m, v in zip(METRICS, detection(s_id[s], s_ood[s])):
@@ -148,7 +169,7 @@ def main(argv=None):
     args = parse(OodArgs, argv, "OOD detection from SAE features against raw baselines (SPEC §13)")
     id_run, ood_run = Run.open(args.root, args.id), Run.open(args.root, args.ood)
     fit = _fit_run(args.root, id_run, ood_run)
-    res, curves = ood(fit, id_run, ood_run, args.k, args.torch_device)
+    res, curves = ood(fit, id_run, ood_run, args.k, args.torch_device, args.chunk_size)
     print(format_layer_table(f"AUROC per layer, {res.ood} against {res.id} (fit on {res.fit}):", res.layers,
                              {s: res.metrics[s]["auroc"] for s in SCORES}))
     args.write(res, lambda path: _plot(res, curves, path))

@@ -56,3 +56,21 @@ def test_sets_from_other_saes_are_refused(runs, error_line):
     make_run(runs, "X", {0: np.zeros((N, D), np.float32) + np.arange(N)[:, None]}, {0: random_sae_state(D, 4 * D, seed=9)})
     assert "must both be recorded (record.py) from the same run" in error_line(
         ood.main, ["--root", str(runs), "--id", "T", "--ood", "X"])
+
+
+def test_chunked_sparse_scores_equal_dense_ones(runs):
+    """Scores streamed in chunks with sparse top-k codes (memory N k) equal those of whole dense arrays."""
+    import torch
+    from sklearn.neighbors import NearestNeighbors
+
+    run = ood.Run.open(runs, "O")
+    sae = run.sae(0)
+    got = ood.sae_scores(run, 0, sae, 64, "cpu")
+    x = run.read_acts(0, slice(None))
+    dense = run.dense_codes(0, "topk").numpy()
+    np.testing.assert_array_equal(got.codes.toarray(), dense)
+    with torch.no_grad():
+        np.testing.assert_allclose(got.energy, sae.pre_acts(x).sum(1).numpy(), rtol=1e-5)
+        np.testing.assert_allclose(got.recon_error, (x - sae(x).x_hat).square().sum(1).numpy(), rtol=1e-4)
+    want = NearestNeighbors(n_neighbors=4, metric="cosine").fit(dense).kneighbors(dense)[0][:, -1]
+    np.testing.assert_allclose(ood._knn_distance(got.codes, got.codes, 3, True), want, atol=1e-6)
