@@ -50,19 +50,14 @@ def make_moments(mean_F: torch.Tensor, m2_F: torch.Tensor, mass_F: torch.Tensor,
     return Moments(mean_F, inv, mass_F)
 
 
-def codes_of(sae: TopKSAE, x_nD: torch.Tensor, codes: str, cols: torch.Tensor) -> torch.Tensor:
-    """Dense codes [n, len(cols)] of the features `cols` (an index tensor), as codes_into computes them."""
-    if codes == "relu":
-        return torch.mm(x_nD - sae.b_dec, sae.W_enc[:, cols]).relu_()
-    return sae.encode(x_nD).dense(sae.n_features)[:, cols]
-
-
-def codes_into(out_nf: torch.Tensor, sae: TopKSAE, x_nD: torch.Tensor, codes: str, cols: slice) -> torch.Tensor:
-    """Write the dense codes of features `cols` into out [n, f] (a reused buffer: fresh large
-    allocations cost page faults every chunk)."""
+def codes_into(out_nf: torch.Tensor | None, sae: TopKSAE, x_nD: torch.Tensor, codes: str,
+               cols: slice | torch.Tensor) -> torch.Tensor:
+    """Write the dense codes of features `cols` (a slice or an index tensor) into out [n, f] (a reused buffer:
+    fresh large allocations cost page faults every chunk), or into a new tensor when out is None."""
     if codes == "relu":
         return torch.mm(x_nD - sae.b_dec, sae.W_enc[:, cols], out=out_nf).relu_()
-    return out_nf.copy_(sae.encode(x_nD).dense(sae.n_features)[:, cols])
+    dense = sae.encode(x_nD).dense(sae.n_features)[:, cols]
+    return dense if out_nf is None else out_nf.copy_(dense)
 
 
 class BlockSums(NamedTuple):

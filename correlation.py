@@ -305,7 +305,7 @@ class Correlator:
 
     def _centred(self, run: Run, layer: int, x: torch.Tensor, features: torch.Tensor, moments) -> torch.Tensor:
         """fp32 codes of some features of a layer, centred as the dense path centres them."""
-        codes = corr_dense.codes_of(run.sae(layer, self.device), x, self.codes, features)
+        codes = corr_dense.codes_into(None, run.sae(layer, self.device), x, self.codes, features)
         return codes.sub_(moments[layer].full.mean_F[features].float())
 
     @staticmethod

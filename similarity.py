@@ -248,8 +248,7 @@ def main(argv=None):
             print(format_table(f"{m}, last layers (row -> column)", names, res.measures[m]))
         if args.plot:
             _plot_grid([(m, res.measures[m], names, names) for m in MEASURES], "last layers", args.plot)
-    if args.json:
-        res.save(args.json)
+    args.write(res)
 
 
 def _plot_grid(panels: list[tuple[str, np.ndarray, list[str], list[str]]], title: str, path: str) -> None:

@@ -197,6 +197,38 @@ def loader_workers(num_workers: int | None, device: torch.device) -> int:
     return num_workers if num_workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
 
 
+def sample_order(settings: SaeSettings, n: int) -> np.ndarray:
+    """The paper's shuffled loader: the SAEs see the samples in a seeded random order; the rows are written at
+    each sample's own index, so the run stays in dataset order and paired with others."""
+    return np.random.default_rng(settings.seed).permutation(n) if settings.shuffle else np.arange(n)
+
+
+def layer_outputs(encoder: Encoder, inputs: dict, recorded_BTD: Tensor, layer: int, rows: np.ndarray,
+                  ds: data.PairedDataset, settings: SaeSettings, acts_dtype: str) -> tuple[Tensor, np.ndarray]:
+    """(training tokens [n, D] (padding excluded unless settings.train_on_padding), pooled rows [B, D]) of one
+    layer's output for a batch, checked for NaN and for the float16 range."""
+    acts_BTD = recorded_BTD.float()
+    _check_finite(acts_BTD, layer, rows, ds)
+    mask_BT = encoder.token_mask(inputs, acts_BTD)
+    tokens_ND = acts_BTD.reshape(-1, acts_BTD.shape[-1]) if settings.train_on_padding else acts_BTD[mask_BT]
+    pooled_BD = encoder.pool(acts_BTD, mask_BT).cpu().numpy()
+    if acts_dtype == "float16" and np.abs(pooled_BD).max() > FLOAT16_MAX:
+        raise UserError(f"layer {layer}: pooled activations exceed the float16 range; use --acts_dtype float32")
+    return tokens_ND, pooled_BD
+
+
+def new_trainers(d_model: int, layer: int, settings: SaeSettings, device: torch.device) -> list[SaeTrainer]:
+    """One SAE trainer per seed of a layer."""
+    return [SaeTrainer(d_model, settings, device=device, seed=_init_seed(s, layer)) for s in settings.seeds]
+
+
+def train_steps(trainers: list[SaeTrainer], x_ND: Tensor) -> None:
+    """One step of each seed's SAE on the same tokens."""
+    with torch.enable_grad():
+        for trainer in trainers:
+            trainer.train_step(x_ND)
+
+
 def encoder_pass(ds: data.PairedDataset, encoder: Encoder, layers: list[int], writer: RunWriter, device: torch.device,
                  settings: SaeSettings, acts_dtype: str, num_workers: int | None, desc: str,
                  on_tokens: Callable[[int, Tensor], None] | None = None,
@@ -205,10 +237,7 @@ def encoder_pass(ds: data.PairedDataset, encoder: Encoder, layers: list[int], wr
     written at its sample's row of the run's [N, d] arrays (returned); on_tokens(layer, tokens_ND) gets
     each batch's training tokens (padding excluded unless settings.train_on_padding)."""
     n = len(ds)
-    # the paper's shuffled loader: the SAEs see the samples in a seeded random order, the rows are
-    # written at each sample's own index, so the run stays in dataset order and paired with others
-    order = np.random.default_rng(settings.seed).permutation(n) if settings.shuffle else np.arange(n)
-    loader = DataLoader(_Samples(ds, encoder), batch_size=settings.batch_size, sampler=order.tolist(),
+    loader = DataLoader(_Samples(ds, encoder), batch_size=settings.batch_size, sampler=sample_order(settings, n).tolist(),
                         num_workers=loader_workers(num_workers, device), collate_fn=_Collate(encoder))
     acts: dict[int, np.ndarray] = {}
     done = 0
@@ -216,16 +245,11 @@ def encoder_pass(ds: data.PairedDataset, encoder: Encoder, layers: list[int], wr
     for rows, inputs in bar:
         recorded = encoder.record(inputs, layers)
         for layer in layers:
-            acts_BTD = recorded[layer].float()
-            _check_finite(acts_BTD, layer, rows, ds)
+            tokens_ND, pooled_BD = layer_outputs(encoder, inputs, recorded[layer], layer, rows, ds, settings, acts_dtype)
             if layer not in acts:
-                acts[layer] = writer.acts(layer, n, acts_BTD.shape[-1], acts_dtype)
-            mask_BT = encoder.token_mask(inputs, acts_BTD)
+                acts[layer] = writer.acts(layer, n, pooled_BD.shape[-1], acts_dtype)
             if on_tokens is not None:
-                on_tokens(layer, acts_BTD.reshape(-1, acts_BTD.shape[-1]) if settings.train_on_padding else acts_BTD[mask_BT])
-            pooled_BD = encoder.pool(acts_BTD, mask_BT).cpu().numpy()
-            if acts_dtype == "float16" and np.abs(pooled_BD).max() > FLOAT16_MAX:
-                raise UserError(f"layer {layer}: pooled activations exceed the float16 range; use --acts_dtype float32")
+                on_tokens(layer, tokens_ND)
             acts[layer][rows] = pooled_BD
         done += len(rows)
         if postfix is not None and bar.n % PROGRESS_EVERY == 0:  # a metric read syncs the device
@@ -244,12 +268,9 @@ def _record(cfg: TrainConfig, settings: SaeSettings, ds: data.PairedDataset, enc
 
     def train_on(layer: int, tokens_ND: Tensor) -> None:
         if layer not in trainers:
-            trainers[layer] = [SaeTrainer(tokens_ND.shape[-1], settings, device=device, seed=_init_seed(s, layer))
-                               for s in settings.seeds]
+            trainers[layer] = new_trainers(tokens_ND.shape[-1], layer, settings, device)
         if settings.sae_tokens == "all":
-            with torch.enable_grad():
-                for trainer in trainers[layer]:
-                    trainer.train_step(tokens_ND)
+            train_steps(trainers[layer], tokens_ND)
 
     acts = encoder_pass(ds, encoder, layers, writer, device, settings, cfg.acts_dtype, cfg.num_workers,
                         f"{cfg.runname}: {len(layers)} layers", train_on,
@@ -279,10 +300,7 @@ def _train_on_pooled(trainers: dict[int, list[SaeTrainer]], acts: dict[int, np.n
         for s in range(0, n, settings.batch_size):
             rows = np.sort(order[s:s + settings.batch_size])
             for layer, layer_trainers in trainers.items():
-                x = torch.from_numpy(np.asarray(acts[layer][rows], dtype=np.float32)).to(device)
-                with torch.enable_grad():
-                    for trainer in layer_trainers:
-                        trainer.train_step(x)
+                train_steps(layer_trainers, torch.from_numpy(np.asarray(acts[layer][rows], dtype=np.float32)).to(device))
 
 
 def _finish_layer(layer: int, trainers: list[SaeTrainer], seeds: list[int], pooled_ND: np.ndarray, encoder: Encoder,

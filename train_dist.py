@@ -20,9 +20,9 @@ from tqdm import tqdm
 import data
 import distributed
 from errors import UserError
-from runs import FLOAT16_MAX, LayerInfo, RunWriter
+from runs import LayerInfo, RunWriter
 from sae import SaeTrainer, TopKSAE
-from train import _check_finite, _Collate, _finish_layer, _init_seed, _Samples, loader_workers
+from train import _Collate, _finish_layer, _Samples, layer_outputs, loader_workers, new_trainers, sample_order, train_steps
 from wrappedmodels import Encoder
 
 
@@ -80,8 +80,7 @@ def encoder_pass(ds: data.PairedDataset, encoder: Encoder, layers: list[int], wr
                  device: torch.device) -> tuple[dict[int, np.ndarray], dict[int, list[SaeTrainer]], dict[int, int]]:
     """The distributed pass: (pooled arrays on rank 0, this rank's trainers, the owner of each layer)."""
     n = len(ds)
-    order = np.random.default_rng(settings.seed).permutation(n) if settings.shuffle else np.arange(n)
-    slices = _slices(order, settings.batch_size)
+    slices = _slices(sample_order(settings, n), settings.batch_size)
     loader = iter(DataLoader(_Samples(ds, encoder), batch_sampler=[s for s in slices if s],
                              num_workers=loader_workers(num_workers, device), collate_fn=_Collate(encoder)))
     acts: dict[int, np.ndarray] = {}
@@ -93,16 +92,10 @@ def encoder_pass(ds: data.PairedDataset, encoder: Encoder, layers: list[int], wr
         if rows_list:
             rows, inputs = next(loader)
             recorded = encoder.record(inputs, layers)
-        for layer in layers:
-            if rows_list:
-                acts_BTD = recorded[layer].float()
-                _check_finite(acts_BTD, layer, rows, ds)
-                mask_BT = encoder.token_mask(inputs, acts_BTD)
-                dims[layer] = acts_BTD.shape[-1]
-                tokens[layer] = (acts_BTD.reshape(-1, dims[layer]) if settings.train_on_padding else acts_BTD[mask_BT])
-                pooled[layer] = encoder.pool(acts_BTD, mask_BT).cpu().numpy()
-                if acts_dtype == "float16" and np.abs(pooled[layer]).max() > FLOAT16_MAX:
-                    raise UserError(f"layer {layer}: pooled activations exceed the float16 range; use --acts_dtype float32")
+            for layer in layers:
+                tokens[layer], pooled[layer] = layer_outputs(encoder, inputs, recorded[layer], layer, rows, ds, settings,
+                                                             acts_dtype)
+                dims[layer] = pooled[layer].shape[-1]
         if owner is None:  # every rank has a non-empty slice of the first batch (batch_size >= world size)
             owner = dict(zip(layers, distributed.assign([dims[layer] ** 2 for layer in layers])))
         for layer in layers:
@@ -110,11 +103,8 @@ def encoder_pass(ds: data.PairedDataset, encoder: Encoder, layers: list[int], wr
             pooled.setdefault(layer, np.empty((0, dims[layer]), dtype=np.float32))
         for layer, x in _exchange(tokens, owner, dims).items():
             if layer not in trainers:
-                trainers[layer] = [SaeTrainer(dims[layer], settings, device=device, seed=_init_seed(s, layer))
-                                   for s in settings.seeds]
-            with torch.enable_grad():
-                for trainer in trainers[layer]:
-                    trainer.train_step(x)
+                trainers[layer] = new_trainers(dims[layer], layer, settings, device)
+            train_steps(trainers[layer], x)
         all_rows, all_pooled = _gather_rows(rows_list, pooled)
         if writer is not None:
             for layer in layers:

@@ -178,8 +178,7 @@ def main(argv=None):
         if args.plot:
             plot_heatmap(res.all_layers, args.runs, args.runs, "source", "target",
                          f"wMPPC, all layers ({res.codes} codes)", args.plot)
-    if args.json:
-        res.save(args.json)
+    args.write(res)
 
 
 if __name__ == "__main__":
