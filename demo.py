@@ -40,7 +40,7 @@ from show import GalleryOptions, sharedness_gallery
 from train import TrainConfig, reusable, train
 from figures import plot_heatmap
 from similarity import SimilarityEngine
-from wmppc import calibrated
+from wmppc import pair_scores
 
 
 @dataclass
@@ -172,7 +172,7 @@ def run_demo(cfg: DemoConfig) -> DemoResults:
     opts = EngineOptions(root=str(root), codes="relu", device=cfg.device)
     engine = Correlator(opts, progress=tqdm_progress("correlations"))
     with_ci = Correlator(opts, progress=tqdm_progress("correlations (jackknife)"), jackknife=True)
-    pairs = {f"{a}->{b}": calibrated(runs[a], runs[b], with_ci, engine) for a in runs for b in runs if a != b}
+    pairs = {f"{a}->{b}": w for (a, b), w in pair_scores(list(runs.values()), with_ci, True, ref_engine=engine).items()}
     sims = SimilarityEngine()
     similarities = {f"{a}->{b}": sims.compare(runs[a], runs[b]) for a in runs for b in runs if a != b}
     _plots(pairs, list(runs), out)

@@ -30,14 +30,14 @@ from data import DataOptions
 import report
 from errors import ArgumentParser, UserError, cli, resolve_device
 from options import add_options, options_from
-from records import from_jsonable
+from records import from_jsonable, to_jsonable
 from results import StudyResults
 from runs import Run, open_runs
 from sae import SaeConfig
 from show import GalleryOptions, sharedness_gallery
 from similarity import SimilarityEngine
 from train import TrainConfig, build_encoder, reusable, train
-from wmppc import calibrated, table_of, wmppc
+from wmppc import pair_scores, table_of
 from wrappedmodels import get_encoder_class
 
 STUDY_OWNED = ("root", "overwrite", "device", "seeds", *(f.name for f in dataclasses.fields(DataOptions)))
@@ -226,10 +226,9 @@ def analyse(study: Study, runs: list[Run]) -> StudyResults:
     ref = Correlator(opts, progress=tqdm_progress("correlations"))
     engine = Correlator(dataclasses.replace(opts, precision="fp32"), progress=tqdm_progress("correlations (jackknife)"),
                         jackknife=True) if a.ci else ref
-    pairs = {f"{x.name}->{y.name}": (calibrated(x, y, engine, ref) if a.calibrate else wmppc(x, y, engine))
-             for x in runs for y in runs if x is not y}
+    by_pair = pair_scores(runs, engine, a.calibrate, ref_engine=ref)
     names = [r.name for r in runs]
-    table = table_of(names, {tuple(k.split("->")): v for k, v in pairs.items()}, engine.codes)
+    pairs, table = {f"{x}->{y}": w for (x, y), w in by_pair.items()}, table_of(names, by_pair, engine.codes)
     sims = SimilarityEngine()
     similarity = {f"{x.name}->{y.name}": sims.compare(x, y) for x in runs for y in runs if x is not y} if a.similarity else {}
     by_name = dict(zip(names, runs))
@@ -239,8 +238,8 @@ def analyse(study: Study, runs: list[Run]) -> StudyResults:
                         table=table, sharedness=reports)
 
 
-def run_study(path: str, study: Study, encoders: list[tuple[str, TrainConfig]], overwrite: bool,
-              dry: bool, train_index: int | None = None) -> StudyResults | None:
+def run_study(study: Study, encoders: list[tuple[str, TrainConfig]], overwrite: bool, dry: bool,
+              train_index: int | None = None) -> StudyResults | None:
     if train_index is not None:
         if not 0 <= train_index < len(encoders):
             raise UserError(f"--train_index {train_index}: the study has encoders 0..{len(encoders) - 1}")
@@ -260,7 +259,7 @@ def run_study(path: str, study: Study, encoders: list[tuple[str, TrainConfig]], 
         return None
     runs = open_runs(study.root, [cfg.runname for _, cfg in encoders])
     res = analyse(study, runs)
-    res.config = tomllib.loads(Path(path).read_text())
+    res.config = to_jsonable(study)
     if distributed.rank() == 0:
         out = Path(study.out)
         for g, rep in zip(study.analyses.groups, res.sharedness):
@@ -293,7 +292,7 @@ def main(argv=None):
     args = options_from(StudyArgs, p.parse_args(argv))
     study, encoders = load_study(args.config)
     distributed.init(resolve_device(study.device))
-    res = run_study(args.config, study, encoders, args.overwrite, args.dry_run, args.train_index)
+    res = run_study(study, encoders, args.overwrite, args.dry_run, args.train_index)
     if res is not None:
         print(report.study_summary(res, Path(study.out)))
 

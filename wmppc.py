@@ -84,12 +84,12 @@ def calibrated(run_a: Run, run_b: Run, engine: Correlator, ref_engine: Correlato
     return res
 
 
-def pair_scores(runs: list[Run], engine: Correlator, calibrate: bool = False,
-                null: bool = False) -> dict[tuple[str, str], Wmppc]:
-    """wMPPC of every ordered pair (names of A, B), with floor and ceiling when `calibrate`; `null`: every
-    target run's samples permuted."""
-    return {(a.name, b.name): (calibrated if calibrate else wmppc)(a, b.permuted() if null else b, engine)
-            for a in runs for b in runs if a is not b}
+def pair_scores(runs: list[Run], engine: Correlator, calibrate: bool = False, null: bool = False,
+                ref_engine: Correlator | None = None) -> dict[tuple[str, str], Wmppc]:
+    """wMPPC of every ordered pair (names of A, B), with floor and ceiling when `calibrate` (computed by
+    `ref_engine`, see calibrated); `null`: every target run's samples permuted."""
+    return {(a.name, b.name): calibrated(a, b.permuted() if null else b, engine, ref_engine) if calibrate
+            else wmppc(a, b.permuted() if null else b, engine) for a in runs for b in runs if a is not b}
 
 
 def wmppc_table(runs: list[Run], engine: Correlator, calibrate: bool = False, null: bool = False) -> WmppcTable:
