@@ -22,23 +22,25 @@ from pathlib import Path
 import numpy as np
 
 import data
-import report
+from saeshare.render import report
 from comp_sharedness import comp_sharedness, top_features
 import record
-from correlation import Correlator, EngineOptions, tqdm_progress
-from errors import OptionError, check_at_least, cli, resolve_device
+from saeshare.engine.correlator import Correlator, tqdm_progress
+from saeshare.engine.options import EngineOptions
+from errors import OptionError, check_at_least, cli
+from saeshare.core.distributed import resolve_device
 from ontology import OntologyArgs, load_hierarchy, ontology
 from ood import KNN_K, ood
 from probe import ProbeArgs, probe
 from record import RecordArgs
-from options import parse
-from report import IMAGE, NULL, TEXT
-from results import AttributeMatch, DemoResults, SaeProbes
-from runs import Run, poor_fits
+from saeshare.core.options import parse
+from saeshare.render.report import IMAGE, NULL, TEXT
+from saeshare.disk.results import AttributeMatch, DemoResults, SaeProbes
+from saeshare.disk.runs import Run, poor_fits
 from sae import SaeConfig
 from show import GalleryOptions, sharedness_gallery
-from train import TrainConfig, reusable, train
-from figures import plot_heatmap
+from saeshare.training.train import TrainConfig, reusable, train
+from saeshare.render.figures import plot_heatmap
 from similarity import SimilarityEngine
 from wmppc import pair_scores
 

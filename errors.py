@@ -7,9 +7,9 @@ import os
 import sys
 import time
 
-import torch
-
-from distributed import local_device
+import types
+import typing
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 
 class UserError(Exception):
@@ -66,19 +66,6 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
-def resolve_device(device: str) -> torch.device:
-    """`auto` is cuda when present, else cpu; under torchrun, `cuda` is this rank's GPU (LOCAL_RANK)."""
-    if device == "auto":
-        return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise OptionError("device", f"unknown {{opt}} {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OptionError("device", f"{{opt}} {device} asked for but no CUDA GPU is available; use {{opt}} cpu")
-    return local_device(dev)
-
-
 def check_positive(option: str, value: float | None) -> None:
     """None passes (an unset option)."""
     if value is not None and not value > 0:
@@ -88,3 +75,21 @@ def check_positive(option: str, value: float | None) -> None:
 def check_at_least(option: str, value: float | None, minimum: float) -> None:
     if value is not None and not value >= minimum:
         raise OptionError(option, f"{{opt}} must be at least {minimum:g}, got {value}")
+
+
+def unwrap_optional(tp: Any) -> Any:
+    """`X | None` is X."""
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def check_choices(obj: Any) -> None:
+    """Every Literal-typed field of a dataclass instance holds one of its values."""
+    for name, tp in get_type_hints(type(obj)).items():
+        tp = unwrap_optional(tp)
+        value = getattr(obj, name, None)
+        if get_origin(tp) is Literal and value is not None and value not in get_args(tp):
+            raise OptionError(name, f"unknown {{opt}} {value!r}; choose from {', '.join(map(str, get_args(tp)))}")

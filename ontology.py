@@ -26,13 +26,13 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from correlation import AnalysisOptions
+from saeshare.engine.options import AnalysisOptions
 from errors import UserError, check_positive, cli
-from figures import format_layer_table, pyplot, save
-from options import OutputOptions, parse
+from saeshare.render.figures import format_layer_table, pyplot, save
+from saeshare.core.options import OutputOptions, parse
 from probe import column_auroc, run_labels
-from results import OntologyResults
-from runs import Run, check_comparable
+from saeshare.disk.results import OntologyResults
+from saeshare.disk.runs import Run, check_comparable
 
 SHAPES_HIERARCHY = {
     "colour": {"warm": ["red", "orange", "yellow"], "cool": ["green", "blue", "purple"],

@@ -26,12 +26,12 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.neighbors import NearestNeighbors
 from tqdm import tqdm
 
-from correlation import StreamOptions
+from saeshare.disk.runs import StreamOptions
 from errors import UserError, check_positive, cli
-from figures import format_layer_table, pyplot, save
-from options import OutputOptions, parse
-from results import OodResults
-from runs import Run, check_recorded_from
+from saeshare.render.figures import format_layer_table, pyplot, save
+from saeshare.core.options import OutputOptions, parse
+from saeshare.disk.results import OodResults
+from saeshare.disk.runs import Run, check_recorded_from
 
 SAE_SCORES = ("recon_error", "low_energy", "low_max", "knn_codes")
 RAW_SCORES = ("mahalanobis", "knn_raw")

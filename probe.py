@@ -24,13 +24,13 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 import data
-from correlation import AnalysisOptions
+from saeshare.engine.options import AnalysisOptions
 from data.shapes import filter_attribute
 from errors import UserError, check_positive, cli
-from figures import format_layer_table, pyplot, save
-from options import OutputOptions, parse
-from results import ProbeResults
-from runs import Run, check_recorded_from
+from saeshare.render.figures import format_layer_table, pyplot, save
+from saeshare.core.options import OutputOptions, parse
+from saeshare.disk.results import ProbeResults
+from saeshare.disk.runs import Run, check_recorded_from
 
 KINDS = ("sae", "raw", "random", "sae_top", "raw_top")
 """What each probe reads: SAE codes, raw activations, random features, and the two sparse probes."""

@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass
 
 import data
-from correlation import RunsOptions
+from saeshare.disk.runs import RunsOptions
 from errors import UserError, cli
-from options import parse
-from runs import LayerInfo, Run, RunWriter, SeedInfo
-from train import encoder_pass, fvu_pooled
+from saeshare.core.options import parse
+from saeshare.disk.runs import LayerInfo, Run, RunWriter, SeedInfo
+from saeshare.training.train import encoder_pass, fvu_pooled
 from wrappedmodels import get_encoder_class
 
 

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from errors import check_at_least, check_positive
-from options import check_choices
+from errors import check_at_least, check_choices, check_positive
 
 
 @dataclass

@@ -17,15 +17,16 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-import distributed
-from correlation import StreamOptions, pair_cache
-from corr_cache import PairKey
+from saeshare.core import distributed
+from saeshare.disk.cache import pair_cache
+from saeshare.disk.runs import StreamOptions
+from saeshare.disk.cache import PairKey
 from errors import UserError, check_positive, cli
-from figures import format_table, pyplot, save
-from options import OutputOptions, parse
-from results import MEASURES, MeasureValues, Similarity, SimilarityTable
-from runs import Run, open_runs
-from streaming import merge_top
+from saeshare.render.figures import format_table, pyplot, save
+from saeshare.core.options import OutputOptions, parse
+from saeshare.disk.results import MEASURES, MeasureValues, Similarity, SimilarityTable
+from saeshare.disk.runs import Run, open_runs
+from saeshare.core.streaming import merge_top
 
 
 

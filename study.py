@@ -22,21 +22,23 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import costs
-import distributed
+from saeshare.engine import costs
+from saeshare.core import distributed
+from saeshare.core.distributed import resolve_device
 from comp_sharedness import check_groups, comp_sharedness, top_features
-from correlation import Correlator, EngineOptions, tqdm_progress
+from saeshare.engine.correlator import Correlator, tqdm_progress
+from saeshare.engine.options import EngineOptions
 from data import DataOptions
-import report
-from errors import ArgumentParser, UserError, cli, resolve_device
-from options import add_options, options_from
-from records import from_jsonable, to_jsonable
-from results import StudyResults
-from runs import Run, open_runs
+from saeshare.render import report
+from errors import ArgumentParser, UserError, cli
+from saeshare.core.options import add_options, options_from
+from saeshare.disk.files import from_jsonable, to_jsonable
+from saeshare.disk.results import StudyResults
+from saeshare.disk.runs import Run, open_runs
 from sae import SaeConfig
 from show import GalleryOptions, sharedness_gallery
 from similarity import SimilarityEngine
-from train import TrainConfig, build_encoder, reusable, train
+from saeshare.training.train import TrainConfig, build_encoder, reusable, train
 from wmppc import pair_scores, table_of
 from wrappedmodels import get_encoder_class
 

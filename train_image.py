@@ -3,7 +3,7 @@
     uv run train_image.py --model ClipVision --clip_model_name ViT-B/32-quickgelu --layers 0 1 2 --runname NAME
 """
 from errors import cli
-from train import main_for
+from saeshare.training.train import main_for
 
 
 @cli

@@ -3,7 +3,7 @@
     uv run train_text.py --model Bert --bert_model_name all-MiniLM-L6-v2 --layers 0 1 2 --runname NAME
 """
 from errors import cli
-from train import main_for
+from saeshare.training.train import main_for
 
 
 @cli

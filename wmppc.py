@@ -11,14 +11,15 @@ from typing import Callable
 
 import numpy as np
 
-import distributed
-from corr_cache import PairStats
-from correlation import Correlator, EngineOptions, tqdm_progress
+from saeshare.core import distributed
+from saeshare.disk.cache import PairStats
+from saeshare.engine.correlator import Correlator, tqdm_progress
+from saeshare.engine.options import EngineOptions
 from errors import UserError, cli
-from figures import format_table, plot_heatmap
-from options import OutputOptions, parse
-from results import Intervals, Scores, Wmppc, WmppcTable
-from runs import Run, open_runs
+from saeshare.render.figures import format_table, plot_heatmap
+from saeshare.core.options import OutputOptions, parse
+from saeshare.disk.results import Intervals, Scores, Wmppc, WmppcTable
+from saeshare.disk.runs import Run, open_runs
 
 
 def weighted_mppc(rho_F: np.ndarray, mass_F: np.ndarray, what: str) -> float:

@@ -29,7 +29,7 @@ from bench_wmppc import load, peak_rss_self  # noqa: E402
 from synthetic import make_run, random_sae_state  # noqa: E402
 
 import similarity as sim  # noqa: E402
-from runs import Run  # noqa: E402
+from saeshare.disk.runs import Run  # noqa: E402
 
 GIB = 2**30
 

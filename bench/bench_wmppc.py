@@ -33,7 +33,7 @@ from tests.synthetic import engine, make_run, random_sae_state  # noqa: E402
 import corr_dense  # noqa: E402
 import corr_sparse  # noqa: E402
 import correlation  # noqa: E402
-from runs import Run  # noqa: E402
+from saeshare.disk.runs import Run  # noqa: E402
 from wmppc import wmppc  # noqa: E402
 
 K = 32

@@ -12,12 +12,13 @@ import torch
 from synthetic import engine, make_run
 from test_wmppc import K, N, data, ref_codes, ref_corr, ref_weighted, runs  # noqa: F401 (fixtures)
 
-import corr_dense
+from saeshare.engine import dense as corr_dense
 import train_text
 import wmppc
 import wrappedmodels
-from correlation import JACKKNIFE_BLOCKS, Correlator, EngineOptions
-from runs import Run, null_permutation
+from saeshare.engine.correlator import JACKKNIFE_BLOCKS, Correlator
+from saeshare.engine.options import EngineOptions
+from saeshare.disk.runs import Run, null_permutation
 from tiny_models import checkpoint_for
 
 J = JACKKNIFE_BLOCKS
@@ -200,8 +201,7 @@ def test_permutation_null_is_not_the_shuffled_captions_permutation():
 
 
 def test_shuffled_pass_keeps_rows_paired_and_trains_in_a_seeded_order(tmp_path, bert, monkeypatch):
-    import train as train_module
-
+    from saeshare.training import train as train_module
     seen = []
     getitem = train_module._Samples.__getitem__
     monkeypatch.setattr(train_module._Samples, "__getitem__", lambda self, i: seen.append(i) or getitem(self, i))

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-import costs
+from saeshare.engine import costs
 import data
-from train import TrainConfig, build_encoder
+from saeshare.training.train import TrainConfig, build_encoder
 
 
 def test_counts_by_hand():

@@ -14,7 +14,7 @@ from PIL import Image
 import data
 from data.base import fingerprint
 from errors import UserError
-from records import from_jsonable, to_jsonable
+from saeshare.disk.files import from_jsonable, to_jsonable
 
 # The test's own idea of the colour names, independent of data/shapes.py's palette.
 PALETTE = {"red": (255, 0, 0), "green": (0, 160, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),

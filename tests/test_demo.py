@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import demo
-from report import IMAGE, NULL, TEXT
-from runs import Run
+from saeshare.render.report import IMAGE, NULL, TEXT
+from saeshare.disk.runs import Run
 
 
 def _codes64(run: Run, layer: int) -> np.ndarray:
@@ -117,7 +117,7 @@ def test_report_is_calibrated(demo_run):
 def test_sae_probes_section(demo_run):
     """Held-out and OOD sets never reach SAE training; the report shows what results.json holds."""
     import data
-    from results import DemoResults
+    from saeshare.disk.results import DemoResults
 
     res = DemoResults.load(demo_run / "results.json")
     root = demo_run / "sae_features"
@@ -142,7 +142,7 @@ def test_demo_study_gives_the_demos_numbers(demo_run, capsys):
     """studies/demo.toml is what demo.py runs: at the test's size it reuses the demo's runs (nothing is
     trained) and its wMPPC equal the demo's."""
     import study
-    from results import DemoResults, StudyResults
+    from saeshare.disk.results import DemoResults, StudyResults
 
     text = (Path(demo.__file__).parent / "studies" / "demo.toml").read_text()
     for line in ('max_samples = 2000', 'image_size = 128', 'seeds = [0, 1]', 'lr = 1e-3', 'shuffle_captions = 0'):

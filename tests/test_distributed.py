@@ -15,8 +15,8 @@ import pytest
 from synthetic import make_run, random_sae_state
 from tiny_models import checkpoint_for
 
-import distributed
-from runs import Run
+from saeshare.core import distributed
+from saeshare.disk.runs import Run
 
 REPO = Path(__file__).resolve().parents[1]
 N = 300

@@ -8,7 +8,7 @@ import pytest
 import torch
 from synthetic import engine, make_run, random_sae_state
 
-import corr_dense
+from saeshare.engine import dense as corr_dense
 import wmppc
 
 N = 600

@@ -13,11 +13,11 @@ from synthetic import engine, make_run, random_sae_state
 import show
 import wmppc
 import wrappedmodels
-from correlation import EngineOptions
+from saeshare.engine.options import EngineOptions
 from errors import OptionError, UserError
-from records import Record
-from results import SharednessReport, Wmppc, WmppcTable
-from runs import Run
+from saeshare.disk.files import Record
+from saeshare.disk.results import SharednessReport, Wmppc, WmppcTable
+from saeshare.disk.runs import Run
 
 
 @pytest.fixture

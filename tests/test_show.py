@@ -16,8 +16,8 @@ from synthetic import make_run, random_sae_state  # also puts the project on sys
 
 import data
 import show
-from gallery import Card, write_index
-from runs import Run
+from saeshare.render.gallery import Card, write_index
+from saeshare.disk.runs import Run
 
 N, D, F = 60, 8, 24
 RARE = {0: 0, 1: 5, 2: 12}

@@ -10,7 +10,7 @@ import torch
 from synthetic import make_run, random_sae_state
 
 import similarity as sim
-from runs import null_permutation
+from saeshare.disk.runs import null_permutation
 
 N = 120
 

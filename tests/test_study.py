@@ -6,7 +6,7 @@ import pytest
 from tiny_models import checkpoint_for
 
 import study
-from runs import Run
+from saeshare.disk.runs import Run
 
 
 def _config(out, ckpt, extra_encoder: str = "", groups: str = "") -> str:

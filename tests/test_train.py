@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import train_image
 import train_text
 import wrappedmodels
-from runs import Run, RunMeta
+from saeshare.disk.runs import Run, RunMeta
 from sae import TopKSAE
 from tiny_models import checkpoint_for
 

@@ -12,7 +12,7 @@ from synthetic import engine, make_run, random_sae_state
 
 import comp_sharedness
 import wmppc
-from correlation import Correlator
+from saeshare.engine.correlator import Correlator
 from errors import UserError
 
 N = 300

@@ -9,13 +9,11 @@ import dataclasses
 import functools
 import inspect
 import textwrap
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
-from errors import ArgumentParser, OptionError, UserError
+from errors import ArgumentParser, UserError, unwrap_optional
 
 T = TypeVar("T")
 
@@ -37,21 +35,13 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _unwrap_optional(tp: Any) -> Any:
-    if get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
 def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), **help_extra: str) -> None:
     """One flag per field of dataclass `cls` (but `skip`). `help_extra[field]` is appended to the help."""
     hints, docs = get_type_hints(cls), field_docs(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
             continue
-        tp = _unwrap_optional(hints[f.name])
+        tp = unwrap_optional(hints[f.name])
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
         help_ = " ".join(x for x in (docs.get(f.name, ""), help_extra.get(f.name, "")) if x).replace("%", "%%")
@@ -85,15 +75,6 @@ def options_from(cls: type, args: argparse.Namespace, **values: Any):
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     kwargs = {n: getattr(args, n) for n in names if hasattr(args, n)}
     return cls(**{**kwargs, **values})
-
-
-def check_choices(obj: Any) -> None:
-    """Every Literal-typed field of a dataclass instance holds one of its values."""
-    for name, tp in get_type_hints(type(obj)).items():
-        tp = _unwrap_optional(tp)
-        value = getattr(obj, name, None)
-        if get_origin(tp) is Literal and value is not None and value not in get_args(tp):
-            raise OptionError(name, f"unknown {{opt}} {value!r}; choose from {', '.join(map(str, get_args(tp)))}")
 
 
 def check_output(path: str | None, flag: str) -> None:

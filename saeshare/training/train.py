@@ -20,10 +20,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import data
-import distributed
-from errors import ArgumentParser, OptionError, UserError, check_positive, resolve_device
-from options import add_options, check_choices, options_from
-from runs import DEFAULT_ROOT, FLOAT16_MAX, LayerInfo, Run, RunMeta, RunWriter, SaeSettings, SeedInfo
+from saeshare.core import distributed
+from errors import ArgumentParser, OptionError, UserError, check_choices, check_positive
+from saeshare.core.distributed import resolve_device
+from saeshare.core.options import add_options, options_from
+from saeshare.disk.runs import DEFAULT_ROOT, FLOAT16_MAX, LayerInfo, Run, RunMeta, RunWriter, SaeSettings, SeedInfo
 from sae import Fvu, SaeConfig, SaeTrainer, TopKSAE
 from wrappedmodels import ENCODERS, TOKENS, Encoder, get_encoder_class, layer_ids
 

@@ -18,11 +18,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
-import distributed
+from saeshare.core import distributed
 from errors import UserError
-from runs import LayerInfo, RunWriter
+from saeshare.disk.runs import LayerInfo, RunWriter
 from sae import SaeTrainer, TopKSAE
-from train import _Collate, _finish_layer, _Samples, layer_outputs, loader_workers, new_trainers, sample_order, train_steps
+from saeshare.training.train import _Collate, _finish_layer, _Samples, layer_outputs, loader_workers, new_trainers, sample_order, train_steps
 from wrappedmodels import Encoder
 
 

@@ -4,7 +4,7 @@ study's `--dry_run` and bench/cost.py.
 - training: the encoder's forward pass (2 FLOPs per parameter and token) and, per layer, seed and token,
   the SAE step's dense encoder product (2 d F forward, 2 d F for its gradient: the decoder and top-k parts
   are sparse, k/F of that);
-- the matrix with `relu` codes: for every ordered pair, the dense path's plan (corr_dense.plan within the
+- the matrix with `relu` codes: for every ordered pair, the dense path's plan (dense.plan within the
   accumulator memory) gives the groups; each (A group, B group) pass computes both groups' codes (2 N d f)
   and their product (2 N f_a f_b); again for each floor, and each run's ceiling (its seed 0 against each
   other seed, one per column).
@@ -15,8 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-import corr_dense
-
+from saeshare.engine import dense
 PEAK_TFLOPS = {"fp32": 67, "tf32": 495, "bf16": 990}
 """H100 SXM dense peaks."""
 EFFICIENCY = 0.8
@@ -40,10 +39,10 @@ def training_flops(size: EncoderSize, n: int, expansion: int, seeds: int) -> tup
 
 def pair_flops(a: EncoderSize, b: EncoderSize, n: int, expansion: int, mem_gb: float) -> float:
     """One ordered pair, all layers, relu codes, as the dense path plans it."""
-    sizes_a = [corr_dense.LayerSize(i, expansion * d) for i, d in enumerate(a.widths)]
-    sizes_b = [corr_dense.LayerSize(i, expansion * d) for i, d in enumerate(b.widths)]
-    plan = corr_dense.plan(sizes_a, sizes_b, int(mem_gb * 2**30) // 4)
-    n_ga, n_gb = len(corr_dense.pack(sizes_a, plan.cap_a)), len(corr_dense.pack(sizes_b, plan.cap_b))
+    sizes_a = [dense.LayerSize(i, expansion * d) for i, d in enumerate(a.widths)]
+    sizes_b = [dense.LayerSize(i, expansion * d) for i, d in enumerate(b.widths)]
+    plan = dense.plan(sizes_a, sizes_b, int(mem_gb * 2**30) // 4)
+    n_ga, n_gb = len(dense.pack(sizes_a, plan.cap_a)), len(dense.pack(sizes_b, plan.cap_b))
     codes = 2 * n * expansion * (sum(d * d for d in a.widths) * n_gb + sum(d * d for d in b.widths) * n_ga)
     return 2 * n * sum(s.n_features for s in sizes_a) * sum(s.n_features for s in sizes_b) + codes
 

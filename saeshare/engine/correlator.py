@@ -23,17 +23,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import corr_dense
-import distributed
-import corr_sparse
-from corr_cache import PairCache, PairKey, PairStats
-from corr_dense import LayerSize, Moments, Unit
-from errors import OptionError, UserError, check_positive, resolve_device
-from options import check_choices
-from runs import DEFAULT_ROOT, Codes, Run, check_comparable
+from saeshare.engine import dense
+from saeshare.core import distributed
+from saeshare.engine import sparse
+from saeshare.disk.cache import PairCache, PairKey, PairStats, pair_cache
+from saeshare.engine.dense import LayerSize, Moments, Unit
+from errors import OptionError, UserError
+from saeshare.disk.runs import Run, check_comparable
+from saeshare.engine.options import EngineOptions
 
-DEFAULT_CHUNK = 2048
-DEFAULT_MEM_GB = 1.0
 JACKKNIFE_BLOCKS = 10
 RECHECK_BATCH = 8192
 """Candidate pairs whose exact products are summed at once (memory: a chunk of samples times this)."""
@@ -43,57 +41,6 @@ Progress = Callable[[int, int], None]
 """progress(more_total, done): `more_total` steps were added to the work, `done` were finished."""
 
 
-@dataclass
-class RunsOptions:
-    """What every command that reads runs takes."""
-    root: str = DEFAULT_ROOT
-    """Folder holding the runs."""
-    device: str = "auto"
-    """auto (cuda if available), cpu, cuda, cuda:N."""
-
-    def __post_init__(self):
-        check_choices(self)
-        self.torch_device = resolve_device(self.device)
-
-
-@dataclass
-class StreamOptions(RunsOptions):
-    """What every command that streams over a run's samples takes."""
-    chunk_size: int = DEFAULT_CHUNK
-    """Samples per chunk."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_positive("chunk_size", self.chunk_size)
-
-
-@dataclass
-class AnalysisOptions(StreamOptions):
-    """What every analysis of SAE features (wmppc, comp_sharedness, show) takes."""
-    codes: Codes | None = None
-    """relu: dense ReLU pre-activations (the paper's code); topk: the SAE's top-k codes. Default relu
-    (show.py --from_json: the JSON's codes)."""
-
-
-@dataclass
-class EngineOptions(AnalysisOptions):
-    """The correlation engine's settings."""
-    mem_gb: float = DEFAULT_MEM_GB
-    """Memory for the correlation accumulators, GiB."""
-    no_cache: bool = False
-    """Neither read nor write <root>/.cache/."""
-    null: Literal["none", "permute"] = "none"
-    """permute: compare against the target runs with their samples permuted (fixed seed, no retraining),
-    what chance alone gives: a floor."""
-    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
-    """Dense path's products: fp32, or on tensor cores (tf32, bf16) with every feature's best match then
-    re-checked exactly, so rho and the match equal fp32's (to 1e-5)."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_positive("mem_gb", self.mem_gb)
-
-
 class LayerMoments(NamedTuple):
     full: Moments
     """[F] over all samples."""
@@ -101,11 +48,6 @@ class LayerMoments(NamedTuple):
     """[J, F] without each jackknife block (with --ci)."""
     count_J: torch.Tensor | None
     """[J] samples outside each block."""
-
-
-def pair_cache(run_a: Run, run_b: Run, use: bool = True) -> PairCache:
-    """The cache beside the runs; off for runs without a run_id (nothing would tell a rewrite apart)."""
-    return PairCache(run_a.path.parent / ".cache" if use and run_a.meta.run_id and run_b.meta.run_id else None)
 
 
 def tqdm_progress(desc: str) -> Progress:
@@ -147,7 +89,7 @@ class Correlator:
         self.mem_bytes = max(1, int(opts.mem_gb * 2**30))
         self.use_cache, self.progress = not opts.no_cache, progress or _no_progress
         self._moments: dict[tuple[str, int], LayerMoments] = {}
-        self._topk: dict[tuple[str, int], corr_sparse.TopkTable] = {}
+        self._topk: dict[tuple[str, int], sparse.TopkTable] = {}
         self._pairs, self._layer_moments_fn = ((self._dense, self._dense_moments) if self.method == "dense"
                                                else (self._sparse, self._sparse_moments))
 
@@ -236,12 +178,12 @@ class Correlator:
     def _dense_moments(self, run: Run, layer: int) -> LayerMoments:
         sae = run.sae(layer, self.device)
         buf = self._scratch(run, sae.n_features)
-        chunks = ((j, corr_dense.codes_into(buf[:len(x) * sae.n_features].view(len(x), -1), sae, x, self.codes,
+        chunks = ((j, dense.codes_into(buf[:len(x) * sae.n_features].view(len(x), -1), sae, x, self.codes,
                                             slice(None))) for j, x in self._acts_chunks(run, layer))
-        full, blocks = corr_dense.moments(chunks, sae.n_features, self.n_blocks, self._scratch(run, sae.n_features))
+        full, blocks = dense.moments(chunks, sae.n_features, self.n_blocks, self._scratch(run, sae.n_features))
         if self.n_blocks == 1:
             return LayerMoments(full, None, None)
-        loo = corr_dense.leave_one_out(blocks, full.inv_F == 0)
+        loo = dense.leave_one_out(blocks, full.inv_F == 0)
         return LayerMoments(full, loo, blocks.count_J.sum() - blocks.count_J)
 
     def _dense(self, run_a: Run, run_b: Run, la: list[int], lb: list[int]):
@@ -254,27 +196,27 @@ class Correlator:
         sizes_b = [LayerSize(b, len(mom_b[b].full.mean_F)) for b in lb]
         n_blocks = self.n_blocks
         slots = 1 if n_blocks == 1 else n_blocks + 2
-        cap_a, cap_b = corr_dense.plan(sizes_a, sizes_b, max(1, self.mem_bytes // 4 // slots))
+        cap_a, cap_b = dense.plan(sizes_a, sizes_b, max(1, self.mem_bytes // 4 // slots))
         acc = torch.empty(slots * cap_a * cap_b, device=self.device)
         buf_a, buf_b = self._scratch(run_a, cap_a), self._scratch(run_b, cap_b)
         best = {(a, b): _running_best((na,), self.device) for a, na in sizes_a for b, _ in sizes_b}
-        recheck = corr_dense.Recheck(self.precision) if self.precision != "fp32" else None
+        recheck = dense.Recheck(self.precision) if self.precision != "fp32" else None
         best_J = {p: _running_best((n_blocks, len(v[0])), self.device) for p, v in best.items()} if n_blocks > 1 else None
-        for ga in corr_dense.pack(sizes_a, cap_a):
-            for gb in corr_dense.pack(sizes_b, cap_b):
+        for ga in dense.pack(sizes_a, cap_a):
+            for gb in dense.pack(sizes_b, cap_b):
                 mean_a, mean_b = _group_vec(ga, mom_a, "mean_F"), _group_vec(gb, mom_b, "mean_F")
                 cells = len(mean_a) * len(mean_b)
                 blocks = acc[:n_blocks * cells].view(n_blocks, len(mean_a), len(mean_b))
                 chunks = ((j, xa, xb) for (j, xa), (_, xb) in zip(self._centred_codes(buf_a, run_a, ga, mean_a),
                                                                   self._centred_codes(buf_b, run_b, gb, mean_b)))
-                corr_dense.cross(blocks, chunks, self.precision)
+                dense.cross(blocks, chunks, self.precision)
                 total = blocks[0] if n_blocks == 1 else _sum_blocks(blocks, acc[n_blocks * cells:(n_blocks + 1) * cells]
                                                                    .view(len(mean_a), len(mean_b)))
                 if best_J is not None:
                     self._jackknife(best_J, blocks, total, acc[-cells:].view_as(total), ga, gb, mom_a, mom_b)
                 inv_a = _group_vec(ga, mom_a, "inv_F")
-                corr = corr_dense.correlations(total, inv_a, _group_vec(gb, mom_b, "inv_F"))
-                corr_dense.update_best(best, corr, ga, gb)
+                corr = dense.correlations(total, inv_a, _group_vec(gb, mom_b, "inv_F"))
+                dense.update_best(best, corr, ga, gb)
                 if recheck is not None:
                     recheck.collect(best, corr, ga, gb, inv_a)
             if recheck is not None:
@@ -305,7 +247,7 @@ class Correlator:
 
     def _centred(self, run: Run, layer: int, x: torch.Tensor, features: torch.Tensor, moments) -> torch.Tensor:
         """fp32 codes of some features of a layer, centred as the dense path centres them."""
-        codes = corr_dense.codes_into(None, run.sae(layer, self.device), x, self.codes, features)
+        codes = dense.codes_into(None, run.sae(layer, self.device), x, self.codes, features)
         return codes.sub_(moments[layer].full.mean_F[features].float())
 
     @staticmethod
@@ -317,9 +259,9 @@ class Correlator:
         inv_a, inv_b = _group_vec(ga, mom_a, "inv_F", "loo"), _group_vec(gb, mom_b, "inv_F", "loo")
         count_J = mom_a[ga[0].layer].count_J
         for j in range(len(blocks)):
-            cov = corr_dense.without_block(scratch, total, blocks[j], shift_a[j], shift_b[j], float(count_J[j]))
+            cov = dense.without_block(scratch, total, blocks[j], shift_a[j], shift_b[j], float(count_J[j]))
             view = {p: (rho[j], match[j]) for p, (rho, match) in best_J.items()}
-            corr_dense.update_best(view, corr_dense.correlations(cov, inv_a[j], inv_b[j]), ga, gb)
+            dense.update_best(view, dense.correlations(cov, inv_a[j], inv_b[j]), ga, gb)
 
     def _centred_codes(self, buf: torch.Tensor, run: Run, group: list[Unit],
                        mean_f: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -329,36 +271,36 @@ class Correlator:
             x_of = {layer: x for layer, (_, x) in zip(layers, chunks)}
             n = chunks[0][1].shape[0]
             out = buf[:n * len(mean_f)].view(n, len(mean_f))
-            for u, off in corr_dense.offsets(group):
-                corr_dense.codes_into(out[:, off:off + u.stop - u.start], run.sae(u.layer, self.device), x_of[u.layer],
+            for u, off in dense.offsets(group):
+                dense.codes_into(out[:, off:off + u.stop - u.start], run.sae(u.layer, self.device), x_of[u.layer],
                                       self.codes, slice(u.start, u.stop))
             yield chunks[0][0], out.sub_(mean_f)
 
     # sparse path ----------------------------------------------------------------------------------------
-    def _topk_table(self, run: Run, layer: int) -> corr_sparse.TopkTable:
+    def _topk_table(self, run: Run, layer: int) -> sparse.TopkTable:
         if (run.key, layer) not in self._topk:
             sae = run.sae(layer, self.device)
-            self._topk[run.key, layer] = corr_sparse.topk_table((x for _, x in self._acts_chunks(run, layer)), sae, run.n_samples,
+            self._topk[run.key, layer] = sparse.topk_table((x for _, x in self._acts_chunks(run, layer)), sae, run.n_samples,
                                                                 self._scratch(run, sae.n_features))
         return self._topk[run.key, layer]
 
     def _sparse_moments(self, run: Run, layer: int) -> LayerMoments:
-        return LayerMoments(corr_sparse.moments(self._topk_table(run, layer), run.n_features(layer)), None, None)
+        return LayerMoments(sparse.moments(self._topk_table(run, layer), run.n_features(layer)), None, None)
 
     def _sparse(self, run_a: Run, run_b: Run, la: list[int], lb: list[int]):
         sizes = [(run_a.n_features(a), run_b.n_features(b)) for a in la for b in lb]
-        acc = torch.empty(max(corr_sparse.block_rows(na, nb, self.mem_bytes) * nb for na, nb in sizes),
+        acc = torch.empty(max(sparse.block_rows(na, nb, self.mem_bytes) * nb for na, nb in sizes),
                           dtype=torch.float64, device=self.device)
         out = {}
         for a in la:
             mom_a = self._layer_moments(run_a, a).full
-            ent = corr_sparse.entries(self._topk_table(run_a, a))
+            ent = sparse.entries(self._topk_table(run_a, a))
             if run_a.key != run_b.key:  # A's layers are needed once each
                 self._topk.pop((run_a.key, a))
             for b in lb:
                 mom_b, table_b = self._layer_moments(run_b, b).full, self._topk_table(run_b, b)
                 self.progress(1, 0)
-                out[a, b] = (*corr_sparse.pair(acc, ent, mom_a, table_b, mom_b, self.mem_bytes), None)
+                out[a, b] = (*sparse.pair(acc, ent, mom_a, table_b, mom_b, self.mem_bytes), None)
                 self.progress(0, 1)
         return out
 

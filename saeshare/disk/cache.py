@@ -10,7 +10,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from records import write_atomic
+from saeshare.disk.files import write_atomic
+from saeshare.disk.runs import Run
 
 CACHE_VERSION = 2
 """Bump when the numbers the engine returns change meaning; old cache files are then ignored."""
@@ -75,3 +76,8 @@ class PairCache:
 def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with open(path, "wb") as f:  # a file object: np.savez would add ".npz" to a path
         np.savez(f, **arrays)
+
+
+def pair_cache(run_a: Run, run_b: Run, use: bool = True) -> PairCache:
+    """The cache beside the runs; off for runs without a run_id (nothing would tell a rewrite apart)."""
+    return PairCache(run_a.path.parent / ".cache" if use and run_a.meta.run_id and run_b.meta.run_id else None)

@@ -9,7 +9,7 @@ from typing import Iterable, NamedTuple
 
 import torch
 
-from corr_dense import Moments, make_moments
+from saeshare.engine.dense import Moments, make_moments
 from sae import TopKSAE
 
 SCATTER_BLOCK = {"cpu": 1 << 16, "cuda": 1 << 22}

@@ -15,6 +15,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from errors import OptionError
+
 TIMEOUT = datetime.timedelta(hours=12)
 """How long a rank waits for the others at a barrier: a share of a paper-scale matrix takes hours. A rank
 that fails does not make the others wait: torchrun stops them all."""
@@ -33,6 +35,19 @@ def local_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` is cuda when present, else cpu; under torchrun, `cuda` is this rank's GPU (LOCAL_RANK)."""
+    if device == "auto":
+        return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise OptionError("device", f"unknown {{opt}} {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError("device", f"{{opt}} {device} asked for but no CUDA GPU is available; use {{opt}} cpu")
+    return local_device(dev)
 
 
 def init(device: torch.device) -> None:

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import numpy as np
 
-from figures import plot_heatmap, pyplot, save
-from records import write_atomic
+from saeshare.render.figures import plot_heatmap, pyplot, save
+from saeshare.disk.files import write_atomic
 from ontology import KINDS as ONTOLOGY_KINDS
 from ood import RAW_SCORES as RAW_OOD_SCORES
 from ood import SAE_SCORES as SAE_OOD_SCORES
 from ood import SCORES as OOD_SCORES
 from probe import KINDS as PROBE_KINDS
-from results import MEASURES, DemoResults, ProbeResults, SaeProbes, Similarity, StudyResults, Wmppc
-from runs import RunMeta
+from saeshare.disk.results import MEASURES, DemoResults, ProbeResults, SaeProbes, Similarity, StudyResults, Wmppc
+from saeshare.disk.runs import RunMeta
 
 IMAGE, TEXT, NULL = "effnet", "minilm", "null"
 """The demo's runs: the image model, the text model, the null text run."""

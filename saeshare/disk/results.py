@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from records import Record
-from runs import RunMeta
+from saeshare.disk.files import Record
+from saeshare.disk.runs import RunMeta
 
 
 @dataclass

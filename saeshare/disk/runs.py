@@ -16,11 +16,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from data import DatasetInfo
-from errors import OptionError, UserError
-from records import Record, staged_dir, write_atomic
+from errors import OptionError, UserError, check_choices, check_positive
+from saeshare.core.distributed import resolve_device
+from saeshare.disk.files import Record, staged_dir, write_atomic
 from sae import EncoderOutput, SaeConfig, TopKSAE
 
 DEFAULT_ROOT = "sae_features"
+DEFAULT_CHUNK = 2048
+"""Samples per chunk of the commands that stream over a run."""
 Codes = Literal["relu", "topk"]
 CODES: tuple[str, ...] = Codes.__args__
 """What a feature's activation is: `relu`, the dense ReLU pre-activations (the paper's code), or
@@ -419,3 +422,27 @@ def check_comparable(runs: list[Run]) -> None:
                 f"runs {first.name!r} and {r.name!r} cover different datasets "
                 f"({first.meta.dataset.name}, {first.n_samples} samples, fingerprint {first.fingerprint[:12]} vs "
                 f"{r.meta.dataset.name}, {r.n_samples} samples, fingerprint {r.fingerprint[:12]})")
+
+
+@dataclass
+class RunsOptions:
+    """What every command that reads runs takes."""
+    root: str = DEFAULT_ROOT
+    """Folder holding the runs."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda, cuda:N."""
+
+    def __post_init__(self):
+        check_choices(self)
+        self.torch_device = resolve_device(self.device)
+
+
+@dataclass
+class StreamOptions(RunsOptions):
+    """What every command that streams over a run's samples takes."""
+    chunk_size: int = DEFAULT_CHUNK
+    """Samples per chunk."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive("chunk_size", self.chunk_size)
