@@ -39,7 +39,7 @@ from saeshare.disk.results import AttributeMatch, DemoResults, SaeProbes
 from saeshare.disk.runs import Run, poor_fits
 from sae import SaeConfig
 from show import GalleryOptions, sharedness_gallery
-from saeshare.training.train import TrainConfig, reusable, train
+from saeshare.training.train import TrainConfig, train, trained_run
 from saeshare.render.figures import plot_heatmap
 from similarity import SimilarityEngine
 from wmppc import pair_scores
@@ -99,7 +99,7 @@ def _train_or_reuse(cfg: DemoConfig, name: str, root: Path, **changes) -> tuple[
                        image_size=cfg.image_size if modality == "image" else None, **extra)
     tcfg = dataclasses.replace(tcfg, **changes)
     sae_cfg = SaeConfig(lr=cfg.lr)
-    run = reusable(tcfg, sae_cfg, modality)
+    run = trained_run(tcfg, sae_cfg, modality)
     if run is not None:
         print(f"reusing {run.path} (same settings)")
         return run, 0.0
@@ -120,7 +120,7 @@ PROBE_LAYERS = 4
 def _recorded(cfg: DemoConfig, root: Path, source: str, runname: str, **samples) -> Run:
     """record.py of `source` over other shapes samples, reused when already there."""
     args = RecordArgs(root=str(root), run=source, runname=runname, device=cfg.device, overwrite=True, **samples)
-    return record.reusable(args) or record.record(args)
+    return record.recorded_run(args) or record.record(args)
 
 
 def sae_probes(cfg: DemoConfig, runs: dict[str, Run], root: Path) -> SaeProbes:

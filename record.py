@@ -19,9 +19,8 @@ import data
 from saeshare.disk.runs import RunsOptions
 from errors import UserError, cli
 from saeshare.core.options import parse
-from saeshare.disk.runs import LayerInfo, Run, RunWriter, SeedInfo
-from saeshare.training.train import encoder_pass, fvu_pooled
-from wrappedmodels import get_encoder_class
+from saeshare.disk.runs import Run, RunWriter
+from saeshare.training.steps import EncoderPass, EncoderSpec, build_encoder, encoder_pass, save_layer
 
 
 @dataclass(kw_only=True)
@@ -42,7 +41,7 @@ class RecordArgs(data.DataOptions, RunsOptions):
             raise UserError(f"--run {self.run}: give the run itself; every SAE seed of it is copied")
 
 
-def reusable(args: RecordArgs) -> Run | None:
+def recorded_run(args: RecordArgs) -> Run | None:
     """The run `args` would write, when it already exists: recorded from the same write of the source run
     over the same samples."""
     try:
@@ -57,28 +56,19 @@ def record(args: RecordArgs) -> Run:
     t0 = time.perf_counter()
     source = Run.open(args.root, args.run)
     meta = source.meta
-    encoder = get_encoder_class(meta.model, meta.modality)(meta.checkpoint, device=args.torch_device, token=meta.token)
-    if meta.image_size is not None:
-        encoder.image_size = meta.image_size
-    if meta.random_init:
-        encoder.reinitialise(meta.sae.seed)
+    encoder = build_encoder(EncoderSpec.of_run(meta), args.torch_device)
     ds = args.load()
     with RunWriter(args.root, args.runname, args.overwrite) as writer:
-        acts = encoder_pass(ds, encoder, meta.layers, writer, args.torch_device, meta.sae, meta.acts_dtype,
-                            args.num_workers, f"{args.runname}: {len(meta.layers)} layers (from {source.name})")
-        layer_info = {}
-        for layer in meta.layers:
-            per_seed = {}
-            for i, seed in enumerate(meta.sae.seeds):
-                sae = source.with_seed(seed).sae(layer)
-                writer.save_sae(layer, sae.state(), None if i == 0 else seed)
-                per_seed[seed] = SeedInfo(fvu_pooled(sae.to(args.torch_device), acts[layer], args.torch_device))
-            first = per_seed[meta.sae.seeds[0]]
-            layer_info[layer] = LayerInfo(sae.d_model, sae.n_features, fvu_pooled=first.fvu_pooled, per_seed=per_seed)
+        plan = EncoderPass(ds, encoder, meta.layers, meta.sae, meta.acts_dtype, args.torch_device,
+                           f"{args.runname}: {len(meta.layers)} layers (from {source.name})", args.num_workers)
+        acts = encoder_pass(plan, writer)
+        layer_info = {layer: save_layer(layer, [(source.with_seed(seed).sae(layer), None) for seed in meta.sae.seeds],
+                                        meta.sae.seeds, acts[layer], writer, args.torch_device)
+                      for layer in meta.layers}
         new = writer.finish(dataclasses.replace(meta, runname=args.runname, dataset=ds.describe(), layer_info=layer_info,
                                                 sae_from=source.name, sae_from_id=source.meta.run_id))
     print(f"wrote {writer.final} ({len(new.layers)} layers of {source.name!r} over {len(ds)} samples, "
-          f"{time.perf_counter() - t0:.1f} s); last layer FVU on them {first.fvu_pooled:.3f}")
+          f"{time.perf_counter() - t0:.1f} s); last layer FVU on them {layer_info[meta.layers[-1]].fvu_pooled:.3f}")
     return Run.open(args.root, args.runname)
 
 

@@ -38,7 +38,8 @@ from saeshare.disk.runs import Run, open_runs
 from sae import SaeConfig
 from show import GalleryOptions, sharedness_gallery
 from similarity import SimilarityEngine
-from saeshare.training.train import TrainConfig, build_encoder, reusable, train
+from saeshare.training.steps import build_encoder
+from saeshare.training.train import TrainConfig, train, trained_run
 from wmppc import pair_scores, table_of
 from wrappedmodels import get_encoder_class
 
@@ -169,7 +170,7 @@ def plan(study: Study, encoders: list[tuple[str, TrainConfig]], overwrite: bool)
         return described[cfg.shuffle_captions]
 
     for modality, cfg in encoders:
-        reuse = reusable(cfg, study.sae, modality, lambda cfg=cfg: dataset(cfg)) is not None
+        reuse = trained_run(cfg, study.sae, modality, lambda cfg=cfg: dataset(cfg)) is not None
         exists = (study.root / cfg.runname).exists()
         if exists and not reuse and not overwrite:
             raise UserError(f"run {cfg.runname!r} exists in {study.root} with other settings (or incomplete "
@@ -186,7 +187,7 @@ def _size(study: Study, step: Step) -> costs.EncoderSize | str:
         info = [meta.layer_info[layer] for layer in meta.layers]
         return costs.EncoderSize([i.d_model for i in info], [i.tokens_seen / meta.dataset.n_samples for i in info], 0.0)
     try:
-        encoder = build_encoder(step.cfg, step.modality, resolve_device(study.device))
+        encoder = build_encoder(step.cfg.encoder_spec(step.modality), resolve_device(study.device))
         return costs.measure(encoder, step.cfg.load(step.cfg.shuffle_captions), encoder.resolve_layers(step.cfg.layers))
     except UserError as e:
         return str(e)

@@ -201,10 +201,10 @@ def test_permutation_null_is_not_the_shuffled_captions_permutation():
 
 
 def test_shuffled_pass_keeps_rows_paired_and_trains_in_a_seeded_order(tmp_path, bert, monkeypatch):
-    from saeshare.training import train as train_module
+    from saeshare.training import steps as train_module
     seen = []
-    getitem = train_module._Samples.__getitem__
-    monkeypatch.setattr(train_module._Samples, "__getitem__", lambda self, i: seen.append(i) or getitem(self, i))
+    getitem = train_module.Samples.__getitem__
+    monkeypatch.setattr(train_module.Samples, "__getitem__", lambda self, i: seen.append(i) or getitem(self, i))
     ordered = train(tmp_path, bert, "ordered", "--no_shuffle", "--batch_size", "1")
     assert seen == list(range(40))
     seen.clear()
@@ -242,12 +242,12 @@ def test_record_reproduces_the_runs_own_samples_and_records_held_out_ones(tmp_pa
                                                                                   "shape=hexagon"])
     held_args = record.parse(record.RecordArgs, [*base, "--runname", "held", "--offset", "40", "--max_samples", "12",
                                                  "--exclude", "shape=star"], "")
-    assert record.reusable(held_args).meta.run_id == held.meta.run_id
-    assert record.reusable(dataclasses.replace(held_args, offset=41)) is None  # other samples
+    assert record.recorded_run(held_args).meta.run_id == held.meta.run_id
+    assert record.recorded_run(dataclasses.replace(held_args, offset=41)) is None  # other samples
     import probe
 
     train(tmp_path, bert, "src", "--seeds", "0", "1", "--overwrite")  # the source trained again: "held" is stale
-    assert record.reusable(held_args) is None
+    assert record.recorded_run(held_args) is None
     assert "trained again since" in error_line(probe.main, [*base, "--test_run", "held", "--labels", "red"])
 
 

@@ -5,7 +5,8 @@ import pytest
 
 from saeshare.engine import costs
 import data
-from saeshare.training.train import TrainConfig, build_encoder
+from saeshare.training.steps import build_encoder
+from saeshare.training.train import TrainConfig
 
 
 def test_counts_by_hand():
@@ -24,7 +25,7 @@ def test_counts_by_hand():
 
 def test_measure_reads_the_encoder():
     cfg = TrainConfig(runname="x", model="Bert", checkpoint="all-MiniLM-L6-v2", max_samples=8)
-    encoder = build_encoder(cfg, "text", "cpu")
+    encoder = build_encoder(cfg.encoder_spec("text"), "cpu")
     size = costs.measure(encoder, data.load_dataset("shapes", max_samples=8), [0, 5])
     assert size.widths == [384, 384] and 5 < size.tokens[0] == size.tokens[1] < 40
     assert size.params == pytest.approx(22.7e6, rel=0.05)

@@ -9,30 +9,21 @@ place. The run equals one process's up to the float rounding of the encoder on s
 """
 from __future__ import annotations
 
+import dataclasses
+
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import data
 from saeshare.core import distributed
 from errors import UserError
 from saeshare.disk.runs import LayerInfo, RunWriter
 from sae import SaeTrainer, TopKSAE
-from saeshare.training.train import _Collate, _finish_layer, _Samples, layer_outputs, loader_workers, new_trainers, sample_order, train_steps
-from wrappedmodels import Encoder
-
-
-class _Received(NamedTuple):
-    """An SAE trained on another rank, as _finish_layer reads a trainer."""
-    sae: TopKSAE
-    metrics_: tuple
-
-    def metrics(self):
-        return self.metrics_
+from saeshare.training.steps import (EncoderPass, check_informative, layer_outputs, new_trainers, sample_order,
+                                      save_layer, train_steps)
 
 
 def _slices(order: np.ndarray, batch_size: int) -> list[list[int]]:
@@ -75,26 +66,30 @@ def _gather_rows(rows: list[int], pooled: dict[int, np.ndarray]) -> tuple[np.nda
     return all_rows, {layer: np.concatenate([p[layer] for _, p in objs if len(p[layer])]) for layer in pooled}
 
 
-def encoder_pass(ds: data.PairedDataset, encoder: Encoder, layers: list[int], writer: RunWriter | None,
-                 settings, acts_dtype: str, num_workers: int | None, desc: str,
-                 device: torch.device) -> tuple[dict[int, np.ndarray], dict[int, list[SaeTrainer]], dict[int, int]]:
-    """The distributed pass: (pooled arrays on rank 0, this rank's trainers, the owner of each layer)."""
-    n = len(ds)
+class RankPass(NamedTuple):
+    """What the distributed pass leaves on this rank."""
+    acts: dict[int, np.ndarray]
+    """Every layer's pooled rows [N, d] (rank 0 only; empty elsewhere)."""
+    trainers: dict[int, list[SaeTrainer]]
+    """The SAE trainers of the layers this rank owns."""
+
+
+def encoder_pass(plan: EncoderPass, writer: RunWriter | None) -> RankPass:
+    """The pass split across ranks (see the module's docstring)."""
+    n, layers, settings, device = len(plan.ds), plan.layers, plan.settings, plan.device
     slices = _slices(sample_order(settings, n), settings.batch_size)
-    loader = iter(DataLoader(_Samples(ds, encoder), batch_sampler=[s for s in slices if s],
-                             num_workers=loader_workers(num_workers, device), collate_fn=_Collate(encoder)))
+    loader = iter(plan.loader(batch_sampler=[s for s in slices if s]))
     acts: dict[int, np.ndarray] = {}
     trainers: dict[int, list[SaeTrainer]] = {}
     owner: dict[int, int] | None = None
     dims: dict[int, int] = {}
-    for rows_list in tqdm(slices, desc=desc, unit="batch", disable=None if distributed.rank() == 0 else True):
+    for rows_list in tqdm(slices, desc=plan.desc, unit="batch", disable=None if distributed.rank() == 0 else True):
         tokens, pooled = {}, {}
         if rows_list:
             rows, inputs = next(loader)
-            recorded = encoder.record(inputs, layers)
+            recorded = plan.encoder.record(inputs, layers)
             for layer in layers:
-                tokens[layer], pooled[layer] = layer_outputs(encoder, inputs, recorded[layer], layer, rows, ds, settings,
-                                                             acts_dtype)
+                tokens[layer], pooled[layer] = layer_outputs(plan, inputs, recorded[layer], layer, rows)
                 dims[layer] = pooled[layer].shape[-1]
         if owner is None:  # every rank has a non-empty slice of the first batch (batch_size >= world size)
             owner = dict(zip(layers, distributed.assign([dims[layer] ** 2 for layer in layers])))
@@ -109,28 +104,29 @@ def encoder_pass(ds: data.PairedDataset, encoder: Encoder, layers: list[int], wr
         if writer is not None:
             for layer in layers:
                 if layer not in acts:
-                    acts[layer] = writer.acts(layer, n, dims[layer], acts_dtype)
+                    acts[layer] = writer.acts(layer, n, dims[layer], plan.acts_dtype)
                 acts[layer][all_rows] = all_pooled[layer]
-    return acts, trainers, owner
+    return RankPass(acts, trainers)
 
 
-def record_and_train(cfg, settings, ds: data.PairedDataset, encoder: Encoder, layers: list[int],
-                     writer: RunWriter | None, device: torch.device) -> dict[int, LayerInfo] | None:
-    """train._record for several ranks: the layer infos on rank 0, None elsewhere."""
+def train_pass(plan: EncoderPass, writer: RunWriter | None) -> dict[int, LayerInfo] | None:
+    """The one-process training pass for several ranks: the layer infos on rank 0, None elsewhere."""
+    settings = plan.settings
     if settings.sae_tokens != "all":
         raise UserError("training under torchrun takes --sae_tokens all (pooled tokens train on one device)")
-    if min(settings.batch_size, len(ds)) < distributed.world_size():
-        raise UserError(f"a batch of {min(settings.batch_size, len(ds))} samples cannot be split across "
+    if min(settings.batch_size, len(plan.ds)) < distributed.world_size():
+        raise UserError(f"a batch of {min(settings.batch_size, len(plan.ds))} samples cannot be split across "
                         f"{distributed.world_size()} ranks: raise --batch_size (or use fewer ranks)")
-    acts, trainers, owner = encoder_pass(ds, encoder, layers, writer, settings, cfg.acts_dtype, cfg.num_workers,
-                                         f"{cfg.runname}: {len(layers)} layers on {distributed.world_size()} ranks",
-                                         device)
+    plan = dataclasses.replace(plan, desc=f"{plan.desc} on {distributed.world_size()} ranks")
+    acts, trainers = encoder_pass(plan, writer)
     mine = {layer: [(t.sae.state(), t.metrics()) for t in ts] for layer, ts in trainers.items()}
     objs = [None] * distributed.world_size() if distributed.rank() == 0 else None
     dist.gather_object(mine, objs, dst=0)
     if objs is None:
         return None
-    received = {layer: [_Received(TopKSAE.from_state(state, settings.top_k).to(device), m) for state, m in saes]
+    received = {layer: [(TopKSAE.from_state(state, settings.top_k).to(plan.device), m) for state, m in saes]
                 for part in objs for layer, saes in part.items()}
-    return {layer: _finish_layer(layer, received[layer], settings.seeds, acts[layer], encoder, writer, device)
-            for layer in layers}
+    for layer in plan.layers:
+        check_informative(layer, acts[layer], plan.encoder.token)
+    return {layer: save_layer(layer, received[layer], settings.seeds, acts[layer], writer, plan.device)
+            for layer in plan.layers}
