@@ -342,7 +342,8 @@ class Run:
         return self._sae_cache[layer].to(device)
 
     def n_features(self, layer: int) -> int:
-        return self.sae(layer).n_features
+        """F of a layer's SAE, as run.json records it (no SAE file read)."""
+        return self.meta.layer_info[self.resolve_layer(layer)].n_features
 
     def iter_codes(self, layer: int, codes: str = "relu", chunk_size: int = 4096,
                    device: str | torch.device = "cpu") -> Iterator[tuple[int, torch.Tensor | EncoderOutput]]:

@@ -15,7 +15,7 @@ Two paths give the same numbers (to ~1e-6):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
 from typing import Callable, Iterable, Iterator, Literal, NamedTuple
 
 import numpy as np
@@ -65,92 +65,31 @@ def _no_progress(more_total: int, done: int) -> None:
     pass
 
 
-class Correlator:
-    """Computes PairStats for layer pairs of two runs, caching them on disk and keeping per-layer
-    moments (and, for the sparse path, the top-k codes of the two runs in use) in memory."""
+class _Path(ABC):
+    """What both paths share: the samples' chunks (cut at jackknife blocks) and a memo of each layer's
+    moments. A path computes (rho, match, rho_J) of every feature for every pair of A's and B's layers."""
 
-    def __init__(self, opts: EngineOptions | None = None, method: Literal["dense", "sparse"] | None = None,
-                 progress: Progress | None = None, jackknife: bool = False):
-        """jackknife: also each feature's rho and mass without each of JACKKNIFE_BLOCKS contiguous blocks of
-        samples, from per-block cross-products (the dense path computes them, whatever the codes)."""
-        opts = opts or EngineOptions()
-        self.codes: str = opts.codes or "relu"
-        self.n_blocks = JACKKNIFE_BLOCKS if jackknife else 1
-        self.method = method or ("sparse" if self.codes == "topk" and not jackknife else "dense")
-        if jackknife and self.method != "dense":
-            raise ValueError("the jackknife is computed by the dense path")
-        if self.method not in ("dense", "sparse") or (self.method == "sparse" and self.codes != "topk"):
-            raise ValueError(f"method {self.method!r} cannot compute {self.codes!r} codes")
-        self.precision = opts.precision
-        if self.precision != "fp32" and (jackknife or self.method != "dense"):
-            raise OptionError("precision", f"{{opt}} {self.precision} is for the dense path's scores (relu codes, "
-                                           "without --ci): the jackknife and the sparse path compute in fp32")
-        self.device, self.chunk_size = opts.torch_device, opts.chunk_size
-        self.mem_bytes = max(1, int(opts.mem_gb * 2**30))
-        self.use_cache, self.progress = not opts.no_cache, progress or _no_progress
+    def __init__(self, codes: str, n_blocks: int, device: torch.device, chunk_size: int, mem_bytes: int,
+                 progress: Progress):
+        self.codes, self.n_blocks, self.device, self.chunk_size = codes, n_blocks, device, chunk_size
+        self.mem_bytes, self.progress = mem_bytes, progress
         self._moments: dict[tuple[str, int], LayerMoments] = {}
-        self._topk: dict[tuple[str, int], sparse.TopkTable] = {}
-        self._pairs, self._layer_moments_fn = ((self._dense, self._dense_moments) if self.method == "dense"
-                                               else (self._sparse, self._sparse_moments))
 
-    def pair_stats(self, run_a: Run, run_b: Run,
-                   pairs: Iterable[tuple[int, int]] | None = None) -> dict[tuple[int, int], PairStats]:
-        """PairStats of A against B for each (layer a, layer b) in `pairs` (default: every pair)."""
-        check_comparable([run_a, run_b])
-        if pairs is None:
-            pairs = [(a, b) for a in run_a.layers for b in run_b.layers]
-        pairs = [(run_a.resolve_layer(a), run_b.resolve_layer(b)) for a, b in pairs]
-        cache = pair_cache(run_a, run_b, self.use_cache)
-        if self.n_blocks > 1 and run_a.n_samples < 10 * self.n_blocks:
-            raise UserError(f"the jackknife interval needs at least 10 samples per block of {self.n_blocks}; "
-                            f"the runs have {run_a.n_samples} samples")
-        what = self.codes + ("+ci" if self.n_blocks > 1 else "")
-        key = lambda a, b: PairKey(run_a.key, run_b.key, a, b, what)  # noqa: E731
-        found = {p: self._load(cache, key(*p), run_a.n_features(p[0])) for p in pairs}
-        missing = [p for p, s in found.items() if s is None]
-        if missing:
-            self._topk = {k: v for k, v in self._topk.items() if k[0] in (run_a.key, run_b.key)}
-            la = [a for a in run_a.layers if any(p[0] == a for p in missing)]
-            lb = [b for b in run_b.layers if any(p[1] == b for p in missing)]
-            if distributed.world_size() > 1:  # each rank its share of A's layers, then all read the cache
-                if cache.folder is None:
-                    raise UserError("several processes (torchrun) share their results through the pair cache: "
-                                    "drop --no_cache")
-                cost = [run_a.n_samples * run_a.n_features(a) * sum(map(run_b.n_features, lb)) for a in la]
-                la = [la[i] for i in distributed.share(cost)]
-            for p, stats in (self._compute(run_a, run_b, la, lb) if la else {}).items():
-                if found.get(p) is None:  # a pair read from the cache stays as it is
-                    cache.save(key(*p), {k: v for k, v in stats._asdict().items() if v is not None})
-                    found[p] = stats
-            if distributed.world_size() > 1:
-                distributed.barrier()
-                found.update({p: self._load(cache, key(*p), run_a.n_features(p[0])) for p in missing if found[p] is None})
-                lost = [p for p in missing if found[p] is None]
-                if lost:
-                    raise UserError(f"layer pair {lost[0]} of {run_a.name} -> {run_b.name} is missing from the cache "
-                                    f"{cache.folder} after every rank finished (a failed write: see the warnings)")
-        return {p: found[p] for p in pairs}
+    def moments(self, run: Run, layer: int) -> LayerMoments:
+        if (run.key, layer) not in self._moments:
+            self._moments[run.key, layer] = self._compute_moments(run, layer)
+        return self._moments[run.key, layer]
 
-    def _load(self, cache: PairCache, key: PairKey, n_features: int) -> PairStats | None:
-        shapes = {"rho_F": (n_features,), "match_F": (n_features,), "mass_F": (n_features,)}
-        if self.n_blocks > 1:
-            shapes.update(rho_JF=(self.n_blocks, n_features), mass_JF=(self.n_blocks, n_features))
-        arrays = cache.load(key, shapes)
-        return None if arrays is None else PairStats(**arrays)
+    def keep_only(self, keys: tuple[str, ...]) -> None:
+        """Free what the path holds of runs other than `keys` (moments are small and stay)."""
 
-    @torch.no_grad()
-    def _compute(self, run_a: Run, run_b: Run, la: list[int], lb: list[int]) -> dict[tuple[int, int], PairStats]:
-        """PairStats for every pair of la x lb (nothing cached)."""
-        for run, layers in ((run_a, la), (run_b, lb)):
-            for layer in layers:  # a corrupt file fails now, not an hour into the computation
-                run.acts(layer), run.sae(layer)
-        out = self._pairs(run_a, run_b, la, lb)
-        stats = {}
-        for p, (rho, match, rho_J) in out.items():
-            mom = self._layer_moments(run_a, p[0])
-            stats[p] = PairStats(_numpy(rho.clamp(-1, 1)), match.cpu().numpy(), _numpy(mom.full.mass_F),
-                                 *((_numpy(rho_J.clamp(-1, 1)), _numpy(mom.loo.mass_F)) if rho_J is not None else ()))
-        return stats
+    @abstractmethod
+    def pairs(self, run_a: Run, run_b: Run, la: list[int], lb: list[int]) -> dict[tuple[int, int], tuple]:
+        """{(a, b): (rho [F_a], match [F_a], rho_J [J, F_a] or None)} for every pair of la x lb."""
+
+    @abstractmethod
+    def _compute_moments(self, run: Run, layer: int) -> LayerMoments:
+        """A layer's moments over the samples (and without each jackknife block)."""
 
     def _segments(self, n: int) -> list[tuple[int, int, int]]:
         """(block, start, stop) of every chunk: chunks never straddle two jackknife blocks."""
@@ -169,13 +108,15 @@ class Correlator:
     def _scratch(self, run: Run, n_features: int) -> torch.Tensor:
         return torch.empty(min(run.n_samples, self.chunk_size) * n_features, device=self.device)
 
-    def _layer_moments(self, run: Run, layer: int) -> LayerMoments:
-        if (run.key, layer) not in self._moments:
-            self._moments[run.key, layer] = self._layer_moments_fn(run, layer)
-        return self._moments[run.key, layer]
 
-    # dense path -----------------------------------------------------------------------------------------
-    def _dense_moments(self, run: Run, layer: int) -> LayerMoments:
+class DensePath(_Path):
+    """Blocked float32 products of centred codes, any codes; the jackknife; lower precisions re-checked."""
+
+    def __init__(self, *args, precision: str = "fp32"):
+        super().__init__(*args)
+        self.precision = precision
+
+    def _compute_moments(self, run: Run, layer: int) -> LayerMoments:
         sae = run.sae(layer, self.device)
         buf = self._scratch(run, sae.n_features)
         chunks = ((j, dense.codes_into(buf[:len(x) * sae.n_features].view(len(x), -1), sae, x, self.codes,
@@ -186,12 +127,12 @@ class Correlator:
         loo = dense.leave_one_out(blocks, full.inv_F == 0)
         return LayerMoments(full, loo, blocks.count_J.sum() - blocks.count_J)
 
-    def _dense(self, run_a: Run, run_b: Run, la: list[int], lb: list[int]):
+    def pairs(self, run_a: Run, run_b: Run, la: list[int], lb: list[int]):
         """Blocked products of centred codes. Memory: float32 accumulators [features of an A group,
         features of a B group] within mem_bytes (one, or with --ci one per jackknife block plus the
         total and a scratch), plus one chunk of codes per group."""
-        mom_a = {a: self._layer_moments(run_a, a) for a in la}
-        mom_b = {b: self._layer_moments(run_b, b) for b in lb}
+        mom_a = {a: self.moments(run_a, a) for a in la}
+        mom_b = {b: self.moments(run_b, b) for b in lb}
         sizes_a = [LayerSize(a, len(mom_a[a].full.mean_F)) for a in la]
         sizes_b = [LayerSize(b, len(mom_b[b].full.mean_F)) for b in lb]
         n_blocks = self.n_blocks
@@ -235,10 +176,10 @@ class Correlator:
             dots = {p: torch.zeros(len(ia), dtype=torch.float64, device=self.device) for p, (ia, _) in cands.items()}
             chunks = [self._acts_chunks(run_a, a) for a in la] + [self._acts_chunks(run_b, b) for b in lb]
             for xs in zip(*chunks):
-                code = {("a", a): self._centred(run_a, a, x, used_a[a], mom_a) for a, (_, x) in zip(la, xs)}
-                code.update({("b", b): self._centred(run_b, b, x, used_b[b], mom_b) for b, (_, x) in zip(lb, xs[len(la):])})
+                code_a = {a: self._centred(run_a, a, x, used_a[a], mom_a) for a, (_, x) in zip(la, xs)}
+                code_b = {b: self._centred(run_b, b, x, used_b[b], mom_b) for b, (_, x) in zip(lb, xs[len(la):])}
                 for p, (pa, pb) in pos.items():
-                    ca, cb = code["a", p[0]], code["b", p[1]]
+                    ca, cb = code_a[p[0]], code_b[p[1]]
                     for s in range(0, len(pa), RECHECK_BATCH):
                         sl = slice(s, s + RECHECK_BATCH)
                         dots[p][sl] += (ca[:, pa[sl]] * cb[:, pb[sl]]).sum(0, dtype=torch.float64)
@@ -276,7 +217,17 @@ class Correlator:
                                       self.codes, slice(u.start, u.stop))
             yield chunks[0][0], out.sub_(mean_f)
 
-    # sparse path ----------------------------------------------------------------------------------------
+
+class SparsePath(_Path):
+    """Top-k codes only: products of the k active codes of each sample, cost ~N*k*k per layer pair."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._topk: dict[tuple[str, int], sparse.TopkTable] = {}
+
+    def keep_only(self, keys: tuple[str, ...]) -> None:
+        self._topk = {k: v for k, v in self._topk.items() if k[0] in keys}
+
     def _topk_table(self, run: Run, layer: int) -> sparse.TopkTable:
         if (run.key, layer) not in self._topk:
             sae = run.sae(layer, self.device)
@@ -284,25 +235,123 @@ class Correlator:
                                                                 self._scratch(run, sae.n_features))
         return self._topk[run.key, layer]
 
-    def _sparse_moments(self, run: Run, layer: int) -> LayerMoments:
+    def _compute_moments(self, run: Run, layer: int) -> LayerMoments:
         return LayerMoments(sparse.moments(self._topk_table(run, layer), run.n_features(layer)), None, None)
 
-    def _sparse(self, run_a: Run, run_b: Run, la: list[int], lb: list[int]):
+    def pairs(self, run_a: Run, run_b: Run, la: list[int], lb: list[int]):
         sizes = [(run_a.n_features(a), run_b.n_features(b)) for a in la for b in lb]
         acc = torch.empty(max(sparse.block_rows(na, nb, self.mem_bytes) * nb for na, nb in sizes),
                           dtype=torch.float64, device=self.device)
         out = {}
         for a in la:
-            mom_a = self._layer_moments(run_a, a).full
+            mom_a = self.moments(run_a, a).full
             ent = sparse.entries(self._topk_table(run_a, a))
             if run_a.key != run_b.key:  # A's layers are needed once each
                 self._topk.pop((run_a.key, a))
             for b in lb:
-                mom_b, table_b = self._layer_moments(run_b, b).full, self._topk_table(run_b, b)
+                mom_b, table_b = self.moments(run_b, b).full, self._topk_table(run_b, b)
                 self.progress(1, 0)
                 out[a, b] = (*sparse.pair(acc, ent, mom_a, table_b, mom_b, self.mem_bytes), None)
                 self.progress(0, 1)
         return out
+
+
+class Correlator:
+    """Computes PairStats for layer pairs of two runs with a dense or a sparse path, caching them on disk;
+    under torchrun each rank computes its share of A's layers and all read the others' from the cache."""
+
+    def __init__(self, opts: EngineOptions | None = None, method: Literal["dense", "sparse"] | None = None,
+                 progress: Progress | None = None, jackknife: bool = False):
+        """jackknife: also each feature's rho and mass without each of JACKKNIFE_BLOCKS contiguous blocks of
+        samples, from per-block cross-products (the dense path computes them, whatever the codes)."""
+        opts = opts or EngineOptions()
+        self.codes: str = opts.codes or "relu"
+        self.n_blocks = JACKKNIFE_BLOCKS if jackknife else 1
+        self.method = method or ("sparse" if self.codes == "topk" and not jackknife else "dense")
+        if jackknife and self.method != "dense":
+            raise ValueError("the jackknife is computed by the dense path")
+        if self.method not in ("dense", "sparse") or (self.method == "sparse" and self.codes != "topk"):
+            raise ValueError(f"method {self.method!r} cannot compute {self.codes!r} codes")
+        if opts.precision != "fp32" and (jackknife or self.method != "dense"):
+            raise OptionError("precision", f"{{opt}} {opts.precision} is for the dense path's scores (relu codes, "
+                                           "without --ci): the jackknife and the sparse path compute in fp32")
+        self.use_cache = not opts.no_cache
+        common = (self.codes, self.n_blocks, opts.torch_device, opts.chunk_size, max(1, int(opts.mem_gb * 2**30)),
+                  progress or _no_progress)
+        self.path: _Path = (DensePath(*common, precision=opts.precision) if self.method == "dense"
+                            else SparsePath(*common))
+
+    def pair_stats(self, run_a: Run, run_b: Run,
+                   pairs: Iterable[tuple[int, int]] | None = None) -> dict[tuple[int, int], PairStats]:
+        """PairStats of A against B for each (layer a, layer b) in `pairs` (default: every pair)."""
+        check_comparable([run_a, run_b])
+        if pairs is None:
+            pairs = [(a, b) for a in run_a.layers for b in run_b.layers]
+        pairs = [(run_a.resolve_layer(a), run_b.resolve_layer(b)) for a, b in pairs]
+        if self.n_blocks > 1 and run_a.n_samples < 10 * self.n_blocks:
+            raise UserError(f"the jackknife interval needs at least 10 samples per block of {self.n_blocks}; "
+                            f"the runs have {run_a.n_samples} samples")
+        cache = pair_cache(run_a, run_b, self.use_cache)
+        found = {p: self._load(cache, self._key(run_a, run_b, p), run_a.n_features(p[0])) for p in pairs}
+        missing = [p for p, s in found.items() if s is None]
+        if missing:
+            self.path.keep_only((run_a.key, run_b.key))
+            la = [a for a in run_a.layers if any(p[0] == a for p in missing)]
+            lb = [b for b in run_b.layers if any(p[1] == b for p in missing)]
+            la = self._my_share(run_a, run_b, la, lb, cache)
+            for p, stats in (self._compute(run_a, run_b, la, lb) if la else {}).items():
+                if found.get(p) is None:  # a pair read from the cache stays as it is
+                    cache.save(self._key(run_a, run_b, p), {k: v for k, v in stats._asdict().items() if v is not None})
+                    found[p] = stats
+            if distributed.world_size() > 1:
+                self._read_other_ranks(run_a, run_b, missing, found, cache)
+        return {p: found[p] for p in pairs}
+
+    def _key(self, run_a: Run, run_b: Run, pair: tuple[int, int]) -> PairKey:
+        return PairKey(run_a.key, run_b.key, *pair, self.codes + ("+ci" if self.n_blocks > 1 else ""))
+
+    def _load(self, cache: PairCache, key: PairKey, n_features: int) -> PairStats | None:
+        shapes = {"rho_F": (n_features,), "match_F": (n_features,), "mass_F": (n_features,)}
+        if self.n_blocks > 1:
+            shapes.update(rho_JF=(self.n_blocks, n_features), mass_JF=(self.n_blocks, n_features))
+        arrays = cache.load(key, shapes)
+        return None if arrays is None else PairStats(**arrays)
+
+    @staticmethod
+    def _my_share(run_a: Run, run_b: Run, la: list[int], lb: list[int], cache: PairCache) -> list[int]:
+        """The layers of A this rank computes: all of them on one process, a share balanced by cost under torchrun."""
+        if distributed.world_size() == 1:
+            return la
+        if cache.folder is None:
+            raise UserError("several processes (torchrun) share their results through the pair cache: drop --no_cache")
+        cost = [run_a.n_samples * run_a.n_features(a) * sum(map(run_b.n_features, lb)) for a in la]
+        return [la[i] for i in distributed.share(cost)]
+
+    def _read_other_ranks(self, run_a: Run, run_b: Run, missing: list[tuple[int, int]],
+                          found: dict[tuple[int, int], PairStats | None], cache: PairCache) -> None:
+        """After every rank has written its share, the other ranks' pairs from the cache."""
+        distributed.barrier()
+        for p in missing:
+            if found[p] is None:
+                found[p] = self._load(cache, self._key(run_a, run_b, p), run_a.n_features(p[0]))
+        lost = [p for p in missing if found[p] is None]
+        if lost:
+            raise UserError(f"layer pair {lost[0]} of {run_a.name} -> {run_b.name} is missing from the cache "
+                            f"{cache.folder} after every rank finished (a failed write: see the warnings)")
+
+    @torch.no_grad()
+    def _compute(self, run_a: Run, run_b: Run, la: list[int], lb: list[int]) -> dict[tuple[int, int], PairStats]:
+        """PairStats for every pair of la x lb (nothing cached)."""
+        for run, layers in ((run_a, la), (run_b, lb)):
+            for layer in layers:  # a corrupt file fails now, not an hour into the computation
+                run.acts(layer), run.sae(layer)
+        out = self.path.pairs(run_a, run_b, la, lb)
+        stats = {}
+        for p, (rho, match, rho_J) in out.items():
+            mom = self.path.moments(run_a, p[0])
+            stats[p] = PairStats(_numpy(rho.clamp(-1, 1)), match.cpu().numpy(), _numpy(mom.full.mass_F),
+                                 *((_numpy(rho_J.clamp(-1, 1)), _numpy(mom.loo.mass_F)) if rho_J is not None else ()))
+        return stats
 
 
 def _group_vec(group: list[Unit], moments: dict[int, LayerMoments], field: str, which: str = "full",
