@@ -19,7 +19,7 @@ import torch
 
 from saeshare.core import distributed
 from saeshare.disk.cache import pair_cache
-from saeshare.disk.runs import StreamOptions
+from saeshare.disk.runs import PairOptions, StreamOptions
 from saeshare.disk.cache import PairKey
 from errors import UserError, check_positive, cli
 from saeshare.render.figures import format_table, pyplot, save
@@ -79,7 +79,7 @@ def _principal(gram: torch.Tensor, variance: float) -> tuple[torch.Tensor, torch
     """(eigenvalues, eigenvectors) of the fewest principal components explaining `variance`."""
     val, vec = torch.linalg.eigh(gram)
     val, vec = val.flip(0).clamp_min(0), vec.flip(1)
-    keep = int(torch.searchsorted(val.cumsum(0) / val.sum(), torch.tensor(variance, dtype=val.dtype))) + 1
+    keep = int(torch.searchsorted(val.cumsum(0) / val.sum(), torch.tensor(variance, dtype=val.dtype, device=val.device))) + 1
     return val[:keep], vec[:, :keep]
 
 
@@ -98,14 +98,15 @@ def knn(chunks: Callable[[], Iterator[torch.Tensor]], n: int, k: int) -> torch.T
     start_q = 0
     for q in chunks():  # float32 products: neighbours, not sums, so no cancellation to fear
         q = torch.nn.functional.normalize(q.float(), dim=1)
-        val = torch.full((k, len(q)), -torch.inf, dtype=q.dtype)
-        idx = torch.full((k, len(q)), -1, dtype=torch.int64)
+        val = torch.full((k, len(q)), -torch.inf, dtype=q.dtype, device=q.device)
+        idx = torch.full((k, len(q)), -1, dtype=torch.int64, device=q.device)
         start_k = 0
         for keys in chunks():
             sims = torch.nn.functional.normalize(keys.float(), dim=1) @ q.T  # [keys, queries]
-            self_pos = torch.arange(len(q)) + start_q - start_k  # a sample is not its own neighbour
+            query = torch.arange(len(q), device=q.device)
+            self_pos = query + start_q - start_k  # a sample is not its own neighbour
             inside = (self_pos >= 0) & (self_pos < len(keys))
-            sims[self_pos[inside], torch.arange(len(q))[inside]] = -torch.inf
+            sims[self_pos[inside], query[inside]] = -torch.inf
             val, idx = merge_top(val, idx, sims, start_k)
             start_k += len(keys)
         out.append(idx.T)
@@ -127,13 +128,15 @@ class SimilarityEngine:
     """Computes the measures per layer pair, keeping each layer's statistics in memory for the pairs
     that use it, and caching each pair's values under <root>/.cache/."""
 
-    def __init__(self, chunk_size: int = 4096, k: int = 10, variance: float = 0.99, use_cache: bool = True):
+    def __init__(self, chunk_size: int = 4096, k: int = 10, variance: float = 0.99, use_cache: bool = True,
+                 device: torch.device | str = "cpu"):
         self.chunk_size, self.k, self.variance, self.use_cache = chunk_size, k, variance, use_cache
+        self.device = torch.device(device)
         self._sides: dict[tuple[str, int], SideStats] = {}
         self._knn: dict[tuple[str, int], torch.Tensor] = {}
 
     def _chunks(self, run: Run, layer: int) -> Callable[[], Iterator[torch.Tensor]]:
-        return lambda: (run.read_acts(layer, slice(s, s + self.chunk_size)).double()
+        return lambda: (run.read_acts(layer, slice(s, s + self.chunk_size), self.device).double()
                         for s in range(0, run.n_samples, self.chunk_size))
 
     def _side(self, run: Run, layer: int) -> SideStats:
@@ -200,13 +203,7 @@ def similarity_table(runs: list[Run], engine: SimilarityEngine) -> SimilarityTab
 
 # ---- command line ------------------------------------------------------------------------------------
 @dataclass
-class SimilarityArgs(OutputOptions, StreamOptions):
-    source: str | None = None
-    """Run A."""
-    target: str | None = None
-    """Run B."""
-    runs: list[str] | None = None
-    """Several runs: every ordered pair, last layers (instead of --source/--target)."""
+class SimilarityArgs(PairOptions, OutputOptions, StreamOptions):
     k: int = 10
     """Neighbours of mutual kNN."""
     variance: float = 0.99
@@ -219,11 +216,6 @@ class SimilarityArgs(OutputOptions, StreamOptions):
         check_positive("k", self.k)
         if not 0 < self.variance <= 1:
             raise UserError(f"--variance must be in (0, 1], got {self.variance}")
-        if self.runs is not None:
-            if self.source or self.target or len(self.runs) < 2 or len(set(self.runs)) != len(self.runs):
-                raise UserError("--runs takes two or more distinct runs, without --source/--target")
-        elif not (self.source and self.target):
-            raise UserError("give --source A --target B, or --runs A B ...")
 
 
 @cli
@@ -231,8 +223,8 @@ def main(argv=None):
     args = parse(SimilarityArgs, argv, "Classic similarity measures between runs: CKA, debiased CKA, SVCCA, "
                                        "mutual kNN (SPEC §11)")
     distributed.init(args.torch_device)
-    engine = SimilarityEngine(args.chunk_size, args.k, args.variance, not args.no_cache)
-    names = args.runs or [args.source, args.target]
+    engine = SimilarityEngine(args.chunk_size, args.k, args.variance, not args.no_cache, args.torch_device)
+    names = args.names
     runs = open_runs(args.root, names, features=False)
     if runs[0].n_samples <= max(args.k, 3):
         raise UserError(f"{runs[0].n_samples} samples: the measures need more than max(--k, 3) = {max(args.k, 3)}")

@@ -27,14 +27,14 @@ from saeshare.core import distributed
 from saeshare.core.distributed import resolve_device
 from comp_sharedness import check_groups, comp_sharedness, top_features
 from saeshare.engine.correlator import Correlator, tqdm_progress
-from saeshare.engine.options import EngineOptions
+from saeshare.engine.options import DEFAULT_MEM_GB, EngineOptions, Precision
 from data import DataOptions
 from saeshare.render import report
 from errors import ArgumentParser, UserError, cli
 from saeshare.core.options import add_options, options_from
 from saeshare.disk.files import from_jsonable, to_jsonable
 from saeshare.disk.results import StudyResults
-from saeshare.disk.runs import Run, open_runs
+from saeshare.disk.runs import Codes, Run, open_runs
 from sae import SaeConfig
 from show import GalleryOptions, sharedness_gallery
 from similarity import SimilarityEngine
@@ -61,17 +61,17 @@ class Group:
 
 @dataclass(kw_only=True)
 class Analyses:
-    codes: str = "relu"
-    """relu or topk (SPEC §6)."""
+    codes: Codes = "relu"
+    """relu: dense ReLU pre-activations (the paper's code); topk: the SAE's top-k codes."""
     calibrate: bool = True
     """Floors (permutation) and ceilings (SAE seeds) of every wMPPC."""
     ci: bool = False
     """95% jackknife intervals of every wMPPC (dense path)."""
     similarity: bool = True
     """CKA, debiased CKA, SVCCA and mutual kNN of every ordered pair (last layers)."""
-    mem_gb: float = 1.0
+    mem_gb: float = DEFAULT_MEM_GB
     """Memory for the correlation accumulators, GiB."""
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     """fp32, tf32 or bf16: the dense path's products (re-checked exactly; intervals stay fp32)."""
     groups: list[Group] = field(default_factory=list)
 
@@ -232,7 +232,7 @@ def analyse(study: Study, runs: list[Run]) -> StudyResults:
     by_pair = pair_scores(runs, engine, a.calibrate, ref_engine=ref)
     names = [r.name for r in runs]
     pairs, table = {f"{x}->{y}": w for (x, y), w in by_pair.items()}, table_of(names, by_pair, engine.codes)
-    sims = SimilarityEngine()
+    sims = SimilarityEngine(device=opts.torch_device)
     similarity = {f"{x.name}->{y.name}": sims.compare(x, y) for x in runs for y in runs if x is not y} if a.similarity else {}
     by_name = dict(zip(names, runs))
     reports = [top_features(comp_sharedness(by_name[g.source], [by_name[n] for n in g.shared],

@@ -19,7 +19,7 @@ from errors import UserError, cli
 from saeshare.render.figures import format_table, plot_heatmap
 from saeshare.core.options import OutputOptions, parse
 from saeshare.disk.results import Intervals, Scores, Wmppc, WmppcTable
-from saeshare.disk.runs import Run, open_runs
+from saeshare.disk.runs import PairOptions, Run, open_runs
 
 
 def weighted_mppc(rho_F: np.ndarray, mass_F: np.ndarray, what: str) -> float:
@@ -121,30 +121,12 @@ def table_of(names: list[str], pairs: dict[tuple[str, str], Wmppc], codes: str) 
 
 
 @dataclass
-class WmppcArgs(OutputOptions, EngineOptions):
-    source: str | None = None
-    """Run A."""
-    target: str | None = None
-    """Run B."""
-    runs: list[str] | None = None
-    """Several runs: every ordered pair (instead of --source/--target)."""
+class WmppcArgs(PairOptions, OutputOptions, EngineOptions):
     ci: bool = False
     """Add a 95% interval to every wMPPC: delete-one-block jackknife over 10 contiguous blocks of samples
     (computed by the dense path, whatever the codes)."""
     calibrate: bool = False
     """Beside each score, its floor (B's samples permuted) and ceiling (A's own SAE seeds, when it has several)."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.runs is not None:
-            if self.source or self.target:
-                raise UserError("give either --source and --target, or --runs, not both")
-            if len(self.runs) < 2:
-                raise UserError("--runs needs at least two runs")
-            if len(set(self.runs)) != len(self.runs):
-                raise UserError(f"--runs lists a run twice: {' '.join(self.runs)}")
-        elif not (self.source and self.target):
-            raise UserError("give --source A --target B, or --runs A B ...")
 
 
 def _line(res: Wmppc) -> str:

@@ -447,3 +447,34 @@ class StreamOptions(RunsOptions):
     def __post_init__(self):
         super().__post_init__()
         check_positive("chunk_size", self.chunk_size)
+
+
+@dataclass
+class PairOptions:
+    """Which runs a pair command compares: one ordered pair, or every ordered pair of several runs."""
+    source: str | None = None
+    """Run A."""
+    target: str | None = None
+    """Run B."""
+    runs: list[str] | None = None
+    """Several runs: every ordered pair (instead of --source/--target)."""
+
+    def __post_init__(self):
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        if self.runs is not None:
+            if self.source or self.target:
+                raise UserError("give either --source and --target, or --runs, not both")
+            if len(self.runs) < 2:
+                raise UserError(f"--runs takes two or more distinct runs: at least two are needed, got {len(self.runs)}")
+            twice = sorted({r for r in self.runs if self.runs.count(r) > 1})
+            if twice:
+                raise UserError(f"--runs takes two or more distinct runs; it lists {twice[0]!r} twice")
+        elif not (self.source and self.target):
+            raise UserError("give --source A --target B, or --runs A B ...")
+
+    @property
+    def names(self) -> list[str]:
+        """The runs named, in order."""
+        return self.runs or [self.source, self.target]
