@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import data
-from saeshare.render import report
+from saeshare.render import demo_report
 from comp_sharedness import comp_sharedness, top_features
 import record
 from saeshare.engine.correlator import Correlator, tqdm_progress
@@ -34,12 +34,12 @@ from ood import KNN_K, ood
 from probe import ProbeArgs, probe
 from record import RecordArgs
 from saeshare.core.options import parse
-from saeshare.render.report import IMAGE, NULL, TEXT
-from saeshare.disk.results import AttributeMatch, DemoResults, SaeProbes
+from saeshare.disk.results import IMAGE, NULL, TEXT, AttributeMatch, DemoResults, SaeProbes
 from saeshare.disk.runs import Run, poor_fits
 from sae import SaeConfig
 from show import GalleryOptions, sharedness_gallery
 from saeshare.training.train import TrainConfig, train, trained_run
+from saeshare.render.calibration import calibration_figure
 from saeshare.render.figures import plot_heatmap
 from similarity import SimilarityEngine
 from wmppc import pair_scores
@@ -178,7 +178,7 @@ def run_demo(cfg: DemoConfig) -> DemoResults:
     sims = SimilarityEngine(device=opts.torch_device)
     similarities = {f"{a}->{b}": sims.compare(runs[a], runs[b]) for a in runs for b in runs if a != b}
     _plots(pairs, list(runs), out)
-    report.calibration_figure(pairs, similarities, out / "calibration.png")
+    calibration_figure(pairs, similarities, out / "calibration.png")
     shared = top_features(comp_sharedness(runs[IMAGE], [runs[TEXT]], [runs[NULL]], engine), cfg.top)
     shared.save(out / "comp_sharedness.json")
     gallery = sharedness_gallery(shared, GalleryOptions(root=str(root), out=str(out / "imgs" / "shared"),
@@ -194,7 +194,7 @@ def run_demo(cfg: DemoConfig) -> DemoResults:
         seconds=time.perf_counter() - t0, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         probes=probes)
     results.save(out / "results.json")
-    report.write(results, out)
+    demo_report.write(results, out)
     return results
 
 
@@ -219,7 +219,7 @@ def _attributes(runs: dict[str, Run], feats) -> list[AttributeMatch]:
 def main(argv=None):
     cfg = parse(DemoConfig, argv, __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     res = run_demo(cfg)
-    print(report.summary(res, Path(cfg.out)))
+    print(demo_report.summary(res, Path(cfg.out)))
 
 
 if __name__ == "__main__":

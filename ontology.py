@@ -31,7 +31,7 @@ from errors import UserError, check_positive, cli
 from saeshare.render.figures import format_layer_table, pyplot, save
 from saeshare.core.options import OutputOptions, parse
 from probe import column_auroc, run_labels
-from saeshare.disk.results import OntologyResults
+from saeshare.disk.results import ONTOLOGY_KINDS, OntologyResults
 from saeshare.disk.runs import Run, check_comparable
 
 SHAPES_HIERARCHY = {
@@ -41,7 +41,6 @@ SHAPES_HIERARCHY = {
     "size": ["small", "large"],
 }
 """The built-in hierarchy of shapes' attributes (positions and backgrounds left out)."""
-KINDS = ("sae", "raw", "null")
 
 
 class Hierarchy(NamedTuple):
@@ -130,8 +129,8 @@ def ontology(run: Run, null: Run, tree: Hierarchy, holds_NH: np.ndarray, opts: "
     if opts.top_samples > run.n_samples:
         raise UserError(f"--top_samples {opts.top_samples}: run {run.name!r} has {run.n_samples} samples")
     layers = [run.resolve_layer(layer) for layer in opts.layers] if opts.layers else run.layers
-    best = {k: np.full((len(layers), len(tree.nodes)), np.nan) for k in KINDS}
-    lca = {k: np.zeros((len(layers), tree.depth.max() + 1)) for k in KINDS}
+    best = {k: np.full((len(layers), len(tree.nodes)), np.nan) for k in ONTOLOGY_KINDS}
+    lca = {k: np.zeros((len(layers), tree.depth.max() + 1)) for k in ONTOLOGY_KINDS}
     for i, layer in enumerate(tqdm(layers, desc=f"ontology of {run.name}", unit="layer", disable=None)):
         raw = run.read_acts(layer, slice(None)).numpy()
         xs = {"sae": run.dense_codes(layer, opts.codes or "relu", device=opts.torch_device).cpu().numpy(),
@@ -183,7 +182,7 @@ def open_null(run: Run, spec: str) -> Run:
 def _plot(res: OntologyResults, path: str) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for kind in KINDS:
+    for kind in ONTOLOGY_KINDS:
         axes[0].plot(res.layers, res.coverage[kind], marker="o", label=kind)
         axes[1].plot(res.layers, res.mean_lca_depth[kind], marker="o", label=kind)
     axes[0].set_ylabel(f"share of nodes detected (AUROC >= {res.threshold})")

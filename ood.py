@@ -30,13 +30,9 @@ from saeshare.disk.runs import StreamOptions
 from errors import UserError, check_positive, cli
 from saeshare.render.figures import format_layer_table, pyplot, save
 from saeshare.core.options import OutputOptions, parse
-from saeshare.disk.results import OodResults
+from saeshare.disk.results import OOD_METRICS, OOD_SCORES, RAW_OOD_SCORES, SAE_OOD_SCORES, OodResults
 from saeshare.disk.runs import Run, check_recorded_from
 
-SAE_SCORES = ("recon_error", "low_energy", "low_max", "knn_codes")
-RAW_SCORES = ("mahalanobis", "knn_raw")
-SCORES = SAE_SCORES + RAW_SCORES
-METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
 KNN_K = 10
 """Neighbours of the kNN scores by default."""
 
@@ -135,13 +131,13 @@ def _fit_run(root: str, id_run: Run, ood_run: Run) -> Run:
 def ood(fit: Run, id_run: Run, ood_run: Run, k: int, device, chunk_size: int = 4096) -> tuple[OodResults, list[dict]]:
     if fit.n_samples <= k or id_run.n_samples < 2 or ood_run.n_samples < 2:
         raise UserError(f"too few samples: the fitted run needs more than --k {k}, each set at least 2")
-    metrics = {s: {m: [] for m in METRICS} for s in SCORES}
+    metrics = {s: {m: [] for m in OOD_METRICS} for s in OOD_SCORES}
     curves = []
     for layer in tqdm(fit.layers, desc="OOD scores", unit="layer", disable=None):
         s_id, s_ood = layer_scores(fit, [id_run, ood_run], layer, k, device, chunk_size)
         curves.append((s_id, s_ood))
-        for s in SCORES:
-            for m, v in zip(METRICS, detection(s_id[s], s_ood[s])):
+        for s in OOD_SCORES:
+            for m, v in zip(OOD_METRICS, detection(s_id[s], s_ood[s])):
                 metrics[s][m].append(float(v))
     return OodResults(fit.name, id_run.name, ood_run.name, fit.layers, metrics), curves
 
@@ -152,7 +148,7 @@ def _plot(res: OodResults, curves: list, path: str) -> None:
     rows = -(-len(res.layers) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3 * rows), squeeze=False)
     for ax, layer, (s_id, s_ood) in zip(axes.flat, res.layers, curves):
-        for s in SCORES:
+        for s in OOD_SCORES:
             fpr, tpr, _ = roc_curve(np.r_[np.zeros(len(s_id[s])), np.ones(len(s_ood[s]))], np.r_[s_id[s], s_ood[s]])
             ax.plot(fpr, tpr, lw=1, label=s)
         ax.plot([0, 1], [0, 1], color="grey", lw=0.6, ls="--")
@@ -171,7 +167,7 @@ def main(argv=None):
     fit = _fit_run(args.root, id_run, ood_run)
     res, curves = ood(fit, id_run, ood_run, args.k, args.torch_device, args.chunk_size)
     print(format_layer_table(f"AUROC per layer, {res.ood} against {res.id} (fit on {res.fit}):", res.layers,
-                             {s: res.metrics[s]["auroc"] for s in SCORES}))
+                             {s: res.metrics[s]["auroc"] for s in OOD_SCORES}))
     args.write(res, lambda path: _plot(res, curves, path))
 
 

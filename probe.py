@@ -29,11 +29,9 @@ from data.shapes import filter_attribute
 from errors import UserError, check_positive, cli
 from saeshare.render.figures import format_layer_table, pyplot, save
 from saeshare.core.options import OutputOptions, parse
-from saeshare.disk.results import ProbeResults
+from saeshare.disk.results import PROBE_KINDS, ProbeResults
 from saeshare.disk.runs import Run, check_recorded_from
 
-KINDS = ("sae", "raw", "random", "sae_top", "raw_top")
-"""What each probe reads: SAE codes, raw activations, random features, and the two sparse probes."""
 
 
 def run_labels(run: Run, names: list[str] | None, column: str | None = None,
@@ -114,8 +112,8 @@ def probe(run: Run, test: Run | None, labels: list[str] | None, opts: "ProbeArgs
     if len(train_rows) == 0 or len(test_rows) == 0:
         raise UserError("no training or no test sample left after --train_where / --test_where / --test_fraction")
     layers = [run.resolve_layer(layer) for layer in opts.layers] if opts.layers else run.layers
-    acc = {k: np.full((len(layers), len(labels)), np.nan) for k in KINDS}
-    auc = {k: np.full((len(layers), len(labels)), np.nan) for k in KINDS}
+    acc = {k: np.full((len(layers), len(labels)), np.nan) for k in PROBE_KINDS}
+    auc = {k: np.full((len(layers), len(labels)), np.nan) for k in PROBE_KINDS}
     for i, layer in enumerate(tqdm(layers, desc=f"probes of {run.name}", unit="layer", disable=None)):
         tr = _features(run, layer, opts.codes or "relu", train_rows, opts.seed + layer, opts.torch_device)
         te = _features(test or run, layer, opts.codes or "relu", test_rows, opts.seed + layer, opts.torch_device)
@@ -165,7 +163,7 @@ class ProbeArgs(OutputOptions, AnalysisOptions):
 def _plot(res: ProbeResults, path: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for kind in KINDS:
+    for kind in PROBE_KINDS:
         ax.plot(res.layers, np.nanmean(res.balanced_accuracy[kind], axis=1), marker="o", label=kind)
     ax.set_xlabel("layer")
     ax.set_ylabel("balanced accuracy (mean over labels)")
@@ -187,7 +185,7 @@ def main(argv=None):
         labels = [*data.shapes.COLOURS, *data.shapes.SHAPES, *data.shapes.SIZES]
     res = probe(run, test, labels, args)
     print(format_layer_table(f"balanced accuracy, mean over {len(res.labels)} labels (tested on {res.test}):", res.layers,
-                             {k: np.nanmean(res.balanced_accuracy[k], axis=1) for k in KINDS}))
+                             {k: np.nanmean(res.balanced_accuracy[k], axis=1) for k in PROBE_KINDS}))
     args.write(res, lambda path: _plot(res, path))
 
 

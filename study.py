@@ -29,7 +29,7 @@ from comp_sharedness import check_groups, comp_sharedness, top_features
 from saeshare.engine.correlator import Correlator, tqdm_progress
 from saeshare.engine.options import DEFAULT_MEM_GB, EngineOptions, Precision
 from data import DataOptions
-from saeshare.render import report
+from saeshare.render import study_report
 from errors import ArgumentParser, UserError, cli
 from saeshare.core.options import add_options, options_from
 from saeshare.disk.files import from_jsonable, to_jsonable
@@ -271,7 +271,7 @@ def run_study(study: Study, encoders: list[tuple[str, TrainConfig]], overwrite: 
             res.galleries.append(str(gallery.index.relative_to(out.resolve())))
             res.grids.append([str(gallery.grids[rep.source, f.feature].relative_to(out.resolve())) for f in rep.features])
         res.save(out / "results.json")
-        report.write_study(res, out)
+        study_report.write(res, out)
     return res
 
 
@@ -297,7 +297,7 @@ def main(argv=None):
     distributed.init(resolve_device(study.device))
     res = run_study(study, encoders, args.overwrite, args.dry_run, args.train_index)
     if res is not None:
-        print(report.study_summary(res, Path(study.out)))
+        print(study_report.summary(res, Path(study.out)))
 
 
 if __name__ == "__main__":

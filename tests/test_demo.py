@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import demo
-from saeshare.render.report import IMAGE, NULL, TEXT
+from saeshare.disk.results import IMAGE, NULL, TEXT
 from saeshare.disk.runs import Run
 
 

@@ -164,6 +164,10 @@ class AttributeMatch:
     match_r: float
 
 
+PROBE_KINDS = ("sae", "raw", "random", "sae_top", "raw_top")
+"""What each probe reads: SAE codes, raw activations, random features, and the two sparse probes."""
+
+
 @dataclass
 class ProbeResults(Record):
     """probe.py --json (SPEC §13)."""
@@ -187,6 +191,12 @@ class ProbeResults(Record):
     label_column: str | None = None
 
 
+SAE_OOD_SCORES = ("recon_error", "low_energy", "low_max", "knn_codes")
+RAW_OOD_SCORES = ("mahalanobis", "knn_raw")
+OOD_SCORES = SAE_OOD_SCORES + RAW_OOD_SCORES
+OOD_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
+
+
 @dataclass
 class OodResults(Record):
     """ood.py --json (SPEC §13)."""
@@ -199,6 +209,10 @@ class OodResults(Record):
     layers: list[int]
     metrics: dict[str, dict[str, list[float]]]
     """score -> metric -> one value per layer."""
+
+
+ONTOLOGY_KINDS = ("sae", "raw", "null")
+"""What ontology.py scores: SAE codes, raw neurons, and the null (permuted samples or another run)."""
 
 
 @dataclass
@@ -252,6 +266,10 @@ class Compared:
     """"A->B" -> wMPPC of A -> B, every ordered pair (with interval, floor and ceiling when computed)."""
     similarity: dict[str, Similarity]
     """"A->B" -> the classic measures, every ordered pair (empty: not computed)."""
+
+
+IMAGE, TEXT, NULL = "effnet", "minilm", "null"
+"""The demo's runs: the image model, the text model, the null text run."""
 
 
 @dataclass
