@@ -1,11 +1,11 @@
-"""Comparative Sharedness (SPEC §7): the features of a model M shared with every model of a group G
+"""Comparative Sharedness (docs/design.md#comparative-sharedness): the features of a model M shared with every model of a group G
 and poorly with every model of a group H, last layer of each run.
 
     Delta_i = S_i^M * ((min_{g in G} rho_i^{M->g})^2 - (max_{h in H} rho_i^{M->h})^2)
 
     uv run comp_sharedness.py --source M --min_group G1 G2 --max_group H1 H2 [--top N] [--json out.json]
 
-Both groups must be non-empty (SPEC §10): with H empty the score is just "shared with G", which
+Both groups must be non-empty (docs/design.md#bad-input): with H empty the score is just "shared with G", which
 `wmppc.py`'s correlations already answer; an empty G would make every feature "shared".
 """
 from __future__ import annotations
@@ -119,7 +119,7 @@ class SharednessArgs(EngineOptions):
 
 @cli
 def main(argv=None):
-    args = parse(SharednessArgs, argv, "Comparative Sharedness of the features of one run (SPEC §7)")
+    args = parse(SharednessArgs, argv, "Comparative Sharedness of the features of one run")
     distributed.init(args.torch_device)
     engine = Correlator(args, progress=tqdm_progress("correlations"))
     source, *others = open_runs(args.root, [args.source, *args.min_group, *args.max_group])

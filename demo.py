@@ -6,7 +6,7 @@
    samples), plus a null run: the same text model over captions shuffled across samples.
 2. wMPPC for every ordered pair; Comparative Sharedness of the image model, shared with the text model
    and not with the null run; previews of the top features; their best ground-truth attribute.
-3. SAE probes (SPEC §13) of both models: linear probes on held-out samples (in distribution and shifted),
+3. SAE probes (docs/design.md#probes) of both models: linear probes on held-out samples (in distribution and shifted),
    OOD detection of a shape and a colour that SAEs trained without them never saw, ontology coverage.
 4. demo_out/report.html and report.md.
 """
@@ -67,7 +67,7 @@ class DemoConfig:
     paper_defaults: bool = False
     """The paper's SAE settings: lr 5e-5, batch 16 images and 256 captions."""
     probes: bool = True
-    """The SAE probes section (SPEC §13): linear probes, OOD detection, ontology coverage (--no_probes: skip)."""
+    """The SAE probes section (docs/design.md#probes): linear probes, OOD detection, ontology coverage (--no_probes: skip)."""
     overwrite: bool = False
     """Replace runs of an earlier demo made with other settings."""
     device: str = "auto"
@@ -124,7 +124,7 @@ def _recorded(cfg: DemoConfig, root: Path, source: str, runname: str, **samples)
 
 
 def sae_probes(cfg: DemoConfig, runs: dict[str, Run], root: Path) -> SaeProbes:
-    """SPEC §13 on effnet and minilm: probes in distribution and shifted, OOD detection of held-out shapes
+    """The probes (docs/design.md#probes) on effnet and minilm: probes in distribution and shifted, OOD detection of held-out shapes
     and colours, ontology coverage."""
     n_test = max(100, cfg.max_samples // 4)
     ood_offset = 10 * cfg.max_samples  # past the samples the OOD runs scanned (they skip ~40%)

@@ -1,4 +1,4 @@
-"""One clear line on stderr and a non-zero exit for a user's mistake, never a traceback (SPEC §10)."""
+"""One clear line on stderr and a non-zero exit for a user's mistake, never a traceback (docs/design.md#bad-input)."""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,4 @@
-"""Does a layer's SAE recover the ontology of its labels (SPEC §13, after Olson et al., arXiv 2508.11277)?
+"""Does a layer's SAE recover the ontology of its labels (docs/design.md#probes, after Olson et al., arXiv 2508.11277)?
 
     uv run ontology.py --run effnet                        # shapes: the built-in hierarchy
     uv run ontology.py --run dino_in1k --label_column label --hierarchy wordnet.json
@@ -196,7 +196,7 @@ def _plot(res: OntologyResults, path: str) -> None:
 
 @cli
 def main(argv=None):
-    args = parse(OntologyArgs, argv, "Ontology coverage and LCA depth of SAE features against raw neurons (SPEC §13)")
+    args = parse(OntologyArgs, argv, "Ontology coverage and LCA depth of SAE features against raw neurons")
     run = Run.open(args.root, args.run)
     tree, holds_NH = load_hierarchy(args.hierarchy, run, args.label_column)
     res = ontology(run, open_null(run, args.null), tree, holds_NH, args)

@@ -1,4 +1,4 @@
-"""Out-of-distribution detection from SAE features (SPEC §13, after Olson et al., arXiv 2508.11277).
+"""Out-of-distribution detection from SAE features (docs/design.md#probes, after Olson et al., arXiv 2508.11277).
 
     uv run record.py --run effnet --offset 2000 --max_samples 500 --exclude shape=star --runname id_test
     uv run record.py --run effnet --where shape=star --max_samples 500 --runname ood_stars
@@ -162,7 +162,7 @@ def _plot(res: OodResults, curves: list, path: str) -> None:
 
 @cli
 def main(argv=None):
-    args = parse(OodArgs, argv, "OOD detection from SAE features against raw baselines (SPEC §13)")
+    args = parse(OodArgs, argv, "OOD detection from SAE features against raw baselines")
     id_run, ood_run = Run.open(args.root, args.id), Run.open(args.root, args.ood)
     fit = _fit_run(args.root, id_run, ood_run)
     res, curves = ood(fit, id_run, ood_run, args.k, args.torch_device, args.chunk_size)

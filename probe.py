@@ -1,4 +1,4 @@
-"""Linear probes of a run's layers (SPEC §13, after Olson et al., arXiv 2508.11277): does a layer's SAE
+"""Linear probes of a run's layers (docs/design.md#probes, after Olson et al., arXiv 2508.11277): does a layer's SAE
 code carry a label linearly, compared with the raw pooled activations and with random features of the
 SAE's width?
 
@@ -175,7 +175,7 @@ def _plot(res: ProbeResults, path: str) -> None:
 
 @cli
 def main(argv=None):
-    args = parse(ProbeArgs, argv, "Linear probes of SAE features, raw activations and random features (SPEC §13)")
+    args = parse(ProbeArgs, argv, "Linear probes of SAE features, raw activations and random features")
     run = Run.open(args.root, args.run)
     test = Run.open(args.root, args.test_run) if args.test_run else None
     if test is not None:

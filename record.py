@@ -1,4 +1,4 @@
-"""Apply a trained run's encoder and SAEs to other samples, without training (SPEC §13): held-out
+"""Apply a trained run's encoder and SAEs to other samples, without training (docs/design.md#probes): held-out
 in-distribution data and out-of-distribution data for probes and OOD detection, which the SAEs never
 saw in training.
 
@@ -74,7 +74,7 @@ def record(args: RecordArgs) -> Run:
 
 @cli
 def main(argv=None):
-    record(parse(RecordArgs, argv, "Apply a run's encoder and SAEs to other samples, without training (SPEC §13)"))
+    record(parse(RecordArgs, argv, "Apply a run's encoder and SAEs to other samples, without training"))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Top-k sparse autoencoder (Gao et al.) with the defaults of the paper's code (SPEC §3)."""
+"""Top-k sparse autoencoder (Gao et al.) with the defaults of the paper's code (docs/design.md#the-sae)."""
 from __future__ import annotations
 
 import math
@@ -236,7 +236,7 @@ class TopKSAE(nn.Module):
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     def state(self) -> dict[str, Tensor]:
-        """The tensors of `layer{LL}.sae.safetensors` (SPEC §9)."""
+        """The tensors of `layer{LL}.sae.safetensors` (docs/design.md#runs-on-disk)."""
         return {"W_enc": self.W_enc.detach().cpu().contiguous(), "W_dec": self.W_dec.detach().cpu().contiguous(),
                 "b_dec": self.b_dec.detach().cpu().contiguous()}
 

@@ -1,4 +1,4 @@
-"""Feature previews (SPEC §8): what makes a feature fire? For each feature of one layer of a run, a 3x3
+"""Feature previews (docs/design.md#previews): what makes a feature fire? For each feature of one layer of a run, a 3x3
 grid of the 9 samples that activate it most, and a static HTML gallery to browse them (gallery.py).
 
     uv run show.py --run eff                      # last layer -> imgs/eff/feat<i>_<mass>.jpg + index.html
@@ -333,7 +333,7 @@ class ShowArgs(GalleryOptions):
 
 @cli
 def main(argv=None):
-    args = parse(ShowArgs, argv, "Feature previews: top-9 grids and an HTML gallery (SPEC §8)")
+    args = parse(ShowArgs, argv, "Feature previews: top-9 grids and an HTML gallery")
     if args.run:
         run = Run.open(args.root, args.run)
         warn_pooled_fit(run)

@@ -1,5 +1,5 @@
 """Classic measures of representational similarity between the pooled activations of two runs
-(SPEC §11), beside wMPPC: linear CKA, debiased CKA, SVCCA and mutual k-nearest neighbours.
+(docs/design.md#calibration), beside wMPPC: linear CKA, debiased CKA, SVCCA and mutual k-nearest neighbours.
 
     uv run similarity.py --source effnet --target minilm          # last layer pair, with its floor
     uv run similarity.py --runs effnet minilm null --json sim.json --plot sim.png
@@ -221,7 +221,7 @@ class SimilarityArgs(PairOptions, OutputOptions, StreamOptions):
 @cli
 def main(argv=None):
     args = parse(SimilarityArgs, argv, "Classic similarity measures between runs: CKA, debiased CKA, SVCCA, "
-                                       "mutual kNN (SPEC §11)")
+                                       "mutual kNN")
     distributed.init(args.torch_device)
     engine = SimilarityEngine(args.chunk_size, args.k, args.variance, not args.no_cache, args.torch_device)
     names = args.names

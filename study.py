@@ -1,4 +1,4 @@
-"""The paper's whole study in one command (SPEC §12): encoders, dataset, SAE settings and analyses in a
+"""The paper's whole study in one command (docs/design.md#scale): encoders, dataset, SAE settings and analyses in a
 TOML file.
 
     uv run study.py studies/demo.toml              # train what is missing, analyse, write the report
@@ -49,7 +49,7 @@ STUDY_OWNED = ("root", "overwrite", "device", "seeds", *(f.name for f in datacla
 
 @dataclass(kw_only=True)
 class Group:
-    """A Comparative Sharedness group (SPEC §7)."""
+    """A Comparative Sharedness group (docs/design.md#comparative-sharedness)."""
     source: str
     shared: list[str]
     """The runs the features must be shared with (the paper's G)."""

@@ -1,4 +1,4 @@
-"""Train top-k SAEs on the layers of a image encoder and record its features (SPEC §3, §9).
+"""Train top-k SAEs on the layers of a image encoder and record its features (docs/design.md#the-sae, #runs-on-disk).
 
     uv run train_image.py --model ClipVision --clip_model_name ViT-B/32-quickgelu --layers 0 1 2 --runname NAME
 """

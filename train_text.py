@@ -1,4 +1,4 @@
-"""Train top-k SAEs on the layers of a text encoder and record its features (SPEC §3, §9).
+"""Train top-k SAEs on the layers of a text encoder and record its features (docs/design.md#the-sae, #runs-on-disk).
 
     uv run train_text.py --model Bert --bert_model_name all-MiniLM-L6-v2 --layers 0 1 2 --runname NAME
 """

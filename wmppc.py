@@ -1,4 +1,4 @@
-"""wMPPC between runs (SPEC §6): how much of A's activation mass is carried by features that B also has.
+"""wMPPC between runs (docs/design.md#wmppc): how much of A's activation mass is carried by features that B also has.
 
     uv run wmppc.py --source clip --target dino            # All Layers : X | Last layer : Y
     uv run wmppc.py --source clip --target dino --json out.json --plot out.png
@@ -140,7 +140,7 @@ def _line(res: Wmppc) -> str:
 
 @cli
 def main(argv=None):
-    args = parse(WmppcArgs, argv, "wMPPC between SAE runs (SPEC §6)")
+    args = parse(WmppcArgs, argv, "wMPPC between SAE runs")
     distributed.init(args.torch_device)
     engine = Correlator(args, progress=tqdm_progress("correlations"), jackknife=args.ci)
     if args.runs is None:

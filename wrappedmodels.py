@@ -1,4 +1,4 @@
-"""Encoder registry (SPEC §4): load a model and its preprocessing, find its blocks, hook them, pool tokens.
+"""Encoder registry (docs/design.md#encoders): load a model and its preprocessing, find its blocks, hook them, pool tokens.
 
 A new encoder family is one subclass decorated with `@register`.
 """
@@ -192,7 +192,7 @@ class Encoder:
         return mask.to(acts_BTD.device)
 
     def pool(self, acts_BTD: Tensor, mask_BT: Tensor) -> Tensor:
-        """The recorded token per sample, [B, D] (SPEC §4.2)."""
+        """The recorded token per sample, [B, D] (docs/design.md#pooled-token)."""
         if self.token in ("first", "cls"):
             return acts_BTD[:, 0]
         if self.token == "last":

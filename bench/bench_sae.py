@@ -1,4 +1,4 @@
-"""Benchmark of one SAE training step (SPEC §3), both with Adam, at D=768, F=6144, K=32:
+"""Benchmark of one SAE training step (docs/design.md#the-sae), both with Adam, at D=768, F=6144, K=32:
 
   the paper's formulation: dense pre-activations, top-k scattered into a dense [T, F] code, dense decoder
   product, autograd through everything;

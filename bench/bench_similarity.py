@@ -1,4 +1,4 @@
-"""Benchmark of calibration (SPEC §11). Prints, from one run on this machine:
+"""Benchmark of calibration (docs/design.md#calibration). Prints, from one run on this machine:
 
   (a) linear and debiased CKA, streamed, at N=200000, D=1024: time and peak RSS (target <= 2 GiB)
   (b) mutual kNN (k=10) at N=50000, D=384: time and peak RSS

@@ -1,4 +1,4 @@
-"""What the paper's study costs on one H100, counted from this code's own work (SPEC §12).
+"""What the paper's study costs on one H100, counted from this code's own work (docs/design.md#scale).
 
     uv run bench/cost.py                    # the table of the README
     uv run bench/cost.py --efficiency 0.6 --mem_gb 16

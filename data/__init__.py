@@ -1,4 +1,4 @@
-"""Datasets of paired (image, caption) samples (SPEC §5): `load_dataset(--dataset, ...)` and
+"""Datasets of paired (image, caption) samples (docs/design.md#datasets): `load_dataset(--dataset, ...)` and
 `from_description(run.json's "dataset")`. `datasets` is imported only for hub and folder datasets,
 so that `shapes` stays instant."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What every dataset is: N (image, caption) pairs in a fixed order with stable ids (SPEC §5)."""
+"""What every dataset is: N (image, caption) pairs in a fixed order with stable ids (docs/design.md#datasets)."""
 from __future__ import annotations
 
 import hashlib

@@ -1,5 +1,5 @@
-"""Captioned image datasets read through Hugging Face `datasets`: hub datasets (SPEC §5.1) and
-local imagefolders with a metadata.jsonl (SPEC §5.2). Columns are found from the features, not
+"""Captioned image datasets read through Hugging Face `datasets`: hub datasets (docs/design.md#datasets) and
+local imagefolders with a metadata.jsonl (docs/design.md#datasets). Columns are found from the features, not
 hard-coded, so that a dataset with other column names still loads."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The built-in offline dataset (SPEC §5.3): coloured shapes drawn on the fly, captions that say
+"""The built-in offline dataset (docs/design.md#datasets): coloured shapes drawn on the fly, captions that say
 exactly what is drawn, and the ground truth kept per sample so that features can be explained."""
 from __future__ import annotations
 

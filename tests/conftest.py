@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture
 def error_line(capsys):
     """error_line(main, argv): the CLI must exit with code exactly 2, print exactly one line on stderr,
-    `error: ...`, and no traceback (SPEC §10); progress bars (a model's loading bar) may come before it.
+    `error: ...`, and no traceback (docs/design.md#bad-input); progress bars (a model's loading bar) may come before it.
     Returns that line."""
 
     def run(main, argv) -> str:

@@ -1,4 +1,4 @@
-"""Calibration (SPEC §11): the jackknife against a brute-force recomputation without each block, the
+"""Calibration (docs/design.md#calibration): the jackknife against a brute-force recomputation without each block, the
 permutation floor, SAE seeds and ceilings, random re-initialisation, SAEs trained on the pooled tokens,
 the pooled-fit warning and the bad input of all of these."""
 from __future__ import annotations

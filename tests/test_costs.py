@@ -1,4 +1,4 @@
-"""costs.py (SPEC §12): the counts behind `study.py --dry_run` and bench/cost.py, against hand-worked cases."""
+"""costs.py (docs/design.md#scale): the counts behind `study.py --dry_run` and bench/cost.py, against hand-worked cases."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""torchrun (SPEC §12): two gloo processes on the CPU give what one process gives, bitwise; a rerun computes
+"""torchrun (docs/design.md#scale): two gloo processes on the CPU give what one process gives, bitwise; a rerun computes
 only what is missing from the cache; a failing rank ends every rank with one error line."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ontology.py (SPEC §13): hierarchy parsing, LCA depth on a hand-worked case, a planted node found by the
+"""ontology.py (docs/design.md#probes): hierarchy parsing, LCA depth on a hand-worked case, a planted node found by the
 SAE and not by the null, bad hierarchies refused in one line."""
 from __future__ import annotations
 

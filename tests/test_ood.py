@@ -1,4 +1,4 @@
-"""ood.py (SPEC §13): the detection metrics on hand-worked cases, every score on a planted shift, and
+"""ood.py (docs/design.md#probes): the detection metrics on hand-worked cases, every score on a planted shift, and
 the sets that must come from the same SAEs."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""--precision (SPEC §12): tensor-core products, then every feature's best match re-checked exactly, give the
+"""--precision (docs/design.md#scale): tensor-core products, then every feature's best match re-checked exactly, give the
 fp32 path's rho (to 1e-5) and match, also where the approximate products rank two near-tied features the
 wrong way round."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""probe.py (SPEC §13): a planted attribute is found, an absent one is not; the test run must come from
+"""probe.py (docs/design.md#probes): a planted attribute is found, an absent one is not; the test run must come from
 the same SAEs; bad input is one line."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The top-k SAE of SPEC §3: forward maths against a float64 reference, init, training, metrics."""
+"""The top-k SAE of docs/design.md#the-sae: forward maths against a float64 reference, init, training, metrics."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""show.py (SPEC §8): top-9 grids checked against a brute-force argsort of dense codes and against the
+"""show.py (docs/design.md#previews): top-9 grids checked against a brute-force argsort of dense codes and against the
 dataset's own images, the gallery page (parsed, and rendered by headless Chromium), --from_json, bad input."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""similarity.py (SPEC §11): every classic measure against a float64 brute force (N x N Grams where
+"""similarity.py (docs/design.md#calibration): every classic measure against a float64 brute force (N x N Grams where
 that is the definition), published invariances, the streaming paths, the CLI and its bad input."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""study.py (SPEC §12): bad configs are refused in one line before any training; a study interrupted in
+"""study.py (docs/design.md#scale): bad configs are refused in one line before any training; a study interrupted in
 the middle resumes without training its complete runs again; --dry_run trains nothing."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""train_image.py / train_text.py end to end: runs on disk (SPEC §9), one encoder pass, bad input (SPEC §10)."""
+"""train_image.py / train_text.py end to end: runs on disk (docs/design.md#runs-on-disk), one encoder pass, bad input (docs/design.md#bad-input)."""
 from __future__ import annotations
 
 import json
@@ -50,7 +50,7 @@ def run_cli(family, ckpt, root, runname, *extra, n=12):
 @pytest.mark.parametrize("family", sorted(FAMILY_ARGS))
 def test_every_family_trains_and_records_a_run(family, ckpt_dir, tmp_path):
     run = run_cli(family, checkpoint_for(family, ckpt_dir), tmp_path, "r", "--layers", "0", "-1")
-    meta = json.loads((run.path / "run.json").read_text())  # the file format of SPEC §9
+    meta = json.loads((run.path / "run.json").read_text())  # the file format of docs/design.md#runs-on-disk
     n_layers = meta["n_layers_model"]
     assert meta["complete"] is True and meta["schema"] == RunMeta.SCHEMA == 2
     assert meta["model"] == family and meta["layers"] == [0, n_layers - 1]

@@ -1,4 +1,4 @@
-"""Several processes under torchrun (SPEC §12): `torchrun --nproc_per_node G wmppc.py ...`.
+"""Several processes under torchrun (docs/design.md#scale): `torchrun --nproc_per_node G wmppc.py ...`.
 
 Every rank runs the same command; the correlation engine gives each rank a share of the layer-pair
 work (longest first, balanced by cost), each rank writes its pairs to the disk cache, and all read the

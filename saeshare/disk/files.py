@@ -1,4 +1,4 @@
-"""Files one command writes for another to read (SPEC §14): typed dataclasses saved as JSON with a
+"""Files one command writes for another to read (docs/design.md#versioned-files): typed dataclasses saved as JSON with a
 `"schema"` number and a `"kind"`, written atomically; readers migrate the versions they know and
 refuse the rest with one line. Also the one place that writes any file by "temporary name, then
 rename", so an interrupted command never leaves a half-written file under the final name."""

@@ -1,4 +1,4 @@
-"""Result files (SPEC §6, §7, §11, §13, §14): what wmppc.py, comp_sharedness.py, similarity.py, probe.py,
+"""Result files (docs/design.md#wmppc, #comparative-sharedness, #calibration, #probes, #versioned-files): what wmppc.py, comp_sharedness.py, similarity.py, probe.py,
 ood.py, ontology.py and demo.py write and show.py, report.py read, as typed records with a schema
 number (see records.py)."""
 from __future__ import annotations
@@ -170,7 +170,7 @@ PROBE_KINDS = ("sae", "raw", "random", "sae_top", "raw_top")
 
 @dataclass
 class ProbeResults(Record):
-    """probe.py --json (SPEC §13)."""
+    """probe.py --json (docs/design.md#probes)."""
     KIND = "probe"
     SCHEMA = 1
 
@@ -199,7 +199,7 @@ OOD_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
 
 @dataclass
 class OodResults(Record):
-    """ood.py --json (SPEC §13)."""
+    """ood.py --json (docs/design.md#probes)."""
     KIND = "ood"
     SCHEMA = 1
 
@@ -217,7 +217,7 @@ ONTOLOGY_KINDS = ("sae", "raw", "null")
 
 @dataclass
 class OntologyResults(Record):
-    """ontology.py --json (SPEC §13)."""
+    """ontology.py --json (docs/design.md#probes)."""
     KIND = "ontology"
     SCHEMA = 1
 
@@ -246,7 +246,7 @@ class OntologyResults(Record):
 
 @dataclass
 class SaeProbes:
-    """The demo's SAE probes (SPEC §13), per demo run (effnet, minilm)."""
+    """The demo's SAE probes (docs/design.md#probes), per demo run (effnet, minilm)."""
     probes: dict[str, ProbeResults]
     """Trained on the run's samples, tested on held-out samples recorded from it."""
     shifted: dict[str, ProbeResults]

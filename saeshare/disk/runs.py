@@ -1,4 +1,4 @@
-"""Runs on disk (SPEC §9): typed run metadata, an atomic writer and a validating reader that computes
+"""Runs on disk (docs/design.md#runs-on-disk): typed run metadata, an atomic writer and a validating reader that computes
 features in chunks."""
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ class RunMeta(Record):
     """Encoder family (--model)."""
     checkpoint: str
     token: str
-    """The pooled token recorded per sample (SPEC §4.2)."""
+    """The pooled token recorded per sample (docs/design.md#pooled-token)."""
     dataset: DatasetInfo
     sae: SaeSettings
     layers: list[int]

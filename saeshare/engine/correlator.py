@@ -1,4 +1,4 @@
-"""The correlation engine shared by wMPPC (SPEC §6) and Comparative Sharedness (§7): orchestration
+"""The correlation engine shared by wMPPC (docs/design.md#wmppc) and Comparative Sharedness (docs/design.md#comparative-sharedness): orchestration
 and the in-memory memo. The numbers come from the kernels of `corr_dense` and `corr_sparse`, the disk
 cache from `corr_cache`.
 
@@ -35,7 +35,7 @@ from saeshare.engine.options import EngineOptions
 JACKKNIFE_BLOCKS = 10
 RECHECK_BATCH = 8192
 """Candidate pairs whose exact products are summed at once (memory: a chunk of samples times this)."""
-"""Contiguous blocks of samples of the delete-one-block jackknife (SPEC §11)."""
+"""Contiguous blocks of samples of the delete-one-block jackknife (docs/design.md#calibration)."""
 
 Progress = Callable[[int, int], None]
 """progress(more_total, done): `more_total` steps were added to the work, `done` were finished."""

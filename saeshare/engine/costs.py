@@ -1,4 +1,4 @@
-"""What training and the all-layers wMPPC matrix cost, counted from this code's own work (SPEC §12): the
+"""What training and the all-layers wMPPC matrix cost, counted from this code's own work (docs/design.md#scale): the
 study's `--dry_run` and bench/cost.py.
 
 - training: the encoder's forward pass (2 FLOPs per parameter and token) and, per layer, seed and token,

@@ -1,4 +1,4 @@
-"""The static HTML gallery of show.py (SPEC §8): one self-contained page that opens from disk (file://),
+"""The static HTML gallery of show.py (docs/design.md#previews): one self-contained page that opens from disk (file://),
 with no server, network, external CSS, JS or fonts. Cards (one per feature) or groups of cards (one
 per source feature of a Comparative Sharedness output) can be filtered by caption text or feature id
 (the filter is kept in the address, index.html#q=red%20circle, to share a view) and re-sorted. On

@@ -1,4 +1,4 @@
-"""Training on several devices under torchrun (SPEC §12): `torchrun --nproc_per_node G train_image.py ...`.
+"""Training on several devices under torchrun (docs/design.md#scale): `torchrun --nproc_per_node G train_image.py ...`.
 
 Every rank walks the same batches in the same order (the seeded shuffle of one process). Each batch is
 split in G contiguous slices, one per rank, for the encoder's forward pass; each layer's SAEs live on one

@@ -1,4 +1,4 @@
-"""The one training/recording loop behind train_image.py and train_text.py (SPEC §3, §9).
+"""The one training/recording loop behind train_image.py and train_text.py (docs/design.md#the-sae, #runs-on-disk).
 
 One encoder pass per batch trains the SAE of every requested layer on all (non-padding) tokens and
 stores the pooled token of every sample; features are computed from those after training, on demand.
@@ -44,7 +44,7 @@ class TrainConfig(data.DataOptions):
     layers: list[int] | None = None
     """Block ids (-1 = last); default: every block."""
     token: str | None = None
-    """Pooled token recorded per sample; default: the model's own (SPEC §4.2)."""
+    """Pooled token recorded per sample; default: the model's own (docs/design.md#pooled-token)."""
     batch_size: int | None = None
     """Encoder batch; default: 16 images or 256 captions, as the paper."""
     root: str = DEFAULT_ROOT
