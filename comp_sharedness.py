@@ -17,13 +17,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from saeshare.core import distributed
-from saeshare.engine.correlator import Correlator, tqdm_progress
-from saeshare.engine.options import EngineOptions
 from errors import UserError, check_at_least, cli
+from saeshare.core import distributed
 from saeshare.core.options import check_output, parse
 from saeshare.disk.results import SharedFeature, SharednessReport
 from saeshare.disk.runs import PERMUTED, Run, open_runs
+from saeshare.engine.correlator import Correlator, tqdm_progress
+from saeshare.engine.options import EngineOptions
 
 
 class Sharedness(NamedTuple):

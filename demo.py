@@ -22,25 +22,25 @@ from pathlib import Path
 import numpy as np
 
 import data
-from saeshare.render import demo_report
-from comp_sharedness import comp_sharedness, top_features
 import record
-from saeshare.engine.correlator import Correlator, tqdm_progress
-from saeshare.engine.options import EngineOptions
+from comp_sharedness import comp_sharedness, top_features
 from errors import OptionError, check_at_least, cli
-from saeshare.core.distributed import resolve_device
 from ontology import OntologyArgs, load_hierarchy, ontology
 from ood import KNN_K, ood
 from probe import ProbeArgs, probe
 from record import RecordArgs
+from sae import SaeConfig
+from saeshare.core.distributed import resolve_device
 from saeshare.core.options import parse
 from saeshare.disk.results import IMAGE, NULL, TEXT, AttributeMatch, DemoResults, SaeProbes
 from saeshare.disk.runs import Run, poor_fits
-from sae import SaeConfig
-from show import GalleryOptions, sharedness_gallery
-from saeshare.training.train import TrainConfig, train, trained_run
+from saeshare.engine.correlator import Correlator, tqdm_progress
+from saeshare.engine.options import EngineOptions
+from saeshare.render import demo_report
 from saeshare.render.calibration import calibration_figure
 from saeshare.render.figures import plot_heatmap
+from saeshare.training.train import TrainConfig, train, trained_run
+from show import GalleryOptions, sharedness_gallery
 from similarity import SimilarityEngine
 from wmppc import pair_scores
 

@@ -6,7 +6,6 @@ import functools
 import os
 import sys
 import time
-
 import types
 import typing
 from typing import Any, Literal, get_args, get_origin, get_type_hints

@@ -26,13 +26,13 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from saeshare.engine.options import AnalysisOptions
 from errors import UserError, check_positive, cli
-from saeshare.render.figures import format_layer_table, pyplot, save
-from saeshare.core.options import OutputOptions, parse
 from probe import column_auroc, run_labels
+from saeshare.core.options import OutputOptions, parse
 from saeshare.disk.results import ONTOLOGY_KINDS, OntologyResults
 from saeshare.disk.runs import Run, check_comparable
+from saeshare.engine.options import AnalysisOptions
+from saeshare.render.figures import format_layer_table, pyplot, save
 
 SHAPES_HIERARCHY = {
     "colour": {"warm": ["red", "orange", "yellow"], "cool": ["green", "blue", "purple"],

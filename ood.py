@@ -26,12 +26,11 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.neighbors import NearestNeighbors
 from tqdm import tqdm
 
-from saeshare.disk.runs import StreamOptions
 from errors import UserError, check_positive, cli
-from saeshare.render.figures import format_layer_table, pyplot, save
 from saeshare.core.options import OutputOptions, parse
-from saeshare.disk.results import OOD_METRICS, OOD_SCORES, RAW_OOD_SCORES, SAE_OOD_SCORES, OodResults
-from saeshare.disk.runs import Run, check_recorded_from
+from saeshare.disk.results import OOD_METRICS, OOD_SCORES, OodResults
+from saeshare.disk.runs import Run, StreamOptions, check_recorded_from
+from saeshare.render.figures import format_layer_table, pyplot, save
 
 KNN_K = 10
 """Neighbours of the kNN scores by default."""

@@ -24,14 +24,13 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 import data
-from saeshare.engine.options import AnalysisOptions
 from data.shapes import filter_attribute
 from errors import UserError, check_positive, cli
-from saeshare.render.figures import format_layer_table, pyplot, save
 from saeshare.core.options import OutputOptions, parse
 from saeshare.disk.results import PROBE_KINDS, ProbeResults
 from saeshare.disk.runs import Run, check_recorded_from
-
+from saeshare.engine.options import AnalysisOptions
+from saeshare.render.figures import format_layer_table, pyplot, save
 
 
 def run_labels(run: Run, names: list[str] | None, column: str | None = None,

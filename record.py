@@ -16,10 +16,9 @@ import time
 from dataclasses import dataclass
 
 import data
-from saeshare.disk.runs import RunsOptions
 from errors import UserError, cli
 from saeshare.core.options import parse
-from saeshare.disk.runs import Run, RunWriter
+from saeshare.disk.runs import Run, RunsOptions, RunWriter
 from saeshare.training.steps import EncoderPass, EncoderSpec, build_encoder, encoder_pass, save_layer
 
 

@@ -25,15 +25,14 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
 import data
-from saeshare.disk.runs import DEFAULT_CHUNK
-from saeshare.engine.options import AnalysisOptions
 from errors import UserError, check_at_least, cli
-from saeshare.render.gallery import Card, Group, fmt, write_index
 from saeshare.core.options import parse
+from saeshare.core.streaming import merge_top
 from saeshare.disk.files import staged_dir
 from saeshare.disk.results import SharedFeature, SharednessReport
-from saeshare.disk.runs import Run, check_codes, open_runs, warn_pooled_fit
-from saeshare.core.streaming import merge_top
+from saeshare.disk.runs import DEFAULT_CHUNK, Run, check_codes, open_runs, warn_pooled_fit
+from saeshare.engine.options import AnalysisOptions
+from saeshare.render.gallery import Card, Group, fmt, write_index
 
 TOP = 9
 """Samples per grid (3x3)."""

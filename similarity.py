@@ -17,17 +17,14 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from saeshare.core import distributed
-from saeshare.disk.cache import pair_cache
-from saeshare.disk.runs import PairOptions, StreamOptions
-from saeshare.disk.cache import PairKey
 from errors import UserError, check_positive, cli
-from saeshare.render.figures import format_table, pyplot, save
+from saeshare.core import distributed
 from saeshare.core.options import OutputOptions, parse
-from saeshare.disk.results import MEASURES, MeasureValues, Similarity, SimilarityTable
-from saeshare.disk.runs import Run, open_runs
 from saeshare.core.streaming import merge_top
-
+from saeshare.disk.cache import PairKey, pair_cache
+from saeshare.disk.results import MEASURES, MeasureValues, Similarity, SimilarityTable
+from saeshare.disk.runs import PairOptions, Run, StreamOptions, open_runs
+from saeshare.render.figures import format_table, pyplot, save
 
 
 # ---- the measures, from streamed statistics ----------------------------------------------------------

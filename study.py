@@ -22,24 +22,24 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from saeshare.engine import costs
+from comp_sharedness import check_groups, comp_sharedness, top_features
+from data import DataOptions
+from errors import ArgumentParser, UserError, cli
+from sae import SaeConfig
 from saeshare.core import distributed
 from saeshare.core.distributed import resolve_device
-from comp_sharedness import check_groups, comp_sharedness, top_features
-from saeshare.engine.correlator import Correlator, tqdm_progress
-from saeshare.engine.options import DEFAULT_MEM_GB, EngineOptions, Precision
-from data import DataOptions
-from saeshare.render import study_report
-from errors import ArgumentParser, UserError, cli
 from saeshare.core.options import add_options, options_from
 from saeshare.disk.files import from_jsonable, to_jsonable
 from saeshare.disk.results import StudyResults
 from saeshare.disk.runs import Codes, Run, open_runs
-from sae import SaeConfig
-from show import GalleryOptions, sharedness_gallery
-from similarity import SimilarityEngine
+from saeshare.engine import costs
+from saeshare.engine.correlator import Correlator, tqdm_progress
+from saeshare.engine.options import DEFAULT_MEM_GB, EngineOptions, Precision
+from saeshare.render import study_report
 from saeshare.training.steps import build_encoder
 from saeshare.training.train import TrainConfig, train, trained_run
+from show import GalleryOptions, sharedness_gallery
+from similarity import SimilarityEngine
 from wmppc import pair_scores, table_of
 from wrappedmodels import get_encoder_class
 

@@ -11,15 +11,15 @@ from typing import Callable
 
 import numpy as np
 
-from saeshare.core import distributed
-from saeshare.disk.cache import PairStats
-from saeshare.engine.correlator import Correlator, tqdm_progress
-from saeshare.engine.options import EngineOptions
 from errors import UserError, cli
-from saeshare.render.figures import format_table, plot_heatmap
+from saeshare.core import distributed
 from saeshare.core.options import OutputOptions, parse
+from saeshare.disk.cache import PairStats
 from saeshare.disk.results import Intervals, Scores, Wmppc, WmppcTable
 from saeshare.disk.runs import PairOptions, Run, open_runs
+from saeshare.engine.correlator import Correlator, tqdm_progress
+from saeshare.engine.options import EngineOptions
+from saeshare.render.figures import format_table, plot_heatmap
 
 
 def weighted_mppc(rho_F: np.ndarray, mass_F: np.ndarray, what: str) -> float:

@@ -26,10 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench_wmppc import load, peak_rss_self  # noqa: E402
-from synthetic import make_run, random_sae_state  # noqa: E402
 
 import similarity as sim  # noqa: E402
 from saeshare.disk.runs import Run  # noqa: E402
+from synthetic import make_run, random_sae_state  # noqa: E402
 
 GIB = 2**30
 

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.synthetic import engine, make_run, random_sae_state  # noqa: E402
-
 import corr_dense  # noqa: E402
 import corr_sparse  # noqa: E402
 import correlation  # noqa: E402
+
 from saeshare.disk.runs import Run  # noqa: E402
+from tests.synthetic import engine, make_run, random_sae_state  # noqa: E402
 from wmppc import wmppc  # noqa: E402
 
 K = 32
@@ -57,8 +57,8 @@ def build_pair(root: Path, n: int, n_features: int, n_layers: int) -> tuple[Run,
     runs = []
     for r, name in enumerate(("A", "B")):
         seeds = {layer: 1000 * (r + 1) + layer for layer in range(n_layers)}
-        runs.append(make_run(root, name, {l: layer_rows(s) for l, s in seeds.items()},
-                             {l: random_sae_state(d, n_features, s, b_scale=0.0) for l, s in seeds.items()},
+        runs.append(make_run(root, name, {layer: layer_rows(s) for layer, s in seeds.items()},
+                             {layer: random_sae_state(d, n_features, s, b_scale=0.0) for layer, s in seeds.items()},
                              K, n_samples=n))
     return runs[0], runs[1]
 

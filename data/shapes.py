@@ -2,8 +2,8 @@
 exactly what is drawn, and the ground truth kept per sample so that features can be explained."""
 from __future__ import annotations
 
-import random
 import dataclasses
+import random
 from dataclasses import dataclass
 
 import numpy as np

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from saeshare.engine.correlator import Correlator
-from saeshare.engine.options import EngineOptions
 from data import DatasetInfo, PairedDataset, load_dataset
 from saeshare.disk.runs import LayerInfo, Run, RunMeta, RunWriter, SaeSettings
+from saeshare.engine.correlator import Correlator
+from saeshare.engine.options import EngineOptions
 
 Rows = Callable[[int, int], np.ndarray]
 """(start, stop) -> rows start..stop of a layer's activations, for data too big to hold at once."""

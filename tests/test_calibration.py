@@ -9,16 +9,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from synthetic import engine, make_run
-from test_wmppc import K, N, data, ref_codes, ref_corr, ref_weighted, runs  # noqa: F401 (fixtures)
 
-from saeshare.engine import dense as corr_dense
 import train_text
 import wmppc
 import wrappedmodels
+from saeshare.disk.runs import Run, null_permutation
+from saeshare.engine import dense as corr_dense
 from saeshare.engine.correlator import JACKKNIFE_BLOCKS, Correlator
 from saeshare.engine.options import EngineOptions
-from saeshare.disk.runs import Run, null_permutation
+from synthetic import engine, make_run
+from test_wmppc import K, N, data, ref_codes, ref_corr, ref_weighted, runs  # noqa: F401 (fixtures)
 from tiny_models import checkpoint_for
 
 J = JACKKNIFE_BLOCKS

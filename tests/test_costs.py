@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from saeshare.engine import costs
 import data
+from saeshare.engine import costs
 from saeshare.training.steps import build_encoder
 from saeshare.training.train import TrainConfig
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synthetic import make_run, random_sae_state
-from tiny_models import checkpoint_for
 
 from saeshare.core import distributed
 from saeshare.disk.runs import Run
+from synthetic import make_run, random_sae_state
+from tiny_models import checkpoint_for
 
 REPO = Path(__file__).resolve().parents[1]
 N = 300

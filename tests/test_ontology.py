@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from synthetic import labelled_folder, make_run, random_sae_state
 
 import data
 import ontology
+from synthetic import labelled_folder, make_run, random_sae_state
 
 N, D = 600, 12
 

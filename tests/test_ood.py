@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from synthetic import make_run, random_sae_state
 
 import data
 import ood
+from synthetic import make_run, random_sae_state
 
 N, D = 300, 10
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from synthetic import engine, make_run, random_sae_state
 
-from saeshare.engine import dense as corr_dense
 import wmppc
+from saeshare.engine import dense as corr_dense
+from synthetic import engine, make_run, random_sae_state
 
 N = 600
 

@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from synthetic import labelled_folder, make_run, random_sae_state
 
 import data
 import probe
+from synthetic import labelled_folder, make_run, random_sae_state
 
 N, D = 400, 12
 

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from saeshare.core.streaming import merge_top
 from saeshare.engine import dense as corr_dense
 from saeshare.engine.dense import LayerSize
-from saeshare.core.streaming import merge_top
 
 layer_sizes = st.lists(st.integers(1, 400), min_size=1, max_size=6).map(
     lambda ns: [LayerSize(layer, n) for layer, n in enumerate(ns)])

@@ -8,16 +8,16 @@ import math
 
 import numpy as np
 import pytest
-from synthetic import engine, make_run, random_sae_state
 
 import show
 import wmppc
 import wrappedmodels
-from saeshare.engine.options import EngineOptions
 from errors import OptionError, UserError
 from saeshare.disk.files import Record
 from saeshare.disk.results import SharednessReport, Wmppc, WmppcTable
 from saeshare.disk.runs import Run
+from saeshare.engine.options import EngineOptions
+from synthetic import engine, make_run, random_sae_state
 
 
 @pytest.fixture

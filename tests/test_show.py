@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthetic import make_run, random_sae_state  # also puts the project on sys.path
-
 import data
 import show
-from saeshare.render.gallery import Card, write_index
 from saeshare.disk.runs import Run
+from saeshare.render.gallery import Card, write_index
+from synthetic import make_run, random_sae_state  # also puts the project on sys.path
 
 N, D, F = 60, 8, 24
 RARE = {0: 0, 1: 5, 2: 12}
@@ -44,7 +43,7 @@ def shapes_run(root, name, modality, seed, layers=(1, 3)):
     ds = data.load_dataset("shapes", max_samples=N, image_size=IMAGE_SIZE)
     rng = np.random.default_rng(seed)
     built = {layer: _layer(rng, seed * 10 + layer) for layer in layers}
-    return make_run(root, name, {l: x for l, (x, _) in built.items()}, {l: s for l, (_, s) in built.items()},
+    return make_run(root, name, {layer: x for layer, (x, _) in built.items()}, {layer: s for layer, (_, s) in built.items()},
                     top_k=4, modality=modality, dataset=ds.describe())
 
 

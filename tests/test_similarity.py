@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from synthetic import make_run, random_sae_state
 
 import similarity as sim
 from saeshare.disk.runs import null_permutation
+from synthetic import make_run, random_sae_state
 
 N = 120
 

@@ -3,10 +3,10 @@ the middle resumes without training its complete runs again; --dry_run trains no
 from __future__ import annotations
 
 import pytest
-from tiny_models import checkpoint_for
 
 import study
 from saeshare.disk.runs import Run
+from tiny_models import checkpoint_for
 
 
 def _config(out, ckpt, extra_encoder: str = "", groups: str = "") -> str:

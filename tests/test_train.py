@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 import train_image
 import train_text
 import wrappedmodels
-from saeshare.disk.runs import Run, RunMeta
 from sae import TopKSAE
+from saeshare.disk.runs import Run, RunMeta
 from tiny_models import checkpoint_for
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def test_every_family_trains_and_records_a_run(family, ckpt_dir, tmp_path):
     assert meta["dataset"]["name"] == "shapes" and meta["dataset"]["n_samples"] == 12
     assert {"top_k", "expansion_factor", "lr", "batch_size", "seed"} <= set(meta["sae"])
     assert sorted(os.listdir(run.path)) == sorted(
-        ["run.json"] + [f"layer{l:02d}.{s}" for l in meta["layers"] for s in ("sae.safetensors", "acts.npy")])
+        ["run.json"] + [f"layer{layer:02d}.{s}" for layer in meta["layers"] for s in ("sae.safetensors", "acts.npy")])
     for layer in meta["layers"]:
         info = meta["layer_info"][str(layer)]
         acts = np.load(run.path / f"layer{layer:02d}.acts.npy")

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from synthetic import engine, make_run, random_sae_state
-
 import comp_sharedness
 import wmppc
-from saeshare.engine.correlator import Correlator
 from errors import UserError
+from saeshare.engine.correlator import Correlator
+from synthetic import engine, make_run, random_sae_state
 
 N = 300
 K = 4

@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from data import DatasetInfo
 from errors import OptionError, UserError, check_choices, check_positive
+from sae import EncoderOutput, SaeConfig, TopKSAE
 from saeshare.core.distributed import resolve_device
 from saeshare.disk.files import Record, staged_dir, write_atomic
-from sae import EncoderOutput, SaeConfig, TopKSAE
 
 DEFAULT_ROOT = "sae_features"
 DEFAULT_CHUNK = 2048

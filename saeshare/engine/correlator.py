@@ -19,17 +19,15 @@ from abc import ABC, abstractmethod
 from typing import Callable, Iterable, Iterator, Literal, NamedTuple
 
 import numpy as np
-
 import torch
 from tqdm import tqdm
 
-from saeshare.engine import dense
-from saeshare.core import distributed
-from saeshare.engine import sparse
-from saeshare.disk.cache import PairCache, PairKey, PairStats, pair_cache
-from saeshare.engine.dense import LayerSize, Moments, Unit
 from errors import OptionError, UserError
+from saeshare.core import distributed
+from saeshare.disk.cache import PairCache, PairKey, PairStats, pair_cache
 from saeshare.disk.runs import Run, check_comparable
+from saeshare.engine import dense, sparse
+from saeshare.engine.dense import LayerSize, Moments, Unit
 from saeshare.engine.options import EngineOptions
 
 JACKKNIFE_BLOCKS = 10

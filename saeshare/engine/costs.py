@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from saeshare.engine import dense
+
 PEAK_TFLOPS = {"fp32": 67, "tf32": 495, "bf16": 990}
 """H100 SXM dense peaks."""
 EFFICIENCY = 0.8

@@ -9,8 +9,8 @@ from typing import Iterable, NamedTuple
 
 import torch
 
-from saeshare.engine.dense import Moments, make_moments
 from sae import TopKSAE
+from saeshare.engine.dense import Moments, make_moments
 
 SCATTER_BLOCK = {"cpu": 1 << 16, "cuda": 1 << 22}
 """Products generated per scatter-add: on a CPU ~1.5 MiB of keys and values, which stay in cache; on a GPU

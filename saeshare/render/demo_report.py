@@ -5,12 +5,25 @@ from pathlib import Path
 
 import numpy as np
 
-from saeshare.disk.results import (IMAGE, MEASURES, NULL, ONTOLOGY_KINDS, PROBE_KINDS, RAW_OOD_SCORES, SAE_OOD_SCORES,
-                                   OOD_SCORES, TEXT, DemoResults, ProbeResults, SaeProbes)
+from saeshare.disk.results import (
+    IMAGE,
+    MEASURES,
+    NULL,
+    ONTOLOGY_KINDS,
+    OOD_SCORES,
+    PROBE_KINDS,
+    RAW_OOD_SCORES,
+    SAE_OOD_SCORES,
+    TEXT,
+    DemoResults,
+    ProbeResults,
+    SaeProbes,
+)
 from saeshare.disk.runs import RunMeta
 from saeshare.render.calibration import calibration_sections
 from saeshare.render.figures import pyplot, save
 from saeshare.render.sections import Bullets, Grids, Heading, Images, Link, Section, Table, Text, write_report
+
 
 def _quality_rows(meta: RunMeta) -> list[list[str]]:
     return [[str(layer), str(i.d_model), str(i.n_features), f"{i.fvu:.3f}", f"{i.fvu_pooled:.3f}",

@@ -10,7 +10,6 @@ place. The run equals one process's up to the float rounding of the encoder on s
 from __future__ import annotations
 
 import dataclasses
-
 from typing import NamedTuple
 
 import numpy as np
@@ -18,12 +17,19 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from saeshare.core import distributed
 from errors import UserError
-from saeshare.disk.runs import LayerInfo, RunWriter
 from sae import SaeTrainer, TopKSAE
-from saeshare.training.steps import (EncoderPass, check_informative, layer_outputs, new_trainers, sample_order,
-                                      save_layer, train_steps)
+from saeshare.core import distributed
+from saeshare.disk.runs import LayerInfo, RunWriter
+from saeshare.training.steps import (
+    EncoderPass,
+    check_informative,
+    layer_outputs,
+    new_trainers,
+    sample_order,
+    save_layer,
+    train_steps,
+)
 
 
 def _slices(order: np.ndarray, batch_size: int) -> list[list[int]]:

@@ -18,15 +18,23 @@ from torch import Tensor
 from tqdm import tqdm
 
 import data
-from saeshare.core import distributed
 from errors import ArgumentParser, OptionError, UserError, check_choices, check_positive
+from sae import SaeConfig, SaeTrainer
+from saeshare.core import distributed
 from saeshare.core.distributed import resolve_device
 from saeshare.core.options import add_options, options_from
 from saeshare.disk.runs import DEFAULT_ROOT, LayerInfo, Run, RunMeta, RunWriter, SaeSettings
-from sae import SaeConfig, SaeTrainer
 from saeshare.training import torchrun
-from saeshare.training.steps import (EncoderPass, EncoderSpec, build_encoder, check_informative, encoder_pass,
-                                      new_trainers, save_layer, train_steps)
+from saeshare.training.steps import (
+    EncoderPass,
+    EncoderSpec,
+    build_encoder,
+    check_informative,
+    encoder_pass,
+    new_trainers,
+    save_layer,
+    train_steps,
+)
 from wrappedmodels import ENCODERS, TOKENS, get_encoder_class, layer_ids
 
 DEFAULT_BATCH = {"image": 16, "text": 256}
