@@ -1,5 +1,5 @@
-"""Comparative Sharedness (docs/design.md#comparative-sharedness): the features of a model M shared with every model of a group G
-and poorly with every model of a group H, last layer of each run.
+"""Comparative Sharedness (docs/design.md#comparative-sharedness): the features of a model M shared with every
+model of a group G and poorly with every model of a group H, last layer of each run.
 
     Delta_i = S_i^M * ((min_{g in G} rho_i^{M->g})^2 - (max_{h in H} rho_i^{M->h})^2)
 
@@ -138,7 +138,8 @@ def _plain_names(report: SharednessReport) -> SharednessReport:
                                  match={plain(k): v for k, v in f.match.items()}) for f in report.features]
     return dataclasses.replace(report, min_group=list(map(plain, report.min_group)),
                                max_group=list(map(plain, report.max_group)), features=feats, null=True,
-                               layers=None if report.layers is None else {plain(k): v for k, v in report.layers.items()})
+                               layers=None if report.layers is None
+                               else {plain(k): v for k, v in report.layers.items()})
 
 
 if __name__ == "__main__":

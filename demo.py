@@ -67,7 +67,8 @@ class DemoConfig:
     paper_defaults: bool = False
     """The paper's SAE settings: lr 5e-5, batch 16 images and 256 captions."""
     probes: bool = True
-    """The SAE probes section (docs/design.md#probes): linear probes, OOD detection, ontology coverage (--no_probes: skip)."""
+    """The SAE probes section (docs/design.md#probes): linear probes, OOD detection, ontology coverage
+    (--no_probes: skip)."""
     overwrite: bool = False
     """Replace runs of an earlier demo made with other settings."""
     device: str = "auto"
@@ -124,8 +125,8 @@ def _recorded(cfg: DemoConfig, root: Path, source: str, runname: str, **samples)
 
 
 def sae_probes(cfg: DemoConfig, runs: dict[str, Run], root: Path) -> SaeProbes:
-    """The probes (docs/design.md#probes) on effnet and minilm: probes in distribution and shifted, OOD detection of held-out shapes
-    and colours, ontology coverage."""
+    """The probes (docs/design.md#probes) on effnet and minilm: probes in distribution and shifted, OOD detection
+    of held-out shapes and colours, ontology coverage."""
     n_test = max(100, cfg.max_samples // 4)
     ood_offset = 10 * cfg.max_samples  # past the samples the OOD runs scanned (they skip ~40%)
     out = SaeProbes({}, {}, {}, {})
@@ -152,7 +153,8 @@ def sae_probes(cfg: DemoConfig, runs: dict[str, Run], root: Path) -> SaeProbes:
     return out
 
 
-def feature_attributes(run: Run, features: list[int], names: list[str], attrs_NA: np.ndarray) -> list[tuple[str, float]]:
+def feature_attributes(run: Run, features: list[int], names: list[str],
+                       attrs_NA: np.ndarray) -> list[tuple[str, float]]:
     """Best-correlated ground-truth attribute (name, Pearson r) of each given feature of the run's last layer."""
     f_NK = np.concatenate([codes[:, features].double().numpy() for _, codes in run.iter_codes(-1, "relu")])
     a_NA = attrs_NA.astype(np.float64)

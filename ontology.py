@@ -139,7 +139,8 @@ def ontology(run: Run, null: Run, tree: Hierarchy, holds_NH: np.ndarray, opts: "
         for kind, x in xs.items():
             best[kind][i], lca[kind][i] = layer_scores(x, holds_NH, tree, opts.top_samples, kind != "raw")
     scorable = ~np.isnan(best["sae"])
-    coverage = {k: (np.nan_to_num(v) >= opts.threshold).sum(1) / np.maximum(scorable.sum(1), 1) for k, v in best.items()}
+    coverage = {k: (np.nan_to_num(v) >= opts.threshold).sum(1) / np.maximum(scorable.sum(1), 1)
+                for k, v in best.items()}
     mean_depth = {k: v @ np.arange(v.shape[1]) for k, v in lca.items()}
     return OntologyResults(run.name, null.name, opts.codes or "relu", opts.threshold, opts.top_samples, layers,
                            tree.nodes, tree.depth.tolist(), best, lca, coverage, mean_depth, opts.label_column,

@@ -183,8 +183,8 @@ def main(argv=None):
     if labels is None and args.label_column is None:
         labels = [*data.shapes.COLOURS, *data.shapes.SHAPES, *data.shapes.SIZES]
     res = probe(run, test, labels, args)
-    print(format_layer_table(f"balanced accuracy, mean over {len(res.labels)} labels (tested on {res.test}):", res.layers,
-                             {k: np.nanmean(res.balanced_accuracy[k], axis=1) for k in PROBE_KINDS}))
+    title = f"balanced accuracy, mean over {len(res.labels)} labels (tested on {res.test}):"
+    print(format_layer_table(title, res.layers, {k: np.nanmean(res.balanced_accuracy[k], axis=1) for k in PROBE_KINDS}))
     args.write(res, lambda path: _plot(res, path))
 
 

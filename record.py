@@ -64,8 +64,9 @@ def record(args: RecordArgs) -> Run:
         layer_info = {layer: save_layer(layer, [(source.with_seed(seed).sae(layer), None) for seed in meta.sae.seeds],
                                         meta.sae.seeds, acts[layer], writer, args.torch_device)
                       for layer in meta.layers}
-        new = writer.finish(dataclasses.replace(meta, runname=args.runname, dataset=ds.describe(), layer_info=layer_info,
-                                                sae_from=source.name, sae_from_id=source.meta.run_id))
+        new = writer.finish(dataclasses.replace(meta, runname=args.runname, dataset=ds.describe(),
+                                                layer_info=layer_info, sae_from=source.name,
+                                                sae_from_id=source.meta.run_id))
     print(f"wrote {writer.final} ({len(new.layers)} layers of {source.name!r} over {len(ds)} samples, "
           f"{time.perf_counter() - t0:.1f} s); last layer FVU on them {layer_info[meta.layers[-1]].fvu_pooled:.3f}")
     return Run.open(args.root, args.runname)

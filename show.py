@@ -294,15 +294,18 @@ def sharedness_gallery(report: SharednessReport, opts: GalleryOptions, what: str
             (tmp / r.name).mkdir(exist_ok=True)
         groups = []
         for f in tqdm(feats, desc="grids", unit="feature", disable=None, leave=False):
-            cards = [(source.name, samples[source.name].card(tmp, f"{source.name}/", f.feature, stats[source.name],
-                                                             f"{source.name} #{f.feature}", [("group", "M")], "source"))]
+            own = samples[source.name].card(tmp, f"{source.name}/", f.feature, stats[source.name],
+                                            f"{source.name} #{f.feature}", [("group", "M")], "source")
+            cards = [(source.name, own)]
             for r in others:
                 j, group = f.match[r.name], group_of[r.name]
+                marks = [("rho", f"{f.rho[r.name]:+.3f}"), ("group", group)]
                 cards.append((r.name, samples[r.name].card(tmp, f"{r.name}/", j, stats[r.name], f"{r.name} #{j}",
-                                                           [("rho", f"{f.rho[r.name]:+.3f}"), ("group", group)], group)))
+                                                           marks, group)))
             mass = float(stats[source.name].mass_F[f.feature])
-            groups.append(Group(f"{source.name} feature {f.feature}", f.feature, [("Δ", fmt(f.delta)), ("mass", fmt(mass))],
-                                {"delta": f.delta, "mass": mass}, [c for _, c in cards]))
+            groups.append(Group(f"{source.name} feature {f.feature}", f.feature,
+                                [("Δ", fmt(f.delta)), ("mass", fmt(mass))], {"delta": f.delta, "mass": mass},
+                                [c for _, c in cards]))
             written += cards
         with_layers = {k: ", ".join(f"{n} (layer {layers[n]})" for n in names)
                        for k, names in (("M", [source.name]), ("G", report.min_group), ("H", report.max_group))}

@@ -76,7 +76,8 @@ def _principal(gram: torch.Tensor, variance: float) -> tuple[torch.Tensor, torch
     """(eigenvalues, eigenvectors) of the fewest principal components explaining `variance`."""
     val, vec = torch.linalg.eigh(gram)
     val, vec = val.flip(0).clamp_min(0), vec.flip(1)
-    keep = int(torch.searchsorted(val.cumsum(0) / val.sum(), torch.tensor(variance, dtype=val.dtype, device=val.device))) + 1
+    share = torch.tensor(variance, dtype=val.dtype, device=val.device)
+    keep = int(torch.searchsorted(val.cumsum(0) / val.sum(), share)) + 1
     return val[:keep], vec[:, :keep]
 
 
@@ -156,7 +157,8 @@ class SimilarityEngine:
         sx, sy = self._side(run_a, a), self._side(run_b, b)
         xty = cross_gram(self._chunks(run_a, a)(), self._chunks(run_b, b)(), sx, sy)
         out = {"cka": cka(sx, sy, xty), "cka_debiased": cka_debiased(sx, sy, xty),
-               "svcca": svcca(sx, sy, xty, self.variance), "mknn": mutual_knn(self._knn_of(run_a, a), self._knn_of(run_b, b))}
+               "svcca": svcca(sx, sy, xty, self.variance),
+               "mknn": mutual_knn(self._knn_of(run_a, a), self._knn_of(run_b, b))}
         cache.save(key, {m: np.array(v) for m, v in out.items()})
         return out
 

@@ -215,10 +215,12 @@ def dry_run(study: Study, steps: list[Step]) -> str:
     todo = [costs.training_flops(sizes[st.cfg.runname], n, e, len(study.seeds)) for st in steps if not st.reuse]
     enc, sae = sum(t[0] for t in todo), sum(t[1] for t in todo)
     matrix = costs.matrix_flops(known, n, e, a.mem_gb, a.calibrate, len(study.seeds))
-    lines.append(f"  estimated cost on one H100 at {costs.EFFICIENCY:.0%} of peak (divide by the GPUs):\n" + costs.table([
-        ("training what is missing (encoders fp32; SAE steps fp32 or --sae_dtype bfloat16)", enc + sae,
-         {"fp32": costs.hours(enc + sae, "fp32"), "tf32": None, "bf16": costs.hours(enc, "fp32") + costs.hours(sae, "bf16")}),
-        (f"all-layers wMPPC matrix, {a.codes} codes", matrix, {k: costs.hours(matrix, k) for k in costs.PEAK_TFLOPS})]))
+    training = {"fp32": costs.hours(enc + sae, "fp32"), "tf32": None,
+                "bf16": costs.hours(enc, "fp32") + costs.hours(sae, "bf16")}
+    table = costs.table([
+        ("training what is missing (encoders fp32; SAE steps fp32 or --sae_dtype bfloat16)", enc + sae, training),
+        (f"all-layers wMPPC matrix, {a.codes} codes", matrix, {k: costs.hours(matrix, k) for k in costs.PEAK_TFLOPS})])
+    lines.append(f"  estimated cost on one H100 at {costs.EFFICIENCY:.0%} of peak (divide by the GPUs):\n{table}")
     return "\n".join(lines)
 
 
@@ -233,7 +235,8 @@ def analyse(study: Study, runs: list[Run]) -> StudyResults:
     names = [r.name for r in runs]
     pairs, table = {f"{x}->{y}": w for (x, y), w in by_pair.items()}, table_of(names, by_pair, engine.codes)
     sims = SimilarityEngine(device=opts.torch_device)
-    similarity = {f"{x.name}->{y.name}": sims.compare(x, y) for x in runs for y in runs if x is not y} if a.similarity else {}
+    similarity = ({f"{x.name}->{y.name}": sims.compare(x, y) for x in runs for y in runs if x is not y}
+                  if a.similarity else {})
     by_name = dict(zip(names, runs))
     reports = [top_features(comp_sharedness(by_name[g.source], [by_name[n] for n in g.shared],
                                             [by_name[n] for n in g.not_shared], ref), g.top) for g in a.groups]
@@ -269,7 +272,8 @@ def run_study(study: Study, encoders: list[tuple[str, TrainConfig]], overwrite: 
             gallery = sharedness_gallery(rep, GalleryOptions(root=str(study.root), out=str(out / "imgs" / g.source),
                                                              overwrite=True, device=study.device))
             res.galleries.append(str(gallery.index.relative_to(out.resolve())))
-            res.grids.append([str(gallery.grids[rep.source, f.feature].relative_to(out.resolve())) for f in rep.features])
+            res.grids.append([str(gallery.grids[rep.source, f.feature].relative_to(out.resolve()))
+                              for f in rep.features])
         res.save(out / "results.json")
         study_report.write(res, out)
     return res

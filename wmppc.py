@@ -61,8 +61,8 @@ def wmppc(run_a: Run, run_b: Run, engine: Correlator) -> Wmppc:
                                  repr(run_a.name))
     res = Wmppc(run_a.name, run_b.name, engine.codes, all_layers, float(matrix[-1, -1]), matrix, la, lb)
     if stats[la[0], lb[0]].rho_JF is not None:
-        loo = [_scores(lambda a, b: stats[a, b].rho_JF[j], lambda a: stats[a, lb[0]].mass_JF[j], la, lb, repr(run_a.name))
-               for j in range(engine.n_blocks)]
+        loo = [_scores(lambda a, b: stats[a, b].rho_JF[j], lambda a: stats[a, lb[0]].mass_JF[j], la, lb,
+                       repr(run_a.name)) for j in range(engine.n_blocks)]
         matrix_J, all_J = np.array([m for m, _ in loo]), np.array([x for _, x in loo])
         res.ci = Intervals(jackknife_interval(all_layers, all_J).tolist(),
                            jackknife_interval(res.last_layer, matrix_J[:, -1, -1]).tolist(),
@@ -81,7 +81,8 @@ def calibrated(run_a: Run, run_b: Run, engine: Correlator, ref_engine: Correlato
     others = [run_a.with_seed(s) for s in run_a.meta.sae.seeds if s != run_a.seed]
     if others:
         seeds = [wmppc(run_a, other, ref_engine) for other in others]
-        res.ceiling = Scores(float(np.mean([x.all_layers for x in seeds])), float(np.mean([x.last_layer for x in seeds])))
+        res.ceiling = Scores(float(np.mean([x.all_layers for x in seeds])),
+                             float(np.mean([x.last_layer for x in seeds])))
     return res
 
 
@@ -133,7 +134,8 @@ def _line(res: Wmppc) -> str:
     """All Layers : X | Last layer : Y, with [lo, hi] intervals and floor / ceiling when computed."""
     def score(key: str) -> str:
         ci = f" [{getattr(res.ci, key)[0]:.4f}, {getattr(res.ci, key)[1]:.4f}]" if res.ci else ""
-        marks = [f"{name} {getattr(ref, key):.4f}" for name, ref in (("floor", res.floor), ("ceiling", res.ceiling)) if ref]
+        refs = (("floor", res.floor), ("ceiling", res.ceiling))
+        marks = [f"{name} {getattr(ref, key):.4f}" for name, ref in refs if ref]
         return f"{getattr(res, key):.4f}{ci}" + (f" ({', '.join(marks)})" if marks else "")
     return f"All Layers : {score('all_layers')} | Last layer : {score('last_layer')}"
 
@@ -145,7 +147,8 @@ def main(argv=None):
     engine = Correlator(args, progress=tqdm_progress("correlations"), jackknife=args.ci)
     if args.runs is None:
         run_a, run_b = open_runs(args.root, [args.source, args.target])
-        res = (calibrated if args.calibrate else wmppc)(run_a, run_b.permuted() if args.null == "permute" else run_b, engine)
+        target = run_b.permuted() if args.null == "permute" else run_b
+        res = (calibrated if args.calibrate else wmppc)(run_a, target, engine)
         print(_line(res))
         if args.plot:
             plot_heatmap(res.layer_matrix, [str(a) for a in res.source_layers], [str(b) for b in res.target_layers],

@@ -1,4 +1,5 @@
-"""Encoder registry (docs/design.md#encoders): load a model and its preprocessing, find its blocks, hook them, pool tokens.
+"""Encoder registry (docs/design.md#encoders): load a model and its preprocessing, find its blocks, hook them, pool
+tokens.
 
 A new encoder family is one subclass decorated with `@register`.
 """
@@ -336,7 +337,8 @@ class ViT(_HFImage):
 
 
 DINO_HUB_TO_HF = {f"dinov2_vit{s}14{reg}": f"facebook/dinov2-{'with-registers-' if reg else ''}{size}"
-                  for s, size in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant")) for reg in ("", "_reg")}
+                  for s, size in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant"))
+                  for reg in ("", "_reg")}
 
 
 @register
@@ -468,8 +470,8 @@ class EfficientNetLite(Encoder):
         else:
             name = self.checkpoint
         if weights is None:
-            raise UserError(f"no offline weights for {self.checkpoint_flag} {self.checkpoint!r}: use efficientnet-lite0 "
-                            "or the path of a .pth state dict")
+            raise UserError(f"no offline weights for {self.checkpoint_flag} {self.checkpoint!r}: "
+                            "use efficientnet-lite0 or the path of a .pth state dict")
         with contextlib.redirect_stdout(None):  # it prints a line per load
             return EfficientNet.from_pretrained(name, weights_path=weights)
 

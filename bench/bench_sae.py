@@ -57,7 +57,8 @@ def main(d: int = 768, n_features: int = 6144, k: int = 32, repeats: int = 5) ->
         x = torch.randn(t_tokens, d)
         ref, new = grads(paper_loss, x, d, n_features, k), grads(fused_loss, x, d, n_features, k)
         diff = max(float((ref[n] - new[n]).abs().max() / ref[n].abs().max()) for n in ref)
-        saes = {name: TopKSAE(d, n_features, k, generator=torch.Generator().manual_seed(0)) for name in ("paper", "fused")}
+        saes = {name: TopKSAE(d, n_features, k, generator=torch.Generator().manual_seed(0))
+                for name in ("paper", "fused")}
         opts = {name: torch.optim.Adam(s.parameters(), lr=5e-5) for name, s in saes.items()}
         times: dict[str, list[float]] = {"paper": [], "fused": []}
         for i in range(repeats + 1):  # the first round warms up

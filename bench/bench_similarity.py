@@ -93,14 +93,16 @@ def main() -> None:
         kind, *rest = args.child
         print(json.dumps({"cka": child_cka, "mknn": child_mknn, "train": child_train}[kind](*rest)))
         return
-    cka_size, knn_size, train_n = ((20000, 256), (5000, 128), 200) if args.quick else ((200000, 1024), (50000, 384), 2000)
+    sizes = ((20000, 256), (5000, 128), 200) if args.quick else ((200000, 1024), (50000, 384), 2000)
+    cka_size, knn_size, train_n = sizes
     print(f"{torch.get_num_threads()} threads; {load()}")
     with tempfile.TemporaryDirectory(prefix="bench_similarity-") as work:
         if "cka" not in args.skip:
             build(Path(work) / "cka", *cka_size)
             r = in_child("cka", str(Path(work) / "cka"))
             print(f"(a) linear CKA {r['cka']:.4f}, debiased CKA {r['cka_debiased']:.4f} at N={cka_size[0]}, "
-                  f"D={cka_size[1]}: {r['seconds']:.1f} s, peak RSS {r['peak_rss'] / GIB:.2f} GiB (target <= 2 GiB); {load()}")
+                  f"D={cka_size[1]}: {r['seconds']:.1f} s, peak RSS {r['peak_rss'] / GIB:.2f} GiB (target <= 2 GiB); "
+                  f"{load()}")
         if "mknn" not in args.skip:
             build(Path(work) / "knn", *knn_size)
             r = in_child("mknn", str(Path(work) / "knn"))
@@ -109,8 +111,8 @@ def main() -> None:
         if "seeds" not in args.skip:
             times = {s: in_child("train", str(Path(work) / "train"), str(train_n), *map(str, range(s)))["seconds"]
                      for s in (1, 2, 3)}
-            print(f"(c) EfficientNet-Lite0, {train_n} shapes, all layers: 1 seed {times[1]:.1f} s, 2 seeds {times[2]:.1f} s, "
-                  f"3 seeds {times[3]:.1f} s; {load()}")
+            print(f"(c) EfficientNet-Lite0, {train_n} shapes, all layers: 1 seed {times[1]:.1f} s, "
+                  f"2 seeds {times[2]:.1f} s, 3 seeds {times[3]:.1f} s; {load()}")
             print(f"(c) cost per extra seed: x{times[2] / times[1]:.2f} (2 seeds / 1), "
                   f"x{1 + (times[3] / times[1] - 1) / 2:.2f} per seed (3 seeds / 1)   (target <= 1.3x per extra seed)")
 

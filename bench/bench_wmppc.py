@@ -123,7 +123,8 @@ def bench_speed(root: Path, n: int, n_features: int, n_layers: int, device: str 
     print(f"(a) dense throughput / torch.mm throughput = {t_ref / t_dense:.2f}   (target >= 0.8)")
     print(f"(a) share of the dense path's time in its float32 products (addmm_) = {t_products / t_dense:.2f}")
 
-    dense, t_dense_topk = timed(lambda: engine("topk", no_cache=True, method="dense", device=device).pair_stats(run_a, run_b))
+    dense_engine = engine("topk", no_cache=True, method="dense", device=device)
+    dense, t_dense_topk = timed(lambda: dense_engine.pair_stats(run_a, run_b))
     sparse, t_sparse, t_codes = timed_inside(
         lambda: engine("topk", no_cache=True, device=device).pair_stats(run_a, run_b), corr_sparse, "topk_table")
     diff = max(float(np.abs(dense[p].rho_F - sparse[p].rho_F).max()) for p in dense)
@@ -257,7 +258,8 @@ def main() -> None:
         if "precision" not in args.skip:
             bench_precision(work / "precision", *speed, args.device)
         if "memory" not in args.skip:
-            bench_memory(work / "memory", *memory, min(args.dense_mem_n, memory[0]), min(args.dense_mem_layers, memory[2]))
+            bench_memory(work / "memory", *memory, min(args.dense_mem_n, memory[0]),
+                         min(args.dense_mem_layers, memory[2]))
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

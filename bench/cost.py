@@ -56,7 +56,8 @@ def main() -> None:
     p.add_argument("--scatter_gbs", type=float, default=1500.0, help="scatter-add bandwidth, GB/s")
     p.add_argument("--launch_us", type=float, default=10.0, help="one kernel launch, microseconds")
     args = p.parse_args()
-    sizes = [costs.EncoderSize([d] * layers, [tokens] * layers, params) for d, layers, tokens, params in ENCODERS.values()]
+    sizes = [costs.EncoderSize([d] * layers, [tokens] * layers, params)
+             for d, layers, tokens, params in ENCODERS.values()]
     enc, sae = (sum(x) for x in zip(*(costs.training_flops(size, N, EXPANSION, SEEDS) for size in sizes)))
     matrix = costs.matrix_flops(sizes, N, EXPANSION, args.mem_gb, True, SEEDS)
     hours = lambda flops, k: costs.hours(flops, k, args.efficiency)  # noqa: E731

@@ -21,8 +21,8 @@ SHAPES_DEFAULT_SAMPLES = 2000
 SHAPES_ARGS = ("image_size", "seed", "offset", "where", "exclude")
 """Extra arguments of shapes, kept by describe() so that from_description() re-creates it."""
 
-__all__ = ["DATASETS", "DATASETS_HELP", "DataOptions", "DatasetInfo", "PairedDataset", "ShapesConfig", "ShapesDataset", "attribute_matrix",
-           "attribute_names", "fingerprint", "from_description", "label_matrix", "load_dataset"]
+__all__ = ["DATASETS", "DATASETS_HELP", "DataOptions", "DatasetInfo", "PairedDataset", "ShapesConfig", "ShapesDataset",
+           "attribute_matrix", "attribute_names", "fingerprint", "from_description", "label_matrix", "load_dataset"]
 
 
 @dataclass(kw_only=True)
@@ -115,7 +115,8 @@ def label_matrix(ds: PairedDataset, column: str | None = None) -> tuple[list[str
     one-vs-rest."""
     if column is None:
         if not isinstance(ds, ShapesDataset):
-            raise UserError(f"dataset {ds.name!r} has no built-in labels: name one of its label columns (--label_column)")
+            raise UserError(f"dataset {ds.name!r} has no built-in labels: "
+                            "name one of its label columns (--label_column)")
         return attribute_matrix(ds)
     values = np.asarray(ds.label_column(column), dtype=object)
     names = sorted(set(values))

@@ -54,7 +54,8 @@ def test_jackknife_kernels_equal_brute_force_without_each_block():
     for j, block in enumerate(blocks_of(n)):
         keep = np.setdiff1d(np.arange(n), block)
         cov = corr_dense.without_block(torch.empty(fa, fb, dtype=torch.float64), total, acc[j],
-                                       loo_x.mean_F[j] - full_x.mean_F, loo_y.mean_F[j] - full_y.mean_F, float(count_J[j]))
+                                       loo_x.mean_F[j] - full_x.mean_F, loo_y.mean_F[j] - full_y.mean_F,
+                                       float(count_J[j]))
         corr = corr_dense.correlations(cov, loo_x.inv_F[j], loo_y.inv_F[j]).numpy()
         ref = ref_corr(x[keep], y[keep])
         np.testing.assert_allclose(corr, ref, atol=1e-9, rtol=0)

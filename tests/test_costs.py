@@ -1,4 +1,5 @@
-"""costs.py (docs/design.md#scale): the counts behind `study.py --dry_run` and bench/cost.py, against hand-worked cases."""
+"""costs.py (docs/design.md#scale): the counts behind `study.py --dry_run` and bench/cost.py, against hand-worked
+cases."""
 from __future__ import annotations
 
 import pytest

@@ -84,7 +84,8 @@ def test_second_demo_reuses_runs(demo_run, capsys):
                "--top", "4"])
     out = capsys.readouterr().out
     assert out.count("reusing") == 5 and "report:" in out  # 3 runs and the 2 OOD runs
-    assert "layers of" not in out  # nor are the held-out and OOD sets recorded again (record.py: "wrote R (L layers of S")
+    # nor are the held-out and OOD sets recorded again (record.py: "wrote R (L layers of S")
+    assert "layers of" not in out
 
 
 def test_other_settings_need_overwrite(demo_run, error_line):
@@ -147,9 +148,9 @@ def test_demo_study_gives_the_demos_numbers(demo_run, capsys):
     text = (Path(demo.__file__).parent / "studies" / "demo.toml").read_text()
     for line in ('max_samples = 2000', 'image_size = 128', 'seeds = [0, 1]', 'lr = 1e-3', 'shuffle_captions = 0'):
         assert line in text
-    small = (text.replace('out = "studies/demo_out"', f'out = "{demo_run}"').replace("max_samples = 2000", "max_samples = 120")
-             .replace("image_size = 128", "image_size = 64").replace("[[encoders]]\n", "[[encoders]]\nlayers = [0, -1]\n")
-             .replace("top = 8", "top = 4"))
+    small = (text.replace('out = "studies/demo_out"', f'out = "{demo_run}"')
+             .replace("max_samples = 2000", "max_samples = 120").replace("image_size = 128", "image_size = 64")
+             .replace("[[encoders]]\n", "[[encoders]]\nlayers = [0, -1]\n").replace("top = 8", "top = 4"))
     path = demo_run / "small.toml"
     path.write_text(small)
     ids = {n: Run.open(demo_run / "sae_features", n).meta.run_id for n in (IMAGE, TEXT, NULL)}
@@ -159,7 +160,8 @@ def test_demo_study_gives_the_demos_numbers(demo_run, capsys):
     got = StudyResults.load(demo_run / "results.json")
     assert set(got.wmppc) == {f"{a}->{b}" for a in (IMAGE, TEXT, NULL) for b in (IMAGE, TEXT, NULL) if a != b}
     assert (demo_run / "report.html").is_file() and (demo_run / f"pairs/wmppc_{IMAGE}_{TEXT}.png").is_file()
-    demo.main(["--out", str(demo_run), "--max_samples", "120", "--layers", "0", "-1", "--image_size", "64", "--top", "4"])
+    demo.main(["--out", str(demo_run), "--max_samples", "120", "--layers", "0", "-1", "--image_size", "64",
+               "--top", "4"])
     want = DemoResults.load(demo_run / "results.json")
     for pair, w in want.wmppc.items():
         assert got.wmppc[pair].all_layers == w.all_layers and got.wmppc[pair].floor == w.floor

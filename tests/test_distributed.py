@@ -103,7 +103,8 @@ def test_a_failing_rank_ends_every_rank_with_one_error_line(roots, tmp_path):
     assert time.perf_counter() - t0 < 60 and res.returncode != 0
     errors = [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "corrupt" in errors[0] and "layer02.acts.npy" in errors[0]
-    same = _launch("wmppc.py", ["--root", str(bad), "--source", "A", "--target", "nope", "--device", "cpu"], 2, timeout=120)
+    same = _launch("wmppc.py", ["--root", str(bad), "--source", "A", "--target", "nope", "--device", "cpu"], 2,
+                   timeout=120)
     errors = [line for line in (same.stdout + same.stderr).splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no run 'nope'" in errors[0]  # every rank meets it: printed once
 

@@ -165,7 +165,8 @@ def test_dinov2_hub_names_map_to_hf_ids():
     assert DINO_HUB_TO_HF["dinov2_vitl14_reg"] == "facebook/dinov2-with-registers-large"
 
 
-@pytest.mark.parametrize("family,checkpoint", [("Bert", "bert-base-uncased"), ("ClipVision", "hf-hub:apple/DFN2B-CLIP-ViT-B-16"),
+@pytest.mark.parametrize("family,checkpoint", [("Bert", "bert-base-uncased"),
+                                               ("ClipVision", "hf-hub:apple/DFN2B-CLIP-ViT-B-16"),
                                                ("DinoV2", "dinov2_vitb14")])
 def test_unreachable_hub_model_is_one_clear_error(family, checkpoint):
     with pytest.raises(UserError) as e:
@@ -185,7 +186,8 @@ def test_clip_text_pools_where_the_model_does(ckpt_dir, pool_type):
     mask = enc.token_mask(inputs, acts)
     pooled = enc.pool(acts, mask)
     m = enc.model
-    torch.testing.assert_close(m.ln_final(pooled) @ m.text_projection, m.encode_text(inputs["text"]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(m.ln_final(pooled) @ m.text_projection, m.encode_text(inputs["text"]),
+                               rtol=1e-4, atol=1e-5)
     if pool_type == "last":
         assert mask.all()  # the last position is pooled, so it is a training token
 

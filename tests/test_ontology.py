@@ -97,7 +97,8 @@ def test_bad_hierarchy(root, tmp_path, error_line, tree, needle):
 def test_null_run_must_cover_the_same_samples(root, error_line):
     make_run(root, "other", {0: np.zeros((N, D), np.float32), 1: np.zeros((N, D), np.float32)},
              {0: random_sae_state(D, 4 * D), 1: random_sae_state(D, 4 * D)})
-    assert "cover different datasets" in error_line(ontology.main, ["--root", str(root), "--run", "R", "--null", "other"])
+    line = error_line(ontology.main, ["--root", str(root), "--run", "R", "--null", "other"])
+    assert "cover different datasets" in line
 
 
 def test_hierarchy_over_a_label_column(tmp_path):

@@ -53,7 +53,8 @@ def test_a_shifted_set_is_detected_and_a_same_one_is_not(runs, tmp_path, capsys)
 
 
 def test_sets_from_other_saes_are_refused(runs, error_line):
-    make_run(runs, "X", {0: np.zeros((N, D), np.float32) + np.arange(N)[:, None]}, {0: random_sae_state(D, 4 * D, seed=9)})
+    make_run(runs, "X", {0: np.zeros((N, D), np.float32) + np.arange(N)[:, None]},
+             {0: random_sae_state(D, 4 * D, seed=9)})
     assert "must both be recorded (record.py) from the same run" in error_line(
         ood.main, ["--root", str(runs), "--id", "T", "--ood", "X"])
 

@@ -1,4 +1,5 @@
-"""--precision (docs/design.md#scale): tensor-core products, then every feature's best match re-checked exactly, give the
+"""--precision (docs/design.md#scale): tensor-core products, then every feature's best match re-checked exactly,
+give the
 fp32 path's rho (to 1e-5) and match, also where the approximate products rank two near-tied features the
 wrong way round."""
 from __future__ import annotations
@@ -19,8 +20,10 @@ def pair(tmp_path):
     rng = np.random.default_rng(0)
     z = rng.normal(size=(N, 6)).astype(np.float32)
     acts = lambda d, s: (z @ np.random.default_rng(s).normal(size=(6, d)) + rng.normal(size=(N, d))).astype(np.float32)  # noqa: E731
-    a = make_run(tmp_path, "A", {0: acts(10, 1), 1: acts(14, 2)}, {0: random_sae_state(10, 40, 1), 1: random_sae_state(14, 56, 2)})
-    b = make_run(tmp_path, "B", {0: acts(12, 3), 1: acts(8, 4)}, {0: random_sae_state(12, 48, 3), 1: random_sae_state(8, 32, 4)})
+    a = make_run(tmp_path, "A", {0: acts(10, 1), 1: acts(14, 2)},
+                 {0: random_sae_state(10, 40, 1), 1: random_sae_state(14, 56, 2)})
+    b = make_run(tmp_path, "B", {0: acts(12, 3), 1: acts(8, 4)},
+                 {0: random_sae_state(12, 48, 3), 1: random_sae_state(8, 32, 4)})
     return a, b
 
 

@@ -42,7 +42,8 @@ def test_planted_label_is_found_and_absent_one_is_not(runs, tmp_path, capsys):
     acc = {k: np.array(v, dtype=float) for k, v in js["balanced_accuracy"].items()}
     assert acc["raw"][0, 0] > 0.9 and acc["sae"][0, 0] > 0.85 and acc["raw_top"][0, 0] > 0.9  # layer 0 carries red
     assert abs(acc["raw"][1, 0] - 0.5) < 0.12 and abs(acc["raw"][0, 1] - 0.5) < 0.12  # layer 1 / circle: chance
-    assert js["test"] == "T" and (tmp_path / "p.png").stat().st_size > 5000 and "balanced accuracy" in capsys.readouterr().out
+    assert js["test"] == "T" and (tmp_path / "p.png").stat().st_size > 5000
+    assert "balanced accuracy" in capsys.readouterr().out
 
 
 def test_held_out_split_and_shift(runs, tmp_path):

@@ -1,4 +1,5 @@
-"""Typed, versioned files (docs/design.md#runs-on-disk, #versioned-files), flags from config dataclasses, and the boundaries that must
+"""Typed, versioned files (docs/design.md#runs-on-disk, #versioned-files), flags from config dataclasses, and the
+boundaries that must
 say the right thing: schema migration and refusal, library vs command-line option names, the
 encoder registry, and loader errors that are not network errors."""
 from __future__ import annotations

@@ -43,8 +43,8 @@ def shapes_run(root, name, modality, seed, layers=(1, 3)):
     ds = data.load_dataset("shapes", max_samples=N, image_size=IMAGE_SIZE)
     rng = np.random.default_rng(seed)
     built = {layer: _layer(rng, seed * 10 + layer) for layer in layers}
-    return make_run(root, name, {layer: x for layer, (x, _) in built.items()}, {layer: s for layer, (_, s) in built.items()},
-                    top_k=4, modality=modality, dataset=ds.describe())
+    return make_run(root, name, {layer: x for layer, (x, _) in built.items()},
+                    {layer: s for layer, (_, s) in built.items()}, top_k=4, modality=modality, dataset=ds.describe())
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +186,8 @@ def test_overwrite(root, gallery, tmp_path, error_line):
     assert [p.name.split("_")[0] for p in out.glob("*.jpg")] == ["feat7"]  # no stale grid left
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("keep")
-    assert "not a gallery" in error_line(show.main, ["--run", "img", "--root", str(root), "--out", str(tmp_path / "notes"),
-                                       "--overwrite"])
+    assert "not a gallery" in error_line(show.main, ["--run", "img", "--root", str(root),
+                                                     "--out", str(tmp_path / "notes"), "--overwrite"])
     assert not list(tmp_path.glob(".*tmp*"))
 
 
@@ -245,14 +245,16 @@ def test_bad_input(root, tmp_path, error_line):
     assert "no run 'nope'" in error_line(show.main, ["--run", "nope", *base])
     assert "layer 2 is not recorded" in error_line(show.main, ["--run", "img", "--layer", "2", *base])
     assert "has features 0..23" in error_line(show.main, ["--run", "img", "--features", "3", "24", *base])
-    assert "--layer and --features go with --run" in error_line(show.main, ["--from_json", "a.json", "--layer", "1", *base])
+    line = error_line(show.main, ["--from_json", "a.json", "--layer", "1", *base])
+    assert "--layer and --features go with --run" in line
     assert "no such file" in error_line(show.main, ["--from_json", str(tmp_path / "a.json"), *base]).lower()
     (tmp_path / "bad.json").write_text(json.dumps({"source": "img", "features": []}))
     err = error_line(show.main, ["--from_json", str(tmp_path / "bad.json"), *base])
     assert "not a comp_sharedness.py --json output" in err
     (tmp_path / "big.json").write_text(json.dumps({"source": "img", "min_group": ["txt"], "max_group": [], "features": [
         {"feature": 99, "delta": 1, "rho": {"txt": 0.5}, "match": {"txt": 0}}]}))
-    assert "names features [99] of run 'img'" in error_line(show.main, ["--from_json", str(tmp_path / "big.json"), *base])
+    line = error_line(show.main, ["--from_json", str(tmp_path / "big.json"), *base])
+    assert "names features [99] of run 'img'" in line
     # a run whose dataset cannot be reached offline
     shutil.copytree(root / "img", tmp_path / "runs" / "coco_run")
     meta_path = tmp_path / "runs" / "coco_run" / "run.json"

@@ -1,4 +1,5 @@
-"""train_image.py / train_text.py end to end: runs on disk (docs/design.md#runs-on-disk), one encoder pass, bad input (docs/design.md#bad-input)."""
+"""train_image.py / train_text.py end to end: runs on disk (docs/design.md#runs-on-disk), one encoder pass, bad
+input (#bad-input)."""
 from __future__ import annotations
 
 import json

@@ -1,6 +1,6 @@
-"""Result files (docs/design.md#wmppc, #comparative-sharedness, #calibration, #probes, #versioned-files): what wmppc.py, comp_sharedness.py, similarity.py, probe.py,
-ood.py, ontology.py and demo.py write and show.py, report.py read, as typed records with a schema
-number (see records.py)."""
+"""Result files (docs/design.md#versioned-files): what wmppc.py, comp_sharedness.py, similarity.py, probe.py,
+ood.py, ontology.py, demo.py and study.py write and show.py and the reports read, as typed records with a
+schema number (see files.py), and the constants that name their parts."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,5 +1,5 @@
-"""Runs on disk (docs/design.md#runs-on-disk): typed run metadata, an atomic writer and a validating reader that computes
-features in chunks."""
+"""Runs on disk (docs/design.md#runs-on-disk): typed run metadata, an atomic writer, a validating reader
+that computes features in chunks, and the options of every command that reads runs."""
 from __future__ import annotations
 
 import copy
@@ -247,7 +247,8 @@ class Run:
         path = Path(root) / name
         meta_path = path / "run.json"
         if not meta_path.is_file():
-            known = sorted(p.name for p in Path(root).iterdir() if (p / "run.json").is_file()) if Path(root).is_dir() else []
+            folders = Path(root).iterdir() if Path(root).is_dir() else []
+            known = sorted(p.name for p in folders if (p / "run.json").is_file())
             hint = f"; runs in {root}: {', '.join(known)}" if known else f"; no runs in {root!s}"
             raise UserError(f"no run {name!r} in {str(root)!r}{hint}")
         meta = RunMeta.load(meta_path, f"corrupt {meta_path}")
@@ -467,7 +468,8 @@ class PairOptions:
             if self.source or self.target:
                 raise UserError("give either --source and --target, or --runs, not both")
             if len(self.runs) < 2:
-                raise UserError(f"--runs takes two or more distinct runs: at least two are needed, got {len(self.runs)}")
+                raise UserError(f"--runs takes two or more distinct runs: at least two are needed, "
+                                f"got {len(self.runs)}")
             twice = sorted({r for r in self.runs if self.runs.count(r) > 1})
             if twice:
                 raise UserError(f"--runs takes two or more distinct runs; it lists {twice[0]!r} twice")

@@ -1,6 +1,6 @@
-"""The correlation engine shared by wMPPC (docs/design.md#wmppc) and Comparative Sharedness (docs/design.md#comparative-sharedness): orchestration
-and the in-memory memo. The numbers come from the kernels of `corr_dense` and `corr_sparse`, the disk
-cache from `corr_cache`.
+"""The correlation engine shared by wMPPC (docs/design.md#wmppc) and Comparative Sharedness
+(#comparative-sharedness): two paths, the disk cache's hand-off and torchrun's shares. The numbers come
+from the kernels of `dense` and `sparse`, the disk cache from `saeshare.disk.cache`.
 
 For runs A and B over the same samples and a layer pair (a, b), every feature i of layer a of A gets
 `rho_i = max_j corr(f_i^A, f_j^B)` (signed maximum of the Pearson correlation over the samples; a
@@ -37,6 +37,8 @@ RECHECK_BATCH = 8192
 
 Progress = Callable[[int, int], None]
 """progress(more_total, done): `more_total` steps were added to the work, `done` were finished."""
+Pair = tuple[int, int]
+"""(layer of A, layer of B)."""
 
 
 class LayerMoments(NamedTuple):
@@ -140,7 +142,8 @@ class DensePath(_Path):
         buf_a, buf_b = self._scratch(run_a, cap_a), self._scratch(run_b, cap_b)
         best = {(a, b): _running_best((na,), self.device) for a, na in sizes_a for b, _ in sizes_b}
         recheck = dense.Recheck(self.precision) if self.precision != "fp32" else None
-        best_J = {p: _running_best((n_blocks, len(v[0])), self.device) for p, v in best.items()} if n_blocks > 1 else None
+        best_J = ({p: _running_best((n_blocks, len(v[0])), self.device) for p, v in best.items()}
+                  if n_blocks > 1 else None)
         for ga in dense.pack(sizes_a, cap_a):
             for gb in dense.pack(sizes_b, cap_b):
                 mean_a, mean_b = _group_vec(ga, mom_a, "mean_F"), _group_vec(gb, mom_b, "mean_F")
@@ -165,7 +168,7 @@ class DensePath(_Path):
     def _exact_products(self, run_a: Run, run_b: Run, mom_a, mom_b):
         """{(layer a, layer b): (features of A, features of B)} -> their Pearson correlations, from fp32 codes
         and float64 sums, in one pass over the samples for every pair (the re-check of a lower precision)."""
-        def exact(cands: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]) -> dict[tuple[int, int], torch.Tensor]:
+        def exact(cands: dict[Pair, tuple[torch.Tensor, torch.Tensor]]) -> dict[Pair, torch.Tensor]:
             la, lb = sorted({a for a, _ in cands}), sorted({b for _, b in cands})
             used_a = {a: torch.unique(torch.cat([ia for (x, _), (ia, _) in cands.items() if x == a])) for a in la}
             used_b = {b: torch.unique(torch.cat([jb for (_, y), (_, jb) in cands.items() if y == b])) for b in lb}
@@ -181,7 +184,8 @@ class DensePath(_Path):
                     for s in range(0, len(pa), RECHECK_BATCH):
                         sl = slice(s, s + RECHECK_BATCH)
                         dots[p][sl] += (ca[:, pa[sl]] * cb[:, pb[sl]]).sum(0, dtype=torch.float64)
-            return {p: dots[p] * mom_a[p[0]].full.inv_F[ia] * mom_b[p[1]].full.inv_F[jb] for p, (ia, jb) in cands.items()}
+            return {p: dots[p] * mom_a[p[0]].full.inv_F[ia] * mom_b[p[1]].full.inv_F[jb]
+                    for p, (ia, jb) in cands.items()}
         return exact
 
     def _centred(self, run: Run, layer: int, x: torch.Tensor, features: torch.Tensor, moments) -> torch.Tensor:
@@ -229,8 +233,9 @@ class SparsePath(_Path):
     def _topk_table(self, run: Run, layer: int) -> sparse.TopkTable:
         if (run.key, layer) not in self._topk:
             sae = run.sae(layer, self.device)
-            self._topk[run.key, layer] = sparse.topk_table((x for _, x in self._acts_chunks(run, layer)), sae, run.n_samples,
-                                                                self._scratch(run, sae.n_features))
+            chunks = (x for _, x in self._acts_chunks(run, layer))
+            scratch = self._scratch(run, sae.n_features)
+            self._topk[run.key, layer] = sparse.topk_table(chunks, sae, run.n_samples, scratch)
         return self._topk[run.key, layer]
 
     def _compute_moments(self, run: Run, layer: int) -> LayerMoments:

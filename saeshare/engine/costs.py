@@ -77,10 +77,12 @@ def measure(encoder, ds, layers: list[int], samples: int = 8) -> EncoderSize:
 def table(rows: list[tuple[str, float, dict[str, float | None]]]) -> str:
     """A Markdown table of (work, FLOPs, precision -> hours or None when not offered)."""
     head = "| work | PFLOP | " + " | ".join(PEAK_TFLOPS) + " |\n|---|---|" + "---|" * len(PEAK_TFLOPS)
-    lines = [f"| {name} | {f'{flops / 1e15:,.0f}' if flops >= 1e16 else f'{flops / 1e15:.3g}'} | " + " | ".join("–" if h is None else _duration(h) for h in by.values())
-             + " |" for name, flops, by in rows]
+    lines = [f"| {name} | {f'{flops / 1e15:,.0f}' if flops >= 1e16 else f'{flops / 1e15:.3g}'} | "
+             + " | ".join("–" if h is None else _duration(h) for h in by.values()) + " |" for name, flops, by in rows]
     return "\n".join([head, *lines])
 
 
 def _duration(hours_: float) -> str:
-    return f"{hours_:.1f} h" if hours_ >= 1 else f"{hours_ * 60:.0f} min" if hours_ * 60 >= 1 else f"{hours_ * 3600:.1f} s"
+    if hours_ >= 1:
+        return f"{hours_:.1f} h"
+    return f"{hours_ * 60:.0f} min" if hours_ * 60 >= 1 else f"{hours_ * 3600:.1f} s"

@@ -81,12 +81,12 @@ def settings(res: DemoResults) -> str:
             "`uv run demo.py --paper_defaults` uses it.")
 
 
-PROBES_INTRO = ("After Olson et al. (arXiv 2508.11277). Probes: logistic regressions trained on the run's samples and "
-                "tested on held-out samples recorded with record.py (never seen by the SAEs), on the SAE's codes (`sae`), "
-                "the raw pooled activations (`raw`), ReLU random features of the SAE's width (`random`), and the 16 "
-                "best single features or neurons (`*_top`); balanced accuracy, mean over the labels. Shifted: trained on "
-                "samples with a circle, tested on samples with a square. OOD: runs trained without stars and purple "
-                "shapes score held-out stars and purple shapes against held-out in-distribution samples (AUROC; below "
+PROBES_INTRO = ("After Olson et al. (arXiv 2508.11277). Probes: logistic regressions trained on the run's samples "
+                "and tested on held-out samples recorded with record.py (never seen by the SAEs), on the SAE's codes "
+                "(`sae`), the raw pooled activations (`raw`), ReLU random features of the SAE's width (`random`), and "
+                "the 16 best single features or neurons (`*_top`); balanced accuracy, mean over the labels. Shifted: "
+                "trained on samples with a circle, tested on samples with a square. OOD: runs trained without stars and "
+                "purple shapes score held-out stars and purple shapes against held-out in-distribution samples (AUROC; below "
                 "0.5 the score ranks the sets the other way round). Ontology: the share of the hierarchy's nodes "
                 "(warm / cool / achromatic colours, round / angular / pointed shapes, sizes) that one feature detects "
                 "with AUROC >= 0.9, and the mean depth of the lowest common ancestor of each feature's top samples; "
@@ -128,8 +128,9 @@ def probe_findings(p: SaeProbes) -> list[str]:
         for o in p.ood[name]:
             best = {sc: max(o.metrics[sc]["auroc"]) for sc in OOD_SCORES}
             top = max(best, key=best.get)
-            out.append(f"{name} OOD {o.ood}: best score {top} (AUROC {best[top]:.3f}); best SAE score "
-                       f"{max(best[s] for s in SAE_OOD_SCORES):.3f}, best raw {max(best[s] for s in RAW_OOD_SCORES):.3f}")
+            sae, raw = max(best[s] for s in SAE_OOD_SCORES), max(best[s] for s in RAW_OOD_SCORES)
+            out.append(f"{name} OOD {o.ood}: best score {top} (AUROC {best[top]:.3f}); best SAE score {sae:.3f}, "
+                       f"best raw {raw:.3f}")
         o = p.ontology[name]
         out.append(f"{name} ontology coverage, last probed layer: sae {o.coverage['sae'][-1]:.2f}, raw "
                    f"{o.coverage['raw'][-1]:.2f}, null {o.coverage['null'][-1]:.2f}")

@@ -26,7 +26,8 @@ def format_layer_table(title: str, layers: list[int], columns: dict[str, list[fl
     """One row per layer, one column per name (3 decimals)."""
     width = max(9, *(len(c) + 2 for c in columns))
     lines = [title, "layer" + "".join(f"{c:>{width}}" for c in columns)]
-    lines += [f"{layer:>5}" + "".join(f"{v[i]:>{width}.3f}" for v in columns.values()) for i, layer in enumerate(layers)]
+    lines += [f"{layer:>5}" + "".join(f"{v[i]:>{width}.3f}" for v in columns.values())
+              for i, layer in enumerate(layers)]
     return "\n".join(lines)
 
 

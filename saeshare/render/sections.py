@@ -112,8 +112,8 @@ def _html(s: Section) -> str:
         return (f"<h3>{e(s.lead.rstrip(':'))}</h3>" if s.lead else "") + f"<ul>{items}</ul>"
     if isinstance(s, Images):
         style = ' style="max-width:100%"' if s.wide else ""
-        return ('<div class="plots">' + "".join(f'<img src="{e(path)}" alt="{e(alt)}"{style}>' for path, alt in s.images)
-                + "</div>")
+        imgs = "".join(f'<img src="{e(path)}" alt="{e(alt)}"{style}>' for path, alt in s.images)
+        return f'<div class="plots">{imgs}</div>'
     if isinstance(s, Grids):
         return ('<div class="grids">' + "".join(f'<figure><img src="{e(path)}" alt="{e(alt)}"><figcaption>{e(caption)}'
                                                  "</figcaption></figure>" for path, alt, caption in s.cards) + "</div>")

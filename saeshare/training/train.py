@@ -144,8 +144,8 @@ def train(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> TrainResult:
         encoder = build_encoder(cfg.encoder_spec(modality), device)
         layers = encoder.resolve_layers(cfg.layers)
         settings = _settings(cfg, sae_cfg, modality)
-        plan = EncoderPass(ds, encoder, layers, settings, cfg.acts_dtype, device, f"{cfg.runname}: {len(layers)} layers",
-                           cfg.num_workers)
+        plan = EncoderPass(ds, encoder, layers, settings, cfg.acts_dtype, device,
+                           f"{cfg.runname}: {len(layers)} layers", cfg.num_workers)
         layer_info = (torchrun.train_pass(plan, writer) if distributed.world_size() > 1 else _train_pass(plan, writer))
         meta = None if not main else writer.finish(RunMeta(
             runname=cfg.runname, modality=encoder.modality, model=cfg.model, checkpoint=encoder.checkpoint,
@@ -172,8 +172,10 @@ def _train_pass(plan: EncoderPass, writer: RunWriter) -> dict[int, LayerInfo]:
         if settings.sae_tokens == "all":
             train_steps(trainers[layer], tokens_ND)
 
-    acts = encoder_pass(plan, writer, train_on,
-                        lambda: f"fvu={trainers[layers[-1]][0].metrics().fvu:.3f}" if settings.sae_tokens == "all" else "")
+    def postfix() -> str:
+        return f"fvu={trainers[layers[-1]][0].metrics().fvu:.3f}" if settings.sae_tokens == "all" else ""
+
+    acts = encoder_pass(plan, writer, train_on, postfix)
     if settings.sae_tokens == "pooled":
         _train_on_pooled(trainers, acts, settings, plan.device)
     for layer in layers:
@@ -192,7 +194,8 @@ def _train_on_pooled(trainers: dict[int, list[SaeTrainer]], acts: dict[int, np.n
         for s in range(0, n, settings.batch_size):
             rows = np.sort(order[s:s + settings.batch_size])
             for layer, layer_trainers in trainers.items():
-                train_steps(layer_trainers, torch.from_numpy(np.asarray(acts[layer][rows], dtype=np.float32)).to(device))
+                x_ND = torch.from_numpy(np.asarray(acts[layer][rows], dtype=np.float32)).to(device)
+                train_steps(layer_trainers, x_ND)
 
 
 def _versions() -> dict[str, str]:
