@@ -85,12 +85,12 @@ PROBES_INTRO = ("After Olson et al. (arXiv 2508.11277). Probes: logistic regress
                 "and tested on held-out samples recorded with record.py (never seen by the SAEs), on the SAE's codes "
                 "(`sae`), the raw pooled activations (`raw`), ReLU random features of the SAE's width (`random`), and "
                 "the 16 best single features or neurons (`*_top`); balanced accuracy, mean over the labels. Shifted: "
-                "trained on samples with a circle, tested on samples with a square. OOD: runs trained without stars and "
-                "purple shapes score held-out stars and purple shapes against held-out in-distribution samples (AUROC; below "
-                "0.5 the score ranks the sets the other way round). Ontology: the share of the hierarchy's nodes "
-                "(warm / cool / achromatic colours, round / angular / pointed shapes, sizes) that one feature detects "
-                "with AUROC >= 0.9, and the mean depth of the lowest common ancestor of each feature's top samples; "
-                "`null`: the SAE's codes with the samples permuted.")
+                "trained on samples with a circle, tested on samples with a square. OOD: runs trained without stars "
+                "and purple shapes score held-out stars and purple shapes against held-out in-distribution samples "
+                "(AUROC; below 0.5 the score ranks the sets the other way round). Ontology: the share of the "
+                "hierarchy's nodes (warm / cool / achromatic colours, round / angular / pointed shapes, sizes) that "
+                "one feature detects with AUROC >= 0.9, and the mean depth of the lowest common ancestor of each "
+                "feature's top samples; `null`: the SAE's codes with the samples permuted.")
 
 
 def _probe_tables(p: SaeProbes) -> list[tuple[str, list[str], list[list[str]]]]:
