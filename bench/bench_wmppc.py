@@ -28,11 +28,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import corr_dense  # noqa: E402
-import corr_sparse  # noqa: E402
-import correlation  # noqa: E402
-
-from saeshare.disk.runs import Run  # noqa: E402
+from saeshare.disk.runs import DEFAULT_CHUNK, Run  # noqa: E402
+from saeshare.engine import dense as corr_dense  # noqa: E402
+from saeshare.engine import sparse as corr_sparse  # noqa: E402
+from saeshare.engine.options import DEFAULT_MEM_GB  # noqa: E402
 from tests.synthetic import engine, make_run, random_sae_state  # noqa: E402
 from wmppc import wmppc  # noqa: E402
 
@@ -101,7 +100,7 @@ def bench_speed(root: Path, n: int, n_features: int, n_layers: int, device: str 
     # torch.mm is timed on one chunk's product ([F, chunk] @ [chunk, F], the unit of a layer pair's
     # product) between the engine's own products, all through the run, so that a busy machine slows
     # both sides alike (this box is shared: timings taken before and after drift by up to 2x)
-    chunk = correlation.DEFAULT_CHUNK
+    chunk = DEFAULT_CHUNK
     x, y = torch.randn(chunk, n_features, device=device), torch.randn(chunk, n_features, device=device)
     out = torch.empty(n_features, n_features, device=device)
     ref: list[float] = []
@@ -157,7 +156,7 @@ def mm_seconds(x: torch.Tensor, y: torch.Tensor, precision: str, repeat: int = 5
 
 def bench_precision(root: Path, n: int, n_features: int, n_layers: int, device: str) -> None:
     run_a, run_b = build_pair(root, n, n_features, n_layers)
-    pairs, chunk = n_layers ** 2, correlation.DEFAULT_CHUNK
+    pairs, chunk = n_layers ** 2, DEFAULT_CHUNK
     x, y = torch.randn(chunk, n_features, device=device), torch.randn(chunk, n_features, device=device)
     print(f"(d) two runs of {n_layers} layers, N={n}, F={n_features}, relu codes, on {device}; {load()}")
     ref = None
@@ -212,7 +211,7 @@ def peak_rss(root: Path, codes: str, n_layers: int) -> dict:
 
 def dense_plan(n_features: int, n_layers: int) -> corr_dense.Plan:
     sizes = [corr_dense.LayerSize(layer, n_features) for layer in range(n_layers)]
-    return corr_dense.plan(sizes, sizes, int(correlation.DEFAULT_MEM_GB * GIB) // 4)
+    return corr_dense.plan(sizes, sizes, int(DEFAULT_MEM_GB * GIB) // 4)
 
 
 def bench_memory(root: Path, n: int, n_features: int, n_layers: int, dense_n: int, dense_layers: int) -> None:

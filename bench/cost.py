@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import corr_sparse  # noqa: E402
-import costs  # noqa: E402
+from saeshare.engine import costs  # noqa: E402
+from saeshare.engine import sparse as corr_sparse  # noqa: E402
 
 N = 118_287
 EXPANSION, TOP_K, SEEDS = 8, 32, 2
