@@ -176,7 +176,7 @@ def run_demo(cfg: DemoConfig) -> DemoResults:
     opts = EngineOptions(root=str(root), codes="relu", device=cfg.device)
     engine = Correlator(opts, progress=tqdm_progress("correlations"))
     with_ci = Correlator(opts, progress=tqdm_progress("correlations (jackknife)"), jackknife=True)
-    pairs = {f"{a}->{b}": w for (a, b), w in pair_scores(list(runs.values()), with_ci, True, ref_engine=engine).items()}
+    pairs = {f"{a}->{b}": w for (a, b), w in pair_scores(list(runs.values()), with_ci, True).items()}
     sims = SimilarityEngine(device=opts.torch_device)
     similarities = {f"{a}->{b}": sims.compare(runs[a], runs[b]) for a in runs for b in runs if a != b}
     _plots(pairs, list(runs), out)

@@ -72,12 +72,22 @@ def cka_debiased(sx: SideStats, sy: SideStats, xty: torch.Tensor) -> float:
     return hsic / np.sqrt(norm_x * norm_y)
 
 
+ZERO_VARIANCE = 1e-10
+"""A principal component with less than this share of the largest one's variance is numerically zero: it
+carries no direction to correlate (dividing by its sqrt would give NaN), so SVCCA drops it."""
+
+
 def _principal(gram: torch.Tensor, variance: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eigenvalues, eigenvectors) of the fewest principal components explaining `variance`."""
+    """(eigenvalues, eigenvectors) of the fewest principal components explaining `variance`, among those
+    of non-zero variance (`variance` 1 keeps them all)."""
     val, vec = torch.linalg.eigh(gram)
     val, vec = val.flip(0).clamp_min(0), vec.flip(1)
+    positive = int((val > val[0] * ZERO_VARIANCE).sum()) if val[0] > 0 else 0
+    if positive == 0:
+        raise UserError("SVCCA: the activations do not vary over the samples (every principal component is 0)")
+    val, vec = val[:positive], vec[:, :positive]
     share = torch.tensor(variance, dtype=val.dtype, device=val.device)
-    keep = int(torch.searchsorted(val.cumsum(0) / val.sum(), share)) + 1
+    keep = min(int(torch.searchsorted(val.cumsum(0) / val.sum(), share)) + 1, positive)
     return val[:keep], vec[:, :keep]
 
 

@@ -231,7 +231,7 @@ def analyse(study: Study, runs: list[Run]) -> StudyResults:
     ref = Correlator(opts, progress=tqdm_progress("correlations"))
     engine = Correlator(dataclasses.replace(opts, precision="fp32"), progress=tqdm_progress("correlations (jackknife)"),
                         jackknife=True) if a.ci else ref
-    by_pair = pair_scores(runs, engine, a.calibrate, ref_engine=ref)
+    by_pair = pair_scores(runs, engine, a.calibrate)
     names = [r.name for r in runs]
     pairs, table = {f"{x}->{y}": w for (x, y), w in by_pair.items()}, table_of(names, by_pair, engine.codes)
     sims = SimilarityEngine(device=opts.torch_device)

@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
+from scipy import stats
 
 from errors import UserError, cli
 from saeshare.core import distributed
@@ -44,12 +45,24 @@ def _scores(rho_of: Callable[[int, int], np.ndarray], mass_of: Callable[[int], n
     return matrix, float(np.average(per_layer, weights=n_features))
 
 
-def jackknife_interval(full: np.ndarray | float, loo_J: np.ndarray) -> np.ndarray:
-    """[..., 2] 95% interval full ± 1.96 se, se = sqrt((J-1)/J * sum_j (w_j - mean w)^2), from the J
-    leave-one-block-out values (first axis of loo_J)."""
+class Jackknife(NamedTuple):
+    """What the J leave-one-block-out values of a score say about it."""
+    se: np.ndarray | float
+    """sqrt((J-1)/J * sum_j (w_j - mean w)^2)."""
+    corrected: np.ndarray | float
+    """J w - (J-1) mean w_j: the score with its small-sample bias (of order 1/N) removed."""
+    interval: np.ndarray
+    """[..., 2] 95%: the corrected score ± t_{J-1} se (J blocks give J-1 degrees of freedom)."""
+
+
+def jackknife(full: np.ndarray | float, loo_J: np.ndarray) -> Jackknife:
+    """From a score and its leave-one-block-out values (first axis of loo_J)."""
     n_blocks = len(loo_J)
-    se = np.sqrt((n_blocks - 1) / n_blocks * np.square(loo_J - loo_J.mean(0)).sum(0))
-    return np.stack([full - 1.96 * se, full + 1.96 * se], axis=-1)
+    mean = loo_J.mean(0)
+    se = np.sqrt((n_blocks - 1) / n_blocks * np.square(loo_J - mean).sum(0))
+    corrected = n_blocks * np.asarray(full) - (n_blocks - 1) * mean
+    half = stats.t.ppf(0.975, n_blocks - 1) * se
+    return Jackknife(se, corrected, np.stack([corrected - half, corrected + half], axis=-1))
 
 
 def wmppc(run_a: Run, run_b: Run, engine: Correlator) -> Wmppc:
@@ -64,33 +77,50 @@ def wmppc(run_a: Run, run_b: Run, engine: Correlator) -> Wmppc:
         loo = [_scores(lambda a, b: stats[a, b].rho_JF[j], lambda a: stats[a, lb[0]].mass_JF[j], la, lb,
                        repr(run_a.name)) for j in range(engine.n_blocks)]
         matrix_J, all_J = np.array([m for m, _ in loo]), np.array([x for _, x in loo])
-        res.ci = Intervals(jackknife_interval(all_layers, all_J).tolist(),
-                           jackknife_interval(res.last_layer, matrix_J[:, -1, -1]).tolist(),
-                           jackknife_interval(matrix, matrix_J))
+        every, last, per_pair = (jackknife(all_layers, all_J), jackknife(res.last_layer, matrix_J[:, -1, -1]),
+                                 jackknife(matrix, matrix_J))
+        res.ci = Intervals(every.interval.tolist(), last.interval.tolist(), per_pair.interval)
+        res.corrected = Scores(float(every.corrected), float(last.corrected))
+        res.se = Scores(float(every.se), float(last.se))
     return res
 
 
-def calibrated(run_a: Run, run_b: Run, engine: Correlator, ref_engine: Correlator | None = None) -> Wmppc:
+def _mean_scores(scores: list[Wmppc]) -> Scores:
+    """Raw and (with the jackknife) bias-corrected values, averaged."""
+    res = Scores(float(np.mean([x.all_layers for x in scores])), float(np.mean([x.last_layer for x in scores])))
+    if all(x.corrected is not None for x in scores):
+        res.corrected = _mean_scores([x.corrected for x in scores])
+    return res
+
+
+def calibrated(run_a: Run, run_b: Run, engine: Correlator) -> Wmppc:
     """wMPPC of A -> B with its floor (B's samples permuted) and, when A has several SAE seeds, its
-    ceiling (A's first seed against each other seed of A, averaged); `ref_engine` (default: `engine`)
-    computes the floor and ceiling (one without the jackknife saves its cost)."""
+    ceiling (A's first seed against each other seed of A, averaged), all three from the same engine: with
+    the jackknife, each has its bias-corrected value, so that they stay comparable."""
     res = wmppc(run_a, run_b, engine)
-    ref_engine = ref_engine or engine
-    null = wmppc(run_a, run_b.permuted(), ref_engine)
-    res.floor = Scores(null.all_layers, null.last_layer)
+    res.floor = _mean_scores([wmppc(run_a, run_b.permuted(), engine)])
     others = [run_a.with_seed(s) for s in run_a.meta.sae.seeds if s != run_a.seed]
     if others:
-        seeds = [wmppc(run_a, other, ref_engine) for other in others]
-        res.ceiling = Scores(float(np.mean([x.all_layers for x in seeds])),
-                             float(np.mean([x.last_layer for x in seeds])))
+        res.ceiling = _mean_scores([wmppc(run_a, other, engine) for other in others])
     return res
 
 
-def pair_scores(runs: list[Run], engine: Correlator, calibrate: bool = False, null: bool = False,
-                ref_engine: Correlator | None = None) -> dict[tuple[str, str], Wmppc]:
-    """wMPPC of every ordered pair (names of A, B), with floor and ceiling when `calibrate` (computed by
-    `ref_engine`, see calibrated); `null`: every target run's samples permuted."""
-    return {(a.name, b.name): calibrated(a, b.permuted() if null else b, engine, ref_engine) if calibrate
+def near_floor(res: Wmppc) -> str | None:
+    """One line when the all-layers score is within two standard errors of its floor (not above chance)."""
+    if res.se is None or res.floor is None:
+        return None
+    score, floor = res.corrected.all_layers, (res.floor.corrected or res.floor).all_layers
+    if score - floor < 2 * res.se.all_layers:
+        return (f"{res.source} -> {res.target}: {score:.4f} is within two standard errors ({res.se.all_layers:.4f}) "
+                f"of its floor {floor:.4f}: no sharing above chance is shown")
+    return None
+
+
+def pair_scores(runs: list[Run], engine: Correlator, calibrate: bool = False,
+                null: bool = False) -> dict[tuple[str, str], Wmppc]:
+    """wMPPC of every ordered pair (names of A, B), with floor and ceiling when `calibrate`; `null`: every
+    target run's samples permuted."""
+    return {(a.name, b.name): calibrated(a, b.permuted() if null else b, engine) if calibrate
             else wmppc(a, b.permuted() if null else b, engine) for a in runs for b in runs if a is not b}
 
 
@@ -124,19 +154,21 @@ def table_of(names: list[str], pairs: dict[tuple[str, str], Wmppc], codes: str) 
 @dataclass
 class WmppcArgs(PairOptions, OutputOptions, EngineOptions):
     ci: bool = False
-    """Add a 95% interval to every wMPPC: delete-one-block jackknife over 10 contiguous blocks of samples
-    (computed by the dense path, whatever the codes)."""
+    """Add to every wMPPC its bias-corrected value and a 95% interval: delete-one-block jackknife over 10
+    random blocks of samples (computed by the dense path, whatever the codes)."""
     calibrate: bool = False
     """Beside each score, its floor (B's samples permuted) and ceiling (A's own SAE seeds, when it has several)."""
 
 
 def _line(res: Wmppc) -> str:
-    """All Layers : X | Last layer : Y, with [lo, hi] intervals and floor / ceiling when computed."""
+    """All Layers : X | Last layer : Y; with --ci each score's bias-corrected value and its interval, with
+    --calibrate its floor and ceiling (bias-corrected too, with --ci)."""
     def score(key: str) -> str:
-        ci = f" [{getattr(res.ci, key)[0]:.4f}, {getattr(res.ci, key)[1]:.4f}]" if res.ci else ""
+        corrected = (f", corrected {getattr(res.corrected, key):.4f} [{getattr(res.ci, key)[0]:.4f}, "
+                     f"{getattr(res.ci, key)[1]:.4f}]" if res.ci else "")
         refs = (("floor", res.floor), ("ceiling", res.ceiling))
-        marks = [f"{name} {getattr(ref, key):.4f}" for name, ref in refs if ref]
-        return f"{getattr(res, key):.4f}{ci}" + (f" ({', '.join(marks)})" if marks else "")
+        marks = [f"{name} {getattr(ref.corrected or ref, key):.4f}" for name, ref in refs if ref]
+        return f"{getattr(res, key):.4f}{corrected}" + (f" ({', '.join(marks)})" if marks else "")
     return f"All Layers : {score('all_layers')} | Last layer : {score('last_layer')}"
 
 
@@ -150,6 +182,8 @@ def main(argv=None):
         target = run_b.permuted() if args.null == "permute" else run_b
         res = (calibrated if args.calibrate else wmppc)(run_a, target, engine)
         print(_line(res))
+        if near_floor(res):
+            print(near_floor(res))
         if args.plot:
             plot_heatmap(res.layer_matrix, [str(a) for a in res.source_layers], [str(b) for b in res.target_layers],
                          f"{res.source} layer", f"{res.target} layer",

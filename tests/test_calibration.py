@@ -15,7 +15,7 @@ import wmppc
 import wrappedmodels
 from saeshare.disk.runs import Run, null_permutation
 from saeshare.engine import dense as corr_dense
-from saeshare.engine.correlator import JACKKNIFE_BLOCKS, Correlator
+from saeshare.engine.correlator import JACKKNIFE_BLOCKS, Correlator, jackknife_blocks
 from saeshare.engine.options import EngineOptions
 from synthetic import engine, make_run
 from test_wmppc import K, N, data, ref_codes, ref_corr, ref_weighted, runs  # noqa: F401 (fixtures)
@@ -25,7 +25,7 @@ J = JACKKNIFE_BLOCKS
 
 
 def blocks_of(n):
-    """Contiguous jackknife blocks, as the engine cuts them."""
+    """Contiguous blocks: the kernels take any partition of the samples."""
     bounds = [round(j * n / J) for j in range(J + 1)]
     return [np.arange(bounds[j], bounds[j + 1]) for j in range(J)]
 
@@ -72,7 +72,10 @@ def test_engine_jackknife_and_interval(runs, tmp_path):
     a, b = run_a.layers[-1], run_b.layers[-1]
     X, Y = ref_codes(run_a, a, "relu"), ref_codes(run_b, b, "relu")
     w_J = []
-    for j, block in enumerate(blocks_of(N)):
+    blocks = jackknife_blocks(N)
+    assert sorted(np.concatenate(blocks).tolist()) == list(range(N))  # a partition of the samples,
+    assert not np.array_equal(blocks[0], np.arange(len(blocks[0])))  # not of stored rows in order
+    for j, block in enumerate(blocks):
         keep = np.setdiff1d(np.arange(N), block)
         rho = ref_corr(X[keep], Y[keep]).max(1)
         np.testing.assert_allclose(stats[a, b].rho_JF[j], rho, atol=1e-5, rtol=0)
@@ -80,8 +83,13 @@ def test_engine_jackknife_and_interval(runs, tmp_path):
         w_J.append(ref_weighted(rho, X[keep].sum(0)))
     res = wmppc.wmppc(run_a, run_b, eng)
     se = np.sqrt((J - 1) / J * np.sum((np.array(w_J) - np.mean(w_J)) ** 2))
-    np.testing.assert_allclose(res.ci.last_layer, [res.last_layer - 1.96 * se, res.last_layer + 1.96 * se], atol=1e-5)
-    assert res.ci.layer_matrix.shape == (3, 2, 2) and res.ci.all_layers[0] < res.all_layers < res.ci.all_layers[1]
+    corrected = J * ref_weighted(ref_corr(X, Y).max(1), X.sum(0)) - (J - 1) * np.mean(w_J)
+    t9 = 2.2621571628  # the 0.975 quantile of Student's t with 9 degrees of freedom
+    assert res.se.last_layer == pytest.approx(se, abs=1e-6)
+    assert res.corrected.last_layer == pytest.approx(corrected, abs=1e-5)
+    np.testing.assert_allclose(res.ci.last_layer, [corrected - t9 * se, corrected + t9 * se], atol=1e-5)
+    assert res.ci.layer_matrix.shape == (3, 2, 2)
+    assert res.ci.all_layers[0] < res.corrected.all_layers < res.ci.all_layers[1]
     plain = wmppc.wmppc(run_a, run_b, engine("relu", no_cache=True))
     assert res.all_layers == pytest.approx(plain.all_layers, abs=1e-6)  # the blocks do not change the score
 
@@ -106,8 +114,11 @@ def test_wmppc_cli_ci_and_calibrate(runs, tmp_path, capsys):
     line = capsys.readouterr().out
     js = json.loads(out.read_text())
     assert set(js["ci"]) == {"all_layers", "last_layer", "layer_matrix"} and "ceiling" not in js  # one seed
-    assert set(js["floor"]) == {"all_layers", "last_layer"} and js["floor"]["all_layers"] < js["all_layers"]
-    assert f"All Layers : {js['all_layers']:.4f} [{js['ci']['all_layers'][0]:.4f}" in line and "floor" in line
+    assert set(js["floor"]) == {"all_layers", "last_layer", "corrected"}
+    assert js["floor"]["all_layers"] < js["all_layers"]
+    assert (f"All Layers : {js['all_layers']:.4f}, corrected {js['corrected']['all_layers']:.4f} "
+            f"[{js['ci']['all_layers'][0]:.4f}" in line and "floor" in line)
+    assert js["floor"]["corrected"]["all_layers"] < js["corrected"]["all_layers"]  # the floor corrected too
     wmppc.main(["--root", str(tmp_path), "--source", "A", "--target", "B", "--null", "permute", "--json", str(out)])
     assert json.loads(out.read_text())["all_layers"] == pytest.approx(js["floor"]["all_layers"], abs=1e-6)
 

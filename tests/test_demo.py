@@ -100,7 +100,7 @@ def test_report_is_calibrated(demo_run):
         run = Run.open(root, name)
         assert run.meta.sae.seeds == [0, 1] and (run.path / "layer00.seed1.sae.safetensors").is_file()
     for pair, w in res["wmppc"].items():
-        assert w["ci"]["all_layers"][0] <= w["all_layers"] <= w["ci"]["all_layers"][1], pair
+        assert w["ci"]["all_layers"][0] <= w["corrected"]["all_layers"] <= w["ci"]["all_layers"][1], pair
         assert {"floor", "ceiling"} <= set(w) and set(res["similarity"][pair]["measures"]) == {
             "cka", "cka_debiased", "svcca", "mknn"}
     # the ceiling is the run against its own second seed, computed here again

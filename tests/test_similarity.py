@@ -90,6 +90,24 @@ def test_measures_equal_float64_brute_force(xy):
     assert 0 < got["mknn"] < 1 and 0 < got["cka"] < 1  # a non-trivial case
 
 
+def test_svcca_on_rank_deficient_activations_is_a_number(tmp_path, capsys, error_line):
+    """--variance 1 on activations of rank 3 in 8 dimensions: the zero-variance components are dropped, and
+    the value equals SVCCA on the rank-3 subspaces; constant activations are one clear line."""
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(N, 3))
+    x = z @ rng.normal(size=(3, 8)) + 2.0
+    y = np.concatenate([z[:, :2], rng.normal(size=(N, 2))], 1) @ rng.normal(size=(4, 6))
+    got = measures(x, y)["svcca"]
+    assert np.isfinite(got) and got == pytest.approx(ref_svcca(z, y, variance=1.0 - 1e-12), abs=1e-6)
+    for name, acts in (("A", x), ("B", y)):
+        make_run(tmp_path, name, {0: acts.astype(np.float32)}, {0: random_sae_state(acts.shape[1], 16)})
+    sim.main(["--root", str(tmp_path), "--source", "A", "--target", "B", "--variance", "1", "--device", "cpu"])
+    assert "nan" not in capsys.readouterr().out
+    make_run(tmp_path, "C", {0: np.ones((N, 8), np.float32)}, {0: random_sae_state(8, 16)})
+    line = error_line(sim.main, ["--root", str(tmp_path), "--source", "A", "--target", "C", "--device", "cpu"])
+    assert "do not vary over the samples" in line
+
+
 def test_invariances(xy):
     x, y = xy
     base = measures(x, y)

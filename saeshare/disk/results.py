@@ -14,14 +14,16 @@ from saeshare.disk.runs import RunMeta
 
 @dataclass
 class Scores:
-    """A wMPPC reference point (a floor or a ceiling)."""
+    """A pair of all-layers and last-layer values: a floor, a ceiling, bias-corrected scores, standard errors."""
     all_layers: float
     last_layer: float
+    corrected: Scores | None = None
+    """A floor's or ceiling's jackknife bias-corrected values (with --ci)."""
 
 
 @dataclass
 class Intervals:
-    """95% jackknife intervals [lo, hi] of every wMPPC reported."""
+    """95% jackknife intervals [lo, hi] of every wMPPC reported: the bias-corrected score ± t_9 se."""
     all_layers: list[float]
     last_layer: list[float]
     layer_matrix: np.ndarray
@@ -47,7 +49,12 @@ class Wmppc(Record):
     source_layers: list[int]
     target_layers: list[int]
     ci: Intervals | None = None
-    """With --ci."""
+    """With --ci: 95% intervals, centred on the bias-corrected scores."""
+    corrected: Scores | None = None
+    """With --ci: the jackknife bias-corrected scores (all_layers / last_layer above are the paper's,
+    uncorrected, for comparison with it)."""
+    se: Scores | None = None
+    """With --ci: the jackknife standard errors."""
     floor: Scores | None = None
     """With --calibrate: A against B's samples permuted."""
     ceiling: Scores | None = None

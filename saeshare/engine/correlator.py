@@ -31,9 +31,11 @@ from saeshare.engine.dense import LayerSize, Moments, Unit
 from saeshare.engine.options import EngineOptions
 
 JACKKNIFE_BLOCKS = 10
+"""Blocks of samples of the delete-one-block jackknife (docs/design.md#calibration)."""
+BLOCK_SEED = 0
+"""Seed of the permutation that assigns samples to jackknife blocks."""
 RECHECK_BATCH = 8192
 """Candidate pairs whose exact products are summed at once (memory: a chunk of samples times this)."""
-"""Contiguous blocks of samples of the delete-one-block jackknife (docs/design.md#calibration)."""
 
 Progress = Callable[[int, int], None]
 """progress(more_total, done): `more_total` steps were added to the work, `done` were finished."""
@@ -65,6 +67,18 @@ def _no_progress(more_total: int, done: int) -> None:
     pass
 
 
+def jackknife_blocks(n: int, n_blocks: int = JACKKNIFE_BLOCKS, seed: int = BLOCK_SEED) -> list[np.ndarray]:
+    """The samples of each jackknife block, sorted: a seeded permutation of the samples cut in near-equal
+    parts. Blocks of stored rows would follow the storage order (a dataset sorted by class makes each
+    block one class, and the interval several times too wide); random blocks do not depend on it."""
+    perm = np.random.default_rng(seed).permutation(n)
+    bounds = [round(j * n / n_blocks) for j in range(n_blocks + 1)]
+    return [np.sort(perm[bounds[j]:bounds[j + 1]]) for j in range(n_blocks)]
+
+
+Rows = slice | np.ndarray
+
+
 class _Path(ABC):
     """What both paths share: the samples' chunks (cut at jackknife blocks) and a memo of each layer's
     moments. A path computes (rho, match, rho_J) of every feature for every pair of A's and B's layers."""
@@ -91,18 +105,20 @@ class _Path(ABC):
     def _compute_moments(self, run: Run, layer: int) -> LayerMoments:
         """A layer's moments over the samples (and without each jackknife block)."""
 
-    def _segments(self, n: int) -> list[tuple[int, int, int]]:
-        """(block, start, stop) of every chunk: chunks never straddle two jackknife blocks."""
-        bounds = [round(j * n / self.n_blocks) for j in range(self.n_blocks + 1)]
-        return [(j, s, min(s + self.chunk_size, bounds[j + 1]))
-                for j in range(self.n_blocks) for s in range(bounds[j], bounds[j + 1], self.chunk_size)]
+    def _segments(self, n: int) -> list[tuple[int, Rows]]:
+        """(block, rows) of every chunk: stored order without the jackknife, else each block's rows in turn
+        (a chunk never straddles two blocks)."""
+        if self.n_blocks == 1:
+            return [(0, slice(s, min(s + self.chunk_size, n))) for s in range(0, n, self.chunk_size)]
+        return [(j, rows[s:s + self.chunk_size]) for j, rows in enumerate(jackknife_blocks(n, self.n_blocks))
+                for s in range(0, len(rows), self.chunk_size)]
 
     def _acts_chunks(self, run: Run, layer: int) -> Iterator[tuple[int, torch.Tensor]]:
         """(block, activations) chunk by chunk, each chunk counted as one step of progress."""
         segments = self._segments(run.n_samples)
         self.progress(len(segments), 0)
-        for j, start, stop in segments:
-            yield j, run.read_acts(layer, slice(start, stop), self.device)
+        for j, rows in segments:
+            yield j, run.read_acts(layer, rows, self.device)
             self.progress(0, 1)
 
     def _scratch(self, run: Run, n_features: int) -> torch.Tensor:
@@ -265,7 +281,7 @@ class Correlator:
 
     def __init__(self, opts: EngineOptions | None = None, method: Literal["dense", "sparse"] | None = None,
                  progress: Progress | None = None, jackknife: bool = False):
-        """jackknife: also each feature's rho and mass without each of JACKKNIFE_BLOCKS contiguous blocks of
+        """jackknife: also each feature's rho and mass without each of JACKKNIFE_BLOCKS random blocks of
         samples, from per-block cross-products (the dense path computes them, whatever the codes)."""
         opts = opts or EngineOptions()
         self.codes: str = opts.codes or "relu"
@@ -311,7 +327,8 @@ class Correlator:
         return {p: found[p] for p in pairs}
 
     def _key(self, run_a: Run, run_b: Run, pair: tuple[int, int]) -> PairKey:
-        return PairKey(run_a.key, run_b.key, *pair, self.codes + ("+ci" if self.n_blocks > 1 else ""))
+        # "+cis": blocks by seeded permutation (entries of the older contiguous blocks, "+ci", are not read)
+        return PairKey(run_a.key, run_b.key, *pair, self.codes + ("+cis" if self.n_blocks > 1 else ""))
 
     def _load(self, cache: PairCache, key: PairKey, n_features: int) -> PairStats | None:
         shapes = {"rho_F": (n_features,), "match_F": (n_features,), "mass_F": (n_features,)}
