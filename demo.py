@@ -33,7 +33,7 @@ from sae import SaeConfig
 from saeshare.core.distributed import resolve_device
 from saeshare.core.options import parse
 from saeshare.disk.results import IMAGE, NULL, TEXT, AttributeMatch, DemoResults, SaeProbes
-from saeshare.disk.runs import Run, poor_fits
+from saeshare.disk.runs import Run, fitting_layers, poor_fits
 from saeshare.engine.correlator import Correlator, tqdm_progress
 from saeshare.engine.options import EngineOptions
 from saeshare.render import demo_report
@@ -42,7 +42,7 @@ from saeshare.render.figures import plot_heatmap
 from saeshare.training.train import TrainConfig, train, trained_run
 from show import GalleryOptions, sharedness_gallery
 from similarity import SimilarityEngine
-from wmppc import pair_scores
+from wmppc import pair_scores, wmppc
 
 
 @dataclass
@@ -181,7 +181,12 @@ def run_demo(cfg: DemoConfig) -> DemoResults:
     similarities = {f"{a}->{b}": sims.compare(runs[a], runs[b]) for a in runs for b in runs if a != b}
     _plots(pairs, list(runs), out)
     calibration_figure(pairs, similarities, out / "calibration.png")
-    shared = top_features(comp_sharedness(runs[IMAGE], [runs[TEXT]], [runs[NULL]], engine), cfg.top)
+    # the headline and the shared features read only layers whose SAEs fit the recorded token
+    # (a run none of whose layers fits is read whole: there is nothing better to read)
+    fit = {n: r.with_layers(fitting_layers(r) or r.layers) for n, r in runs.items()}
+    left_out = {n: [layer for layer in r.layers if layer not in fit[n].layers] for n, r in runs.items()}
+    headline = {f"{IMAGE}->{b}": wmppc(fit[IMAGE], fit[b], with_ci) for b in (TEXT, NULL)}
+    shared = top_features(comp_sharedness(fit[IMAGE], [fit[TEXT]], [fit[NULL]], engine), cfg.top)
     shared.save(out / "comp_sharedness.json")
     gallery = sharedness_gallery(shared, GalleryOptions(root=str(root), out=str(out / "imgs" / "shared"),
                                                         overwrite=True, device=cfg.device))
@@ -194,7 +199,7 @@ def run_demo(cfg: DemoConfig) -> DemoResults:
         gallery=str(gallery.index.relative_to(out.resolve())),
         grids=[str(gallery.grids[IMAGE, f.feature].relative_to(out.resolve())) for f in shared.features],
         seconds=time.perf_counter() - t0, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        probes=probes)
+        probes=probes, headline=headline, left_out={n: v for n, v in left_out.items() if v})
     results.save(out / "results.json")
     demo_report.write(results, out)
     return results

@@ -6,6 +6,7 @@ A new encoder family is one subclass decorated with `@register`.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 from pathlib import Path
 from typing import Any, ClassVar
@@ -95,7 +96,7 @@ class Encoder:
     def __init__(self, checkpoint: str | None = None, device: str | torch.device = "cpu", token: str | None = None):
         self.checkpoint = checkpoint or self.default_checkpoint
         self.device = torch.device(device)
-        self.token = token or self.default_token
+        self.token = token or self.token_for(self.checkpoint)
         if self.token not in TOKENS:
             raise UserError(f"unknown --token {self.token!r}; choose from {', '.join(TOKENS)}")
         if self.checkpoint.startswith(("/", "./", "../", "~")) and not _is_local(self.checkpoint):
@@ -109,6 +110,11 @@ class Encoder:
         self.blocks: list[nn.Module] = list(self.find_blocks())
 
     # --- per family -------------------------------------------------------------------------------
+    @classmethod
+    def token_for(cls, checkpoint: str | None) -> str:
+        """The token recorded when --token is not given: the family's own (docs/design.md#pooled-token)."""
+        return cls.default_token
+
     def load(self) -> nn.Module:
         """Build the model and its preprocessing (set as attributes); raise on a bad checkpoint."""
         raise NotImplementedError
@@ -385,6 +391,25 @@ class _HFText(Encoder):
     block_paths = ("encoder.layer", "layers", "encoder.layers")
     max_length = 128
 
+    @classmethod
+    def folder(cls, checkpoint: str) -> Path | None:
+        """The checkpoint's local folder, if it is one."""
+        return Path(checkpoint).expanduser() if _is_local(checkpoint) else None
+
+    @classmethod
+    def token_for(cls, checkpoint: str | None) -> str:
+        """A sentence-transformers checkpoint says how it was trained to pool (`1_Pooling/config.json`):
+        all-MiniLM-L6-v2 means its tokens, so its [CLS] is a token nothing was trained to read."""
+        folder = cls.folder(checkpoint or cls.default_checkpoint)
+        config = folder / "1_Pooling" / "config.json" if folder is not None else None
+        if config is not None and config.is_file():
+            pooling = json.loads(config.read_text())
+            if pooling.get("pooling_mode_mean_tokens"):
+                return "mean"
+            if pooling.get("pooling_mode_cls_token"):
+                return "cls"
+        return cls.default_token
+
     def load(self):
         from transformers import AutoModel, AutoTokenizer
 
@@ -413,6 +438,10 @@ def minilm_path() -> str:
 class Bert(_HFText):
     checkpoint_flag = "--bert_model_name"
     default_checkpoint = "bert-large-uncased"
+
+    @classmethod
+    def folder(cls, checkpoint: str) -> Path | None:
+        return Path(minilm_path()) if checkpoint in MINILM_NAMES else super().folder(checkpoint)
 
     def hf_id(self) -> str:
         return minilm_path() if self.checkpoint in MINILM_NAMES else super().hf_id()

@@ -23,7 +23,8 @@ class Scores:
 
 @dataclass
 class Intervals:
-    """95% jackknife intervals [lo, hi] of every wMPPC reported: the bias-corrected score ± t_9 se."""
+    """95% jackknife intervals [lo, hi] of every wMPPC reported, centred on the bias-corrected score (see
+    wmppc.jackknife)."""
     all_layers: list[float]
     last_layer: list[float]
     layer_matrix: np.ndarray
@@ -59,6 +60,16 @@ class Wmppc(Record):
     """With --calibrate: A against B's samples permuted."""
     ceiling: Scores | None = None
     """With --calibrate, when A has several SAE seeds: A's first seed against its others."""
+
+    def near_floor(self) -> str | None:
+        """One line when the all-layers score (corrected) is within two standard errors of its floor."""
+        if self.se is None or self.floor is None:
+            return None
+        score, floor = self.corrected.all_layers, (self.floor.corrected or self.floor).all_layers
+        if score - floor >= 2 * self.se.all_layers:
+            return None
+        return (f"{self.source} -> {self.target}: {score:.4f} is within two standard errors "
+                f"({self.se.all_layers:.4f}) of its floor {floor:.4f}: no sharing above chance is shown")
 
 
 @dataclass
@@ -300,6 +311,11 @@ class DemoResults(Compared, Record):
     peak_rss_gib: float
     probes: SaeProbes | None = None
     """None with --no_probes."""
+    headline: dict[str, Wmppc] = field(default_factory=dict)
+    """"A->B" -> wMPPC of the image run against the text and null runs on the layers whose SAEs fit the
+    recorded token (fvu_pooled <= 1), with interval and bias correction."""
+    left_out: dict[str, list[int]] = field(default_factory=dict)
+    """Run -> the layers the headline and the top shared features leave out (their SAEs do not fit)."""
 
 
 @dataclass

@@ -231,6 +231,12 @@ class Run:
         other.seed, other._sae_cache = seed, {}
         return other
 
+    def with_layers(self, layers: list[int]) -> "Run":
+        """The same run with only some of its layers (cached layer pairs stay valid: they are keyed by layer)."""
+        other = copy.copy(self)
+        other.meta = dataclasses.replace(self.meta, layers=[self.resolve_layer(layer) for layer in layers])
+        return other
+
     def permuted(self, seed: int = NULL_SEED) -> "Run":
         """The same run with its samples permuted (no retraining): whatever it shares with another run
         over the same samples is chance, which makes it a floor."""
@@ -389,6 +395,12 @@ def poor_fits(run: Run) -> list[tuple[int, float]]:
         if fit is not None and fit.fvu_pooled is not None and fit.fvu_pooled > 1:
             out.append((layer, fit.fvu_pooled))
     return out
+
+
+def fitting_layers(run: Run) -> list[int]:
+    """The layers whose SAE fits the recorded pooled token (fvu_pooled <= 1)."""
+    poor = {layer for layer, _ in poor_fits(run)}
+    return [layer for layer in run.layers if layer not in poor]
 
 
 def warn_pooled_fit(run: Run) -> None:

@@ -6,16 +6,18 @@ from pathlib import Path
 
 import numpy as np
 
-from saeshare.disk.results import MEASURES, Similarity, Wmppc
+from saeshare.disk.results import MEASURES, Scores, Similarity, Wmppc
 from saeshare.render.figures import pyplot, save
 from saeshare.render.sections import Section, Table, Text
 
-CALIBRATION = ("wMPPC with its 95% jackknife interval (10 blocks of samples), its floor (B's samples permuted: "
+CALIBRATION = ("wMPPC as the paper computes it, then corrected for its small-sample bias with its 95% interval "
+               "(delete-one-block jackknife, 10 random blocks of samples), its floor (B's samples permuted: "
                "chance) and its ceiling (A's SAE seed 0 against seed 1: what SAE randomness alone allows); beside it "
                "the classic measures on the last layers' pooled activations, each with its permutation floor "
                "(their ceiling is 1).")
 
-CAL_HEAD = ["pair (A -> B)", "wMPPC all layers [95% CI]", "floor", "ceiling", "wMPPC last layer [95% CI]",
+CAL_HEAD = ["pair (A -> B)", "wMPPC all layers, corrected [95% CI]", "floor", "ceiling",
+            "wMPPC last layer, corrected [95% CI]",
             *(f"{m} (floor)" for m in MEASURES)]
 
 
@@ -23,10 +25,14 @@ def _row(pair: str, wmppc: dict[str, Wmppc], similarity: dict[str, Similarity]) 
     w, sim = wmppc[pair], similarity.get(pair)
 
     def score(key: str) -> str:
-        ci = getattr(w.ci, key) if w.ci else None
-        return f"{getattr(w, key):.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-    return [pair, score("all_layers"), f"{w.floor.all_layers:.3f}" if w.floor else "–",
-            f"{w.ceiling.all_layers:.3f}" if w.ceiling else "–", score("last_layer"),
+        if w.ci is None:
+            return f"{getattr(w, key):.3f}"
+        lo, hi = getattr(w.ci, key)
+        return f"{getattr(w, key):.3f}, {getattr(w.corrected, key):.3f} [{lo:.3f}, {hi:.3f}]"
+
+    def ref(scores: Scores | None) -> str:
+        return "–" if scores is None else f"{(scores.corrected or scores).all_layers:.3f}"
+    return [pair, score("all_layers"), ref(w.floor), ref(w.ceiling), score("last_layer"),
             *(f"{sim.measures[m].last_layer:.3f} ({sim.floor[m]:.3f})" if sim else "–" for m in MEASURES)]
 
 

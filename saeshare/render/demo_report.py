@@ -18,6 +18,7 @@ from saeshare.disk.results import (
     DemoResults,
     ProbeResults,
     SaeProbes,
+    Wmppc,
 )
 from saeshare.disk.runs import RunMeta
 from saeshare.render.calibration import calibration_sections
@@ -57,10 +58,23 @@ FEAT_HEAD = ["feature", "Delta", "mass S", f"rho -> {TEXT} (match)", f"rho -> {N
              f"best attribute of {IMAGE} feature", f"best attribute of matched {TEXT} feature"]
 
 
+def _with_correction(w: Wmppc, key: str) -> str:
+    value = f"{getattr(w, key):.3f}"
+    if w.corrected is None:
+        return value
+    lo, hi = getattr(w.ci, key)
+    return f"{value} (corrected {getattr(w.corrected, key):.3f} [{lo:.3f}, {hi:.3f}])"
+
+
 def headline(res: DemoResults) -> str:
-    text, null = res.wmppc[f"{IMAGE}->{TEXT}"], res.wmppc[f"{IMAGE}->{NULL}"]
-    return (f"wMPPC {IMAGE} -> {TEXT}: all layers {text.all_layers:.3f}, last layer {text.last_layer:.3f}; "
-            f"{IMAGE} -> {NULL} (null): all layers {null.all_layers:.3f}, last layer {null.last_layer:.3f}")
+    """wMPPC of the image run against the text and null runs, on the layers whose SAEs fit their token."""
+    scores = res.headline or res.wmppc
+    text, null = scores[f"{IMAGE}->{TEXT}"], scores[f"{IMAGE}->{NULL}"]
+    left = "; ".join(f"{n} layers {', '.join(map(str, v))}" for n, v in res.left_out.items())
+    return (f"wMPPC {IMAGE} -> {TEXT}: all layers {_with_correction(text, 'all_layers')}, last layer "
+            f"{_with_correction(text, 'last_layer')}; {IMAGE} -> {NULL} (null): all layers "
+            f"{_with_correction(null, 'all_layers')}, last layer {_with_correction(null, 'last_layer')}"
+            + (f"; left out (SAEs that do not fit the recorded token): {left}" if left else ""))
 
 
 INTRO = (f"Two real pretrained encoders that ship in PyPI packages, EfficientNet-Lite0 (`{IMAGE}`, images) and "
@@ -218,10 +232,12 @@ def summary(res: DemoResults, out: Path) -> str:
     failed = [text for ok, text in checks(res) if not ok]
     return (f"report: {out / 'report.html'} (and report.md)\n{headline(res)}\n"
             f"top shared {IMAGE} features: {best}\n"
-            + "".join(f"{p}: wMPPC {w.all_layers:.3f} [{w.ci.all_layers[0]:.3f}, {w.ci.all_layers[1]:.3f}], floor "
-                      f"{w.floor.all_layers:.3f}, ceiling {w.ceiling.all_layers:.3f}; "
+            + "".join(f"{p}: wMPPC {_with_correction(w, 'all_layers')}, floor "
+                      f"{(w.floor.corrected or w.floor).all_layers:.3f}, "
+                      f"ceiling {(w.ceiling.corrected or w.ceiling).all_layers:.3f}; "
                       + ", ".join(f"{m} {res.similarity[p].measures[m].last_layer:.3f}" for m in MEASURES) + "\n"
                       for p, w in res.wmppc.items())
+            + "".join(f"{w.near_floor()}\n" for w in res.wmppc.values() if w.near_floor())
             + (f"checks FAILED: {'; '.join(failed)}\n" if failed else "checks: all passed\n")
             + f"{len(res.poor_fits)} SAE layers fit the recorded pooled token worse than its mean\n"
             + "".join(f"{line}\n" for line in (probe_findings(res.probes) if res.probes else []))

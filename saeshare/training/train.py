@@ -125,7 +125,7 @@ def trained_run(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str,
         return None
     meta, cls = run.meta, get_encoder_class(cfg.model, modality)
     same = (meta.model == cfg.model and meta.checkpoint == (cfg.checkpoint or cls.default_checkpoint)
-            and meta.token == (cfg.token or cls.default_token) and meta.image_size == cfg.image_size
+            and meta.token == (cfg.token or cls.token_for(cfg.checkpoint)) and meta.image_size == cfg.image_size
             and meta.acts_dtype == cfg.acts_dtype and meta.sae == _settings(cfg, sae_cfg, modality)
             and meta.random_init == cfg.random_init
             and meta.n_layers_model is not None
