@@ -134,12 +134,14 @@ def table_of(names: list[str], pairs: dict[tuple[str, str], Wmppc], codes: str) 
         return out
 
     res = WmppcTable(names, codes, table(lambda r: r.all_layers), table(lambda r: r.last_layer))
+    keys = ("all_layers", "last_layer")
     if first.ci is not None:
-        res.ci = {k: table(lambda r: getattr(r.ci, k)) for k in ("all_layers", "last_layer")}
+        res.ci = {k: table(lambda r: getattr(r.ci, k)) for k in keys}
+        res.corrected = {k: table(lambda r: getattr(r.corrected, k)) for k in keys}
     if first.floor is not None:
-        res.floor = {k: table(lambda r: getattr(r.floor, k)) for k in ("all_layers", "last_layer")}
+        res.floor = {k: table(lambda r: getattr(r.floor.corrected or r.floor, k)) for k in keys}
         if all(r.ceiling is not None for r in pairs.values()):
-            res.ceiling = {k: table(lambda r: getattr(r.ceiling, k)) for k in ("all_layers", "last_layer")}
+            res.ceiling = {k: table(lambda r: getattr(r.ceiling.corrected or r.ceiling, k)) for k in keys}
     return res
 
 

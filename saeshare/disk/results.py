@@ -85,7 +85,10 @@ class WmppcTable(Record):
     last_layer: np.ndarray
     """[R, R]."""
     ci: dict[str, np.ndarray] | None = None
-    """"all_layers"/"last_layer" -> [R, R, 2] intervals (with --ci)."""
+    """"all_layers"/"last_layer" -> [R, R, 2] intervals, around the corrected scores (with --ci)."""
+    corrected: dict[str, np.ndarray] | None = None
+    """"all_layers"/"last_layer" -> [R, R] bias-corrected scores (with --ci); floors and ceilings above are
+    the corrected ones when computed with --ci."""
     floor: dict[str, np.ndarray] | None = None
     """"all_layers"/"last_layer" -> [R, R] (with --calibrate)."""
     ceiling: dict[str, np.ndarray] | None = None

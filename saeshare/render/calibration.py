@@ -46,8 +46,13 @@ def calibration_figure(pairs: dict[str, Wmppc], similarities: dict[str, Similari
     ceiling as marks."""
     plt = pyplot()
     names = list(pairs)
-    panels = [("wMPPC (all layers)", [pairs[p].all_layers for p in names], [pairs[p].floor.all_layers for p in names],
-               [pairs[p].ceiling.all_layers if pairs[p].ceiling else np.nan for p in names],
+    # with the jackknife: corrected scores, floors and ceilings, the interval around the corrected score
+    def value(s: Scores | Wmppc | None) -> float:
+        return np.nan if s is None else (s.corrected or s).all_layers
+
+    corrected = all(pairs[p].corrected is not None for p in names)
+    panels = [(f"wMPPC (all layers{', corrected' if corrected else ''})", [value(pairs[p]) for p in names],
+               [value(pairs[p].floor) for p in names], [value(pairs[p].ceiling) for p in names],
                [pairs[p].ci.all_layers for p in names] if all(pairs[p].ci for p in names) else None)]
     panels += [(f"{m} (last layer)", [similarities[p].measures[m].last_layer for p in names],
                 [similarities[p].floor[m] for p in names], [similarities[p].ceiling[m] for p in names], None)
