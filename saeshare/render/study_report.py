@@ -69,6 +69,8 @@ def write(res: StudyResults, out: Path) -> None:
 def summary(res: StudyResults, out: Path) -> str:
     return (f"report: {out / 'report.html'} (and report.md)\n"
             + "".join(f"{pair}: wMPPC all layers {w.all_layers:.3f}, last layer {w.last_layer:.3f}"
+                      + (f" (corrected {w.corrected.all_layers:.3f}, {w.corrected.last_layer:.3f})"
+                         if w.corrected else "")
                       + (f", floor {(w.floor.corrected or w.floor).all_layers:.3f}" if w.floor else "")
                       + (f", ceiling {(w.ceiling.corrected or w.ceiling).all_layers:.3f}" if w.ceiling else "") + "\n"
                       for pair, w in res.wmppc.items()).rstrip())
