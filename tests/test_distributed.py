@@ -42,6 +42,22 @@ def _launch(script: str, args: list[str], procs: int, timeout: float = 240) -> s
     return subprocess.run([*head, script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _assert_close(got, want, path: str = "") -> None:
+    """Two parsed JSON files equal, their numbers to 1e-9."""
+    if isinstance(want, dict):
+        assert set(got) == set(want), path
+        for k in want:
+            _assert_close(got[k], want[k], f"{path}.{k}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_close(g, w, f"{path}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, abs=1e-9), path
+    else:
+        assert got == want, path
+
+
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory):
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
@@ -81,7 +97,9 @@ def test_two_ranks_equal_one_process_and_resume(roots, tmp_path):
     again = _launch("wmppc.py", ["--root", str(two), *args, "--json", str(tmp_path / "again.json")], 2)
     assert again.returncode == 0, again.stderr
     assert all(p.is_file() for p in dropped) and all(p.stat().st_mtime_ns == stamp[p] for p in kept)
-    assert (tmp_path / "again.json").read_text() == (tmp_path / "one.json").read_text()
+    # recomputing a part of the matrix packs its layers into other groups: a few products round differently
+    # (the corrected floors read every block's maxima), so equal to 1e-9, not bitwise
+    _assert_close(json.loads((tmp_path / "again.json").read_text()), json.loads((tmp_path / "one.json").read_text()))
 
     sim_args = ["--runs", *WIDTHS, "--device", "cpu", "--k", "5"]
     s1 = _launch("similarity.py", ["--root", str(one), *sim_args, "--json", str(tmp_path / "s1.json")], 1)
