@@ -165,6 +165,10 @@ class SimilarityEngine:
         if hit is not None:
             return {m: float(v) for m, v in hit.items()}
         sx, sy = self._side(run_a, a), self._side(run_b, b)
+        for run, layer, side in ((run_a, a, sx), (run_b, b, sy)):
+            if not float(side.gram_DD.abs().max()) > 0:  # every measure would divide by 0
+                raise UserError(f"run {run.name!r} layer {layer}: the activations do not vary over the samples; "
+                                "no similarity measure is defined")
         xty = cross_gram(self._chunks(run_a, a)(), self._chunks(run_b, b)(), sx, sy)
         out = {"cka": cka(sx, sy, xty), "cka_debiased": cka_debiased(sx, sy, xty),
                "svcca": svcca(sx, sy, xty, self.variance),
