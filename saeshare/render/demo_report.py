@@ -129,6 +129,17 @@ def _probe_tables(p: SaeProbes) -> list[tuple[str, list[str], list[list[str]]]]:
                                                   *(f"LCA depth {k}" for k in ONTOLOGY_KINDS)], onto_rows)]
 
 
+def _random_verdict(layers: list[int], sae: np.ndarray, rnd: np.ndarray) -> str:
+    """Where random features of the SAE's width match or beat it (within half a point), layer by layer."""
+    match = [str(layer) for layer, a, r in zip(layers, sae, rnd) if r >= a - 0.005]
+    below = [str(layer) for layer, a, r in zip(layers, sae, rnd) if r < a - 0.005]
+    if not below:
+        return "match or beat the SAE at every layer"
+    if not match:
+        return "fall below the SAE at every layer"
+    return f"match or beat the SAE at layers {', '.join(match)} and fall below it at {', '.join(below)}"
+
+
 def probe_findings(p: SaeProbes) -> list[str]:
     """Which of SAE or raw wins where, in words."""
     out = []
@@ -138,7 +149,7 @@ def probe_findings(p: SaeProbes) -> list[str]:
             wins = [str(layer) for layer, a, b in zip(res.layers, sae, raw) if a > b]
             out.append(f"{name} probes {what}: SAE above raw at layers {', '.join(wins) or 'none'} of "
                        f"{', '.join(map(str, res.layers))}; random features of the same width "
-                       f"{'match or beat' if (rnd >= sae - 0.005).all() else 'fall below'} the SAE")
+                       + _random_verdict(res.layers, sae, rnd))
         for o in p.ood[name]:
             best = {sc: max(o.metrics[sc]["auroc"]) for sc in OOD_SCORES}
             top = max(best, key=best.get)
