@@ -59,7 +59,11 @@ def _fail(line: str) -> None:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a UserError (one line) instead of usage text plus a line."""
+    """argparse that reports a bad flag as a UserError (one line) instead of usage text plus a line, and
+    takes flags only as spelled: `--sourc` is a mistake, not `--source`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message):
         raise UserError(f"{self.prog}: {message} (see --help)")

@@ -163,3 +163,27 @@ def test_nan_from_the_encoder_names_layer_and_sample(tmp_path, error_line, monke
                                         "--no-shuffle", "--batch_size", "3", "--layers", "1"])
     assert "layer 1: NaN or inf in the encoder's activations of sample 1 (id 'seed0/1')" in line
     assert not (tmp_path / "x").exists()
+
+
+def test_every_file_of_a_run_has_the_umask_permissions(tmp_path):
+    """safetensors writes 0600; a run's SAEs must be as readable as its run.json (a shared group folder)."""
+    import os
+    import stat
+
+    from synthetic import make_run, random_sae_state
+
+    run = make_run(tmp_path, "R", {0: np.zeros((20, 4), np.float32) + np.arange(20)[:, None]},
+                   {0: random_sae_state(4, 8)})
+    modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in run.path.iterdir()}
+    mask = os.umask(0)
+    os.umask(mask)
+    assert set(modes.values()) == {0o666 & ~mask}, modes
+
+
+def test_flags_are_not_abbreviated_and_a_run_name_holds_no_seed(tmp_path, error_line):
+    import wmppc
+    from saeshare.disk.runs import RunWriter
+
+    assert "unrecognized arguments: --sourc" in error_line(wmppc.main, ["--sourc", "A", "--target", "B"])
+    with pytest.raises(UserError, match="'@' addresses an SAE seed"):
+        RunWriter(tmp_path, "v@1")

@@ -27,12 +27,21 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` writes the file at a temporary name, then it is renamed to `path` in one step."""
     path = Path(path)
     tmp = tmp_name(path)
     try:
         write(tmp)
+        # some writers (safetensors) create their files 0600: collaborators sharing the folder could not
+        # read them; every file gets what the process's umask gives
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -147,6 +147,9 @@ class RunWriter:
     def __init__(self, root: str | Path, runname: str, overwrite: bool = False):
         if not runname or "/" in runname or runname.startswith("."):
             raise OptionError("runname", f"invalid {{opt}} {runname!r}: use a plain folder name")
+        if "@" in runname:  # a run named v@1 could never be read: RUN@SEED addresses seed 1 of run v
+            raise OptionError("runname", f"invalid {{opt}} {runname!r}: '@' addresses an SAE seed (RUN@SEED); "
+                                         "use a name without it")
         self.final = Path(root) / runname
         self.overwrite = overwrite
         self._check_free(self.final)  # before any work
