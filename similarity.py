@@ -79,12 +79,11 @@ carries no direction to correlate (dividing by its sqrt would give NaN), so SVCC
 
 def _principal(gram: torch.Tensor, variance: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(eigenvalues, eigenvectors) of the fewest principal components explaining `variance`, among those
-    of non-zero variance (`variance` 1 keeps them all)."""
+    of non-zero variance (`variance` 1 keeps them all). Activations that do not vary at all are refused
+    before (SimilarityEngine._side)."""
     val, vec = torch.linalg.eigh(gram)
     val, vec = val.flip(0).clamp_min(0), vec.flip(1)
-    positive = int((val > val[0] * ZERO_VARIANCE).sum()) if val[0] > 0 else 0
-    if positive == 0:
-        raise UserError("SVCCA: the activations do not vary over the samples (every principal component is 0)")
+    positive = int((val > val[0] * ZERO_VARIANCE).sum())
     val, vec = val[:positive], vec[:, :positive]
     share = torch.tensor(variance, dtype=val.dtype, device=val.device)
     keep = min(int(torch.searchsorted(val.cumsum(0) / val.sum(), share)) + 1, positive)
@@ -149,7 +148,11 @@ class SimilarityEngine:
 
     def _side(self, run: Run, layer: int) -> SideStats:
         if (run.key, layer) not in self._sides:
-            self._sides[run.key, layer] = side_stats(self._chunks(run, layer), run.n_samples)
+            side = side_stats(self._chunks(run, layer), run.n_samples)
+            if not float(side.gram_DD.abs().max()) > 0:  # every measure would divide by 0
+                raise UserError(f"run {run.name!r} layer {layer}: the activations do not vary over the samples; "
+                                "no similarity measure is defined")
+            self._sides[run.key, layer] = side
         return self._sides[run.key, layer]
 
     def _knn_of(self, run: Run, layer: int) -> torch.Tensor:
@@ -165,10 +168,6 @@ class SimilarityEngine:
         if hit is not None:
             return {m: float(v) for m, v in hit.items()}
         sx, sy = self._side(run_a, a), self._side(run_b, b)
-        for run, layer, side in ((run_a, a, sx), (run_b, b, sy)):
-            if not float(side.gram_DD.abs().max()) > 0:  # every measure would divide by 0
-                raise UserError(f"run {run.name!r} layer {layer}: the activations do not vary over the samples; "
-                                "no similarity measure is defined")
         xty = cross_gram(self._chunks(run_a, a)(), self._chunks(run_b, b)(), sx, sy)
         out = {"cka": cka(sx, sy, xty), "cka_debiased": cka_debiased(sx, sy, xty),
                "svcca": svcca(sx, sy, xty, self.variance),

@@ -176,8 +176,9 @@ def main(argv=None):
         target = run_b.permuted() if args.null == "permute" else run_b
         res = (calibrated if args.calibrate else wmppc)(run_a, target, engine)
         print(_line(res))
-        if res.near_floor():
-            print(res.near_floor())
+        near = res.near_floor()
+        if near:
+            print(near)
         if args.plot:
             plot_heatmap(res.layer_matrix, [str(a) for a in res.source_layers], [str(b) for b in res.target_layers],
                          f"{res.source} layer", f"{res.target} layer",

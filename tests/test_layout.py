@@ -90,7 +90,7 @@ def test_the_root_is_a_menu_of_commands():
         assert mains, f"{stem}.py is at the root but is not a command: move it into saeshare/"
 
 
-def test_the_checks_see_a_planted_violation(tmp_path, monkeypatch):
+def test_the_checks_see_a_planted_violation(tmp_path):
     """The rules above read real imports: a package module importing a command is caught."""
     known = {**_project_modules(), "saeshare.fake": tmp_path / "fake.py"}
     (tmp_path / "fake.py").write_text("def f():\n    from wmppc import main\n")

@@ -88,6 +88,7 @@ class _Path(ABC):
         self.codes, self.n_blocks, self.device, self.chunk_size = codes, n_blocks, device, chunk_size
         self.mem_bytes, self.progress = mem_bytes, progress
         self._moments: dict[tuple[str, int], LayerMoments] = {}
+        self._segments_of: dict[int, list[tuple[int, Rows]]] = {}
 
     def moments(self, run: Run, layer: int) -> LayerMoments:
         if (run.key, layer) not in self._moments:
@@ -107,11 +108,14 @@ class _Path(ABC):
 
     def _segments(self, n: int) -> list[tuple[int, Rows]]:
         """(block, rows) of every chunk: stored order without the jackknife, else each block's rows in turn
-        (a chunk never straddles two blocks)."""
-        if self.n_blocks == 1:
-            return [(0, slice(s, min(s + self.chunk_size, n))) for s in range(0, n, self.chunk_size)]
-        return [(j, rows[s:s + self.chunk_size]) for j, rows in enumerate(jackknife_blocks(n, self.n_blocks))
-                for s in range(0, len(rows), self.chunk_size)]
+        (a chunk never straddles two blocks). Every pass over a layer reads them: drawn once per N."""
+        if n not in self._segments_of:
+            self._segments_of[n] = (
+                [(0, slice(s, min(s + self.chunk_size, n))) for s in range(0, n, self.chunk_size)]
+                if self.n_blocks == 1 else
+                [(j, rows[s:s + self.chunk_size]) for j, rows in enumerate(jackknife_blocks(n, self.n_blocks))
+                 for s in range(0, len(rows), self.chunk_size)])
+        return self._segments_of[n]
 
     def _acts_chunks(self, run: Run, layer: int) -> Iterator[tuple[int, torch.Tensor]]:
         """(block, activations) chunk by chunk, each chunk counted as one step of progress."""

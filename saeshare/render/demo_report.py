@@ -248,7 +248,7 @@ def summary(res: DemoResults, out: Path) -> str:
                       f"ceiling {(w.ceiling.corrected or w.ceiling).all_layers:.3f}; "
                       + ", ".join(f"{m} {res.similarity[p].measures[m].last_layer:.3f}" for m in MEASURES) + "\n"
                       for p, w in res.wmppc.items())
-            + "".join(f"{w.near_floor()}\n" for w in res.wmppc.values() if w.near_floor())
+            + "".join(f"{line}\n" for line in map(Wmppc.near_floor, res.wmppc.values()) if line)
             + (f"checks FAILED: {'; '.join(failed)}\n" if failed else "checks: all passed\n")
             + f"{len(res.poor_fits)} SAE layers fit the recorded pooled token worse than its mean\n"
             + "".join(f"{line}\n" for line in (probe_findings(res.probes) if res.probes else []))
