@@ -11,7 +11,7 @@ other settings is refused without --overwrite), then computes the wMPPC of every
 floors, ceilings and intervals as asked), the classic measures, each Comparative Sharedness group with
 previews, and writes <out>/report.md and <out>/report.html. Runs are renamed into place only when complete
 and every correlation is cached, so the same command, interrupted anywhere, resumes where it stopped.
-Under torchrun the ranks share each training (train_dist.py) and the layer pairs of the analyses.
+Under torchrun the ranks share each training (saeshare/training/torchrun.py) and the layer pairs of the analyses.
 """
 from __future__ import annotations
 
@@ -255,7 +255,7 @@ def run_study(study: Study, encoders: list[tuple[str, TrainConfig]], overwrite: 
         print(dry_run(study, steps))
         return None
     study.root.mkdir(parents=True, exist_ok=True)
-    for step in steps:  # under torchrun every rank takes part in the training (train_dist)
+    for step in steps:  # under torchrun every rank takes part in the training (training.torchrun)
         if step.reuse:
             print(f"reusing {study.root / step.cfg.runname} (same settings)")
         else:

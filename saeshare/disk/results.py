@@ -295,7 +295,7 @@ IMAGE, TEXT, NULL = "effnet", "minilm", "null"
 
 @dataclass
 class DemoResults(Compared, Record):
-    """Everything demo.py measured; report.py renders it."""
+    """Everything demo.py measured; saeshare.render.demo_report renders it."""
     KIND = "demo"
     SCHEMA = 1
 
