@@ -21,7 +21,7 @@ from errors import UserError, check_at_least, cli
 from saeshare.core import distributed
 from saeshare.core.options import check_output, parse
 from saeshare.disk.results import SharedFeature, SharednessReport
-from saeshare.disk.runs import PERMUTED, Run, open_runs
+from saeshare.disk.runs import PERMUTED, Run, open_runs, run_warnings
 from saeshare.engine.correlator import Correlator, tqdm_progress
 from saeshare.engine.options import EngineOptions
 
@@ -122,12 +122,13 @@ def main(argv=None):
     args = parse(SharednessArgs, argv, "Comparative Sharedness of the features of one run")
     distributed.init(args.torch_device)
     engine = Correlator(args, progress=tqdm_progress("correlations"))
-    source, *others = open_runs(args.root, [args.source, *args.min_group, *args.max_group])
+    source, *others = open_runs(args.root, [args.source, *args.min_group, *args.max_group], verbose=args.verbose)
     others = [r.permuted() for r in others] if args.null == "permute" else others
     res = comp_sharedness(source, others[:len(args.min_group)], others[len(args.min_group):], engine)
     report = top_features(res, args.top)
     print(format_features(res, report.features))
     if args.json:
+        report = dataclasses.replace(report, warnings=[w for r in [source, *others] for w in run_warnings(r)])
         (_plain_names(report) if args.null == "permute" else report).save(args.json)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import data
 import record
 from comp_sharedness import comp_sharedness, top_features
-from errors import OptionError, check_at_least, cli
+from errors import OptionError, check_at_least, check_positive, cli
 from ontology import OntologyArgs, load_hierarchy, ontology
 from ood import KNN_K, ood
 from probe import ProbeArgs, probe
@@ -77,6 +77,7 @@ class DemoConfig:
     def __post_init__(self):
         check_at_least("max_samples", self.max_samples, 20)
         check_at_least("top", self.top, 1)
+        check_positive("image_size", self.image_size)
         if len(set(self.seeds)) < 2:
             raise OptionError("seeds", "{opt} takes two or more distinct seeds: the second gives the ceiling")
         if self.paper_defaults:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import os
 import sys
@@ -28,6 +29,10 @@ class OptionError(UserError):
         return UserError(self.template.format(opt=f"--{self.option}"))
 
 
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+"""Errors of the disk, not of the code: a full disk or quota, a read-only or forbidden folder."""
+
+
 def cli(main):
     """Wrap a CLI entry point: UserError and Ctrl-C become one line on stderr and exit code 2 / 130."""
 
@@ -39,6 +44,12 @@ def cli(main):
             _fail(f"error: {e.as_flag()}")
         except UserError as e:
             _fail(f"error: {e}")
+        except OSError as e:
+            if e.errno not in DISK_ERRORS:
+                raise
+            where = f" ({e.filename})" if e.filename else ""
+            _fail(f"error: {e.strerror or e}{where}; files are written under a temporary name and renamed "
+                  "when complete, so earlier results are intact")
         except KeyboardInterrupt:
             print("interrupted: nothing complete was overwritten", file=sys.stderr)
             sys.exit(130)

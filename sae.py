@@ -66,13 +66,14 @@ class Fvu:
         self.n = 0
 
     @torch.no_grad()
-    def update(self, x_ND: Tensor, x_hat_ND: Tensor) -> None:
-        """Sums stay on the device: no synchronisation until value() is read."""
+    def update(self, x_ND: Tensor, x_hat_ND: Tensor) -> tuple[Tensor, Tensor]:
+        """Sums stay on the device: no synchronisation until value() is read. Returns the batch's own
+        squared error and variance (sum over rows of |x - batch mean|^2)."""
         x = x_ND.double()
-        self.sq_err = self.sq_err + (x - x_hat_ND.double()).pow(2).sum()
-        self.sum_D = self.sum_D + x.sum(0)
-        self.sum_sq = self.sum_sq + x.pow(2).sum()
+        sq_err, sum_D, sum_sq = (x - x_hat_ND.double()).pow(2).sum(), x.sum(0), x.pow(2).sum()
+        self.sq_err, self.sum_D, self.sum_sq = self.sq_err + sq_err, self.sum_D + sum_D, self.sum_sq + sum_sq
         self.n += x.shape[0]
+        return sq_err, sum_sq - sum_D.pow(2).sum() / x.shape[0]
 
     def value(self) -> float:
         """NaN before any data or when x is constant (no variance to explain)."""
@@ -256,6 +257,10 @@ class SaeMetrics(NamedTuple):
     l0: float
     dead_fraction: float
     tokens_seen: int
+    steps: int
+    fvu_fall: float | None
+    """How much the batches' FVU still fell over the last fifth of the steps, relative to the fifth before
+    (0.2: by a fifth); None under 10 steps. Well above 0 means the SAE had not converged."""
 
 
 class SaeTrainer:
@@ -274,6 +279,8 @@ class SaeTrainer:
         self.fvu = Fvu()
         """Over all data seen while training."""
         self.l0_sum: Tensor | float = 0.0
+        self._curve_S2 = torch.zeros(1024, 2, dtype=torch.float64, device=device)
+        """Per step: the batch's squared error and variance (on the device: read only by metrics())."""
 
     def _dead_mask(self, window: int) -> Tensor:
         return self.tokens_seen - self.last_fired_F >= window
@@ -299,9 +306,23 @@ class SaeTrainer:
             fired = out.top_acts > 0
             self.last_fired_F[out.top_indices[fired]] = self.tokens_seen
             self.l0_sum = self.l0_sum + fired.sum()
-            self.fvu.update(x_ND, out.x_hat)
+            self._log_step(*self.fvu.update(x_ND, out.x_hat))
         self.step += 1
         return out.mse.detach()
+
+    def _log_step(self, sq_err: Tensor, var: Tensor) -> None:
+        if self.step == len(self._curve_S2):
+            self._curve_S2 = torch.cat([self._curve_S2, torch.zeros_like(self._curve_S2)])
+        self._curve_S2[self.step, 0], self._curve_S2[self.step, 1] = sq_err, var
+
+    def fvu_fall(self) -> float | None:
+        """See SaeMetrics.fvu_fall."""
+        if self.step < 10:
+            return None
+        fifth = self.step // 5
+        curve = self._curve_S2[self.step - 2 * fifth:self.step]
+        prev_fvu, last_fvu = (float(c[:, 0].sum() / c[:, 1].sum()) for c in (curve[:fifth], curve[fifth:]))
+        return 1 - last_fvu / prev_fvu if prev_fvu > 0 else None
 
     def metrics(self) -> SaeMetrics:
         window = max(1, min(self.cfg.dead_tokens, self.tokens_seen // 2))
@@ -310,4 +331,6 @@ class SaeTrainer:
             l0=float(self.l0_sum) / max(self.tokens_seen, 1),
             dead_fraction=float(self._dead_mask(window).float().mean()),
             tokens_seen=self.tokens_seen,
+            steps=self.step,
+            fvu_fall=self.fvu_fall(),
         )

@@ -30,7 +30,7 @@ from saeshare.core.options import parse
 from saeshare.core.streaming import merge_top
 from saeshare.disk.files import staged_dir
 from saeshare.disk.results import SharedFeature, SharednessReport
-from saeshare.disk.runs import DEFAULT_CHUNK, Run, check_codes, open_runs, warn_pooled_fit
+from saeshare.disk.runs import DEFAULT_CHUNK, Run, check_codes, open_runs, warn_run
 from saeshare.engine.options import AnalysisOptions
 from saeshare.render.gallery import Card, Group, fmt, write_index
 
@@ -277,7 +277,7 @@ def _check_report_features(feats: list[SharedFeature], runs: list[Run], layers: 
 def sharedness_gallery(report: SharednessReport, opts: GalleryOptions, what: str = "the sharedness output") -> Gallery:
     """Each selected source feature beside its best match in every run of G and H, in opts.out."""
     feats = report.features[:opts.max_features or None]
-    runs = open_runs(opts.root, [report.source, *report.min_group, *report.max_group])
+    runs = open_runs(opts.root, [report.source, *report.min_group, *report.max_group], verbose=opts.verbose)
     source, others = runs[0], runs[1:]
     layers = {r.name: r.resolve_layer((report.layers or {}).get(r.name, -1)) for r in runs}
     _check_report_features(feats, runs, layers, what)
@@ -338,7 +338,7 @@ def main(argv=None):
     args = parse(ShowArgs, argv, "Feature previews: top-9 grids and an HTML gallery")
     if args.run:
         run = Run.open(args.root, args.run)
-        warn_pooled_fit(run)
+        warn_run(run, args.verbose)
         run_gallery(run, args)
     else:
         report = SharednessReport.load(args.from_json, f"--from_json {args.from_json}")

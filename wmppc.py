@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -17,7 +18,7 @@ from saeshare.core import distributed
 from saeshare.core.options import OutputOptions, parse
 from saeshare.disk.cache import PairStats
 from saeshare.disk.results import Intervals, Scores, Wmppc, WmppcTable
-from saeshare.disk.runs import PairOptions, Run, open_runs
+from saeshare.disk.runs import PairOptions, Run, open_runs, run_warnings
 from saeshare.engine.correlator import Correlator, tqdm_progress
 from saeshare.engine.options import EngineOptions
 from saeshare.render.figures import format_table, plot_heatmap
@@ -172,28 +173,48 @@ def main(argv=None):
     distributed.init(args.torch_device)
     engine = Correlator(args, progress=tqdm_progress("correlations"), jackknife=args.ci)
     if args.runs is None:
-        run_a, run_b = open_runs(args.root, [args.source, args.target])
+        runs = run_a, run_b = open_runs(args.root, [args.source, args.target], verbose=args.verbose)
         target = run_b.permuted() if args.null == "permute" else run_b
         res = (calibrated if args.calibrate else wmppc)(run_a, target, engine)
         print(_line(res))
-        near = res.near_floor()
-        if near:
-            print(near)
+        for note in (res.near_floor(), _same_run(run_a, run_b),
+                     args.calibrate and res.ceiling is None and _no_ceiling([run_a])):
+            if note:
+                print(note)
         if args.plot:
             plot_heatmap(res.layer_matrix, [str(a) for a in res.source_layers], [str(b) for b in res.target_layers],
                          f"{res.source} layer", f"{res.target} layer",
                          f"wMPPC {res.source} -> {res.target} ({res.codes} codes)", args.plot)
     else:
-        res = wmppc_table(open_runs(args.root, args.runs), engine, args.calibrate, args.null == "permute")
+        runs = open_runs(args.root, args.runs, verbose=args.verbose)
+        res = wmppc_table(runs, engine, args.calibrate, args.null == "permute")
         print(format_table("All layers (row -> column)", args.runs, res.all_layers))
         print(format_table("\nLast layer (row -> column)", args.runs, res.last_layer))
         for name, ref in (("floor", res.floor), ("ceiling", res.ceiling)):
             if ref is not None:
                 print(format_table(f"\nAll layers, {name} (row -> column)", args.runs, ref["all_layers"]))
+        if args.calibrate and _no_ceiling(runs):
+            print(_no_ceiling(runs))
         if args.plot:
             plot_heatmap(res.all_layers, args.runs, args.runs, "source", "target",
                          f"wMPPC, all layers ({res.codes} codes)", args.plot)
-    args.write(res)
+    args.write(dataclasses.replace(res, warnings=[w for r in runs for w in run_warnings(r)]))
+
+
+def _same_run(a: Run, b: Run) -> str | None:
+    if a.path.resolve() != b.path.resolve() or a.seed != b.seed:
+        return None
+    return (f"note: source and target are the same SAE ({a.name}): every feature matches itself, so wMPPC is 1 by "
+            f"construction; two seeds of one run (--target {a.path.name}@SEED) give its ceiling")
+
+
+def _no_ceiling(runs: list[Run]) -> str | None:
+    """Which runs get no ceiling, and why, instead of a table that silently lacks them."""
+    single = [r.name for r in runs if len(r.meta.sae.seeds) < 2]
+    if not single:
+        return None
+    return (f"note: no ceiling for {', '.join(single)}: a ceiling compares two SAE seeds of one run, and "
+            f"{'these have' if len(single) > 1 else 'it has'} one (train with --seeds 0 1)")
 
 
 if __name__ == "__main__":

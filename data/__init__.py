@@ -22,7 +22,8 @@ SHAPES_ARGS = ("image_size", "seed", "offset", "where", "exclude")
 """Extra arguments of shapes, kept by describe() so that from_description() re-creates it."""
 
 __all__ = ["DATASETS", "DATASETS_HELP", "DataOptions", "DatasetInfo", "PairedDataset", "ShapesConfig", "ShapesDataset",
-           "attribute_matrix", "attribute_names", "fingerprint", "from_description", "label_matrix", "load_dataset"]
+           "attribute_matrix", "attribute_names", "fingerprint", "from_description", "label_matrix", "load_dataset",
+           "relocate"]
 
 
 @dataclass(kw_only=True)
@@ -68,6 +69,10 @@ class CaptionsShuffled(PairedDataset):
 
     def attributes(self, i):
         return self.ds.attributes(i)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.ds.fingerprint
 
     def describe(self):
         return dataclasses.replace(self.ds.describe(), shuffle_captions=self.seed)
@@ -123,13 +128,29 @@ def label_matrix(ds: PairedDataset, column: str | None = None) -> tuple[list[str
     return names, values[:, None] == np.asarray(names, dtype=object)[None, :]
 
 
+_moved_to: str | None = None
+
+
+def relocate(data_root: str | None) -> None:
+    """Where local folder datasets are now (--data_root of the commands that read runs), for runs made
+    over a folder that has since moved or been copied (to node-local disk, say); None: where they were."""
+    global _moved_to
+    _moved_to = data_root
+
+
 def from_description(desc: DatasetInfo) -> PairedDataset:
     """Re-create the dataset a run was made on (same samples, order and fingerprint) from describe()."""
     name, n = desc.name, desc.n_samples
+    folder = name not in DATASETS
+    if folder and _moved_to is not None:
+        name = _moved_to
+    elif folder and not os.path.isdir(name):
+        raise UserError(f"the run's dataset folder {name!r} is gone: if it moved, give its new place with "
+                        "--data_root")
     ds = load_dataset(name, split=desc.split, max_samples=n, shuffle_captions=desc.shuffle_captions,
                       **({k: getattr(desc, k) for k in SHAPES_ARGS} if name == "shapes" else {}))
     want = desc.fingerprint
-    if ds.fingerprint != want:
+    if want not in (ds.fingerprint, getattr(ds, "path_fingerprint", None)):
         raise UserError(f"dataset {name!r} no longer matches the run: {len(ds)} samples with fingerprint "
                         f"{ds.fingerprint[:12]}, the run has {n} with {str(want)[:12]}")
     return ds

@@ -11,10 +11,10 @@ from PIL import Image
 from errors import UserError
 
 
-def fingerprint(name: str, split: str, sample_ids: list[str]) -> str:
-    """sha256 of (name, split, ids in order): equal for an image run and a text run over the same
-    samples, different as soon as one sample or the order differs."""
-    blob = json.dumps({"name": name, "split": split, "sample_ids": list(sample_ids)}, ensure_ascii=True)
+def fingerprint(name: str, split: str, sample_ids: list[str], **content) -> str:
+    """sha256 of (name, split, ids in order, and any `content`): equal for an image run and a text run over
+    the same samples, different as soon as one sample or the order differs."""
+    blob = json.dumps({"name": name, "split": split, "sample_ids": list(sample_ids), **content}, ensure_ascii=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -23,11 +23,13 @@ class DatasetInfo:
     """What a run records of its dataset (run.json's "dataset"): enough for `data.from_description` to
     re-create the same samples in the same order."""
     name: str
-    """--dataset: "shapes", "coco", "flowers102", or the absolute path of a local folder."""
+    """--dataset: "shapes", "coco", "flowers102", or the absolute path of a local folder (where it was: a
+    moved folder is found again with --data_root)."""
     split: str
     n_samples: int
     fingerprint: str
-    """sha256 of (name, split, sample ids in order): runs are comparable only when theirs are equal."""
+    """sha256 of the samples in order (a folder's: file names relative to it, sizes and captions, never its
+    path): runs are comparable only when theirs are equal."""
     image_size: int | None = None
     """shapes only: side of the generated images."""
     seed: int | None = None

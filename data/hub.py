@@ -4,11 +4,12 @@ hard-coded, so that a dataset with other column names still loads."""
 from __future__ import annotations
 
 import os
+from functools import cached_property
 from pathlib import Path
 
 from PIL import Image
 
-from data.base import PairedDataset
+from data.base import PairedDataset, fingerprint
 from errors import UserError
 
 HUB = {
@@ -62,19 +63,40 @@ class HFDataset(PairedDataset):
         self._ds = ds
         self._image_col, caption_col, id_col = find_columns(ds.features)
         self._captions = [_first(c) for c in ds[caption_col]]
-        ids = None
+        ids, self.folder = None, None
+        """A local folder's path (its samples' ids are file names relative to it), else None."""
         if ids_from_paths_under is not None:  # local folder: the file_name of metadata.jsonl
             refs = ds.cast_column(self._image_col, datasets.Image(decode=False))[self._image_col]
             if all(r.get("path") for r in refs):
                 ids = [Path(os.path.relpath(r["path"], ids_from_paths_under)).as_posix() for r in refs]
+                self.folder = ids_from_paths_under
+                _check_images(ids, name)
         if ids is None and id_col is not None:
             ids = [str(v) for v in ds[id_col]]
         if ids is None or len(set(ids)) != len(ids):
             ids = [str(n) for n in range(len(ds))]
         self.sample_ids = ids
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """A folder's samples by content (file names, sizes, captions), so that a copy or a moved folder is
+        the same dataset; a hub dataset's by name and ids."""
+        if self.folder is None:
+            return super().fingerprint
+        sizes = [(self.folder / i).stat().st_size for i in self.sample_ids]
+        return fingerprint("folder", self.split, self.sample_ids, sizes=sizes, captions=self._captions)
+
+    @cached_property
+    def path_fingerprint(self) -> str:
+        """How runs made before content fingerprints named a folder dataset (by its path)."""
+        return super().fingerprint
+
     def image(self, i: int) -> Image.Image:
-        im = self._ds[self._check(i)][self._image_col]
+        try:
+            im = self._ds[self._check(i)][self._image_col]
+        except (OSError, Image.DecompressionBombError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise UserError(f"sample {i} ({self.sample_ids[i]}) of {self.name!r} is not a readable image "
+                            f"({str(e).splitlines()[0]})") from None
         if im is None:
             raise UserError(f"sample {i} ({self.sample_ids[i]}) of {self.name!r} has no image")
         return im.convert("RGB")
@@ -92,6 +114,16 @@ class HFDataset(PairedDataset):
         if isinstance(feature, datasets.ClassLabel):  # class ids -> their names
             return [feature.int2str(int(v)) for v in self._ds[column]]
         return [_first(v) for v in self._ds[column]]
+
+
+def _check_images(files: list[str], name: str) -> None:
+    """A file that is not an image by its name, refused before any model loads (opening every image
+    would cost minutes on a large folder; one that lies about its type fails when read, in one line)."""
+    known = Image.registered_extensions()
+    bad = [f for f in files if Path(f).suffix.lower() not in known]
+    if bad:
+        raise UserError(f"metadata.jsonl of {name!r} lists {len(bad)} file(s) that are not images: "
+                        + ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else ""))
 
 
 def _first(value) -> str:

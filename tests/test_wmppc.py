@@ -267,7 +267,7 @@ def test_wmppc_cli_pair(runs, tmp_path, capsys):
     assert line == f"All Layers : {res.all_layers:.4f} | Last layer : {res.last_layer:.4f}"
     js = json.loads(out_json.read_text())
     assert set(js) == {"schema", "kind", "source", "target", "codes", "all_layers", "last_layer", "layer_matrix",
-                       "source_layers", "target_layers"}
+                       "source_layers", "target_layers", "warnings"}
     assert (js["source"], js["target"], js["codes"]) == ("A", "B", "relu")
     assert js["source_layers"] == [0, 2, 5] and js["target_layers"] == [1, 3]
     np.testing.assert_allclose(js["layer_matrix"], res.layer_matrix)
@@ -283,7 +283,7 @@ def test_wmppc_cli_runs(four_runs, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "All layers" in text and "Last layer" in text
     js = json.loads(out_json.read_text())
-    assert set(js) == {"schema", "kind", "runs", "codes", "all_layers", "last_layer"} and js["runs"] == names
+    assert set(js) == {"schema", "kind", "runs", "codes", "all_layers", "last_layer", "warnings"} and js["runs"] == names
     eng = engine("topk")
     for i, a in enumerate(names):
         assert js["all_layers"][i][i] is None and js["last_layer"][i][i] is None

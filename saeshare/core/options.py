@@ -80,7 +80,11 @@ def options_from(cls: type, args: argparse.Namespace, **values: Any):
 
 def check_output(path: str | None, flag: str) -> None:
     """Fail before the computation, not after it, when an output file cannot be written."""
-    if path is not None and not Path(path).resolve().parent.is_dir():
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give the path of a file")
+    if not Path(path).resolve().parent.is_dir():
         raise UserError(f"{flag} {path}: folder {str(Path(path).resolve().parent)!r} does not exist")
 
 

@@ -5,11 +5,15 @@ rename", so an interrupted command never leaves a half-written file under the fi
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
+import re
 import shutil
+import socket
 import types
 import typing
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, TypeVar, get_args, get_origin, get_type_hints
@@ -23,8 +27,9 @@ R = TypeVar("R", bound="Record")
 
 # ---- atomic files ----------------------------------------------------------------------------------------
 def tmp_name(path: Path) -> Path:
-    """The hidden temporary sibling of `path` that this process writes before renaming."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """The hidden temporary sibling of `path` that this process writes before renaming: unique to the
+    process, also across the hosts of a cluster sharing the folder."""
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def _umask() -> int:
@@ -38,7 +43,15 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     tmp = tmp_name(path)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError:
+            raise
+        except Exception as e:  # safetensors' Rust errors carry the OS error only in their text
+            code = re.search(r"\(os error (\d+)\)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from e
         # some writers (safetensors) create their files 0600: collaborators sharing the folder could not
         # read them; every file gets what the process's umask gives
         os.chmod(tmp, 0o666 & ~_umask())
@@ -48,26 +61,54 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
 
 
 @contextmanager
+def _held(final: Path) -> Iterator[None]:
+    """An exclusive lock on `.<name>.lock` beside `final` while it is built, so that a second process
+    building the same folder (a resubmitted job) is refused with one line instead of deleting the first's
+    work. The OS drops a killed process's lock: it never stays stuck."""
+    lock = final.with_name(f".{final.name}.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = os.stat(lock).st_ino == os.fstat(fd).st_ino  # not a lock file its last holder removed
+        except (BlockingIOError, FileNotFoundError):
+            held = False
+        if not held:
+            who = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise UserError(f"{str(final)!r} is being written by {who}: wait for it to finish, or choose "
+                            "another name")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)  # while still held: a waiting process then sees a new inode
+    finally:
+        os.close(fd)
+
+
+@contextmanager
 def staged_dir(final: str | Path, may_replace: Callable[[Path], None]) -> Iterator[Path]:
     """Build a folder in a hidden sibling and swap it into place on success: an interrupted command
     leaves the previous folder intact and no half-built one. `may_replace(final)` runs just before the
     swap and raises if `final` may not be replaced (something else may have created it meanwhile)."""
     final = Path(final).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by an interrupted command
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = tmp_name(final)
-    tmp.mkdir()
-    try:
-        yield tmp
-        may_replace(final)
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _held(final):
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed process (we hold the name)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = tmp_name(final)
+        tmp.mkdir()
+        try:
+            yield tmp
+            may_replace(final)
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---- typed records ---------------------------------------------------------------------------------------

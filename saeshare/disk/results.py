@@ -60,6 +60,8 @@ class Wmppc(Record):
     """With --calibrate: A against B's samples permuted."""
     ceiling: Scores | None = None
     """With --calibrate, when A has several SAE seeds: A's first seed against its others."""
+    warnings: list[str] = field(default_factory=list)
+    """The runs' SAE problems, a line per layer (too few steps, not converged, poor fit)."""
 
     def near_floor(self) -> str | None:
         """One line when the all-layers score (corrected) is within two standard errors of its floor."""
@@ -93,6 +95,8 @@ class WmppcTable(Record):
     """"all_layers"/"last_layer" -> [R, R] (with --calibrate)."""
     ceiling: dict[str, np.ndarray] | None = None
     """"all_layers"/"last_layer" -> [R, R], the row run's seeds (with --calibrate, runs with several seeds)."""
+    warnings: list[str] = field(default_factory=list)
+    """The runs' SAE problems, a line per layer (too few steps, not converged, poor fit)."""
 
 
 @dataclass
@@ -125,6 +129,8 @@ class SharednessReport(Record):
     """The layer used for each run, source included (None: the last recorded layer of each)."""
     null: bool = False
     """The groups' samples were permuted (--null permute): a floor. The names are the runs' own."""
+    warnings: list[str] = field(default_factory=list)
+    """The runs' SAE problems, a line per layer (too few steps, not converged, poor fit)."""
 
     @classmethod
     def migrate(cls, obj: dict, schema: int | None) -> dict:

@@ -8,13 +8,14 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator, Literal, NamedTuple
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import data
 from data import DatasetInfo
 from errors import OptionError, UserError, check_choices, check_positive
 from sae import EncoderOutput, SaeConfig, TopKSAE
@@ -80,6 +81,10 @@ class LayerInfo:
     tokens_seen: int | None = None
     fvu_pooled: float | None = None
     """FVU of the final SAE on the recorded pooled tokens (the vectors the analyses read)."""
+    steps: int | None = None
+    """Optimizer steps the SAE took."""
+    fvu_fall: float | None = None
+    """How much the batches' FVU still fell over the last fifth of the steps (sae.SaeMetrics.fvu_fall)."""
     per_seed: dict[int, "SeedInfo"] = field(default_factory=dict)
     """Every SAE seed's metrics (the fields above are the first seed's)."""
 
@@ -92,6 +97,8 @@ class SeedInfo:
     l0: float | None = None
     dead_fraction: float | None = None
     tokens_seen: int | None = None
+    steps: int | None = None
+    fvu_fall: float | None = None
 
 
 @dataclass
@@ -348,6 +355,10 @@ class Run:
                 sae = TopKSAE.from_state(load_file(str(path)), self.top_k)
             except (SafetensorError, ValueError, KeyError, OSError) as e:
                 raise UserError(f"corrupt {path}: {e}") from None
+            width = self.acts(layer).shape[1]
+            if sae.d_model != width:
+                raise UserError(f"run {self.name!r} layer {layer}: its SAE ({path.name}) reads width {sae.d_model}, "
+                                f"its stored activations have width {width}: the files come from different runs")
             self._sae_cache[layer] = sae.eval().requires_grad_(False)
         return self._sae_cache[layer].to(device)
 
@@ -374,30 +385,37 @@ class Run:
         return sae.pre_acts(x) if codes == "relu" else sae.encode(x).dense(sae.n_features)
 
 
-def open_runs(root: str | Path, names: list[str], features: bool = True) -> list[Run]:
+def open_runs(root: str | Path, names: list[str], features: bool = True, verbose: bool = False) -> list[Run]:
     """Open complete runs over the same samples (one clear UserError otherwise); `features`: their SAE
-    features will be analysed (warn where they do not fit the recorded tokens)."""
+    features will be analysed (warn where the SAEs are under-trained or do not fit the recorded tokens)."""
     runs = [Run.open(root, name) for name in names]
     check_comparable(runs)
     if features:
         for run in runs:
-            warn_pooled_fit(run)
+            warn_run(run, verbose)
     return runs
 
 
-_warned: set[tuple[str, int, int]] = set()
+MIN_SAE_STEPS = 100
+"""Fewer optimizer steps than this and an SAE has barely moved from its initialisation (a 40-image folder at
+the paper's batch of 16 gives 3): its features, and any score built on them, mean little."""
+STILL_FALLING = 0.1
+"""An SAE whose batch FVU still fell by more than this fraction over its last fifth of steps had not
+converged."""
+
+
+def _fit(run: Run, layer: int) -> LayerInfo | SeedInfo | None:
+    """The metrics of the run's own seed at a layer."""
+    info = run.meta.layer_info.get(layer)
+    return info.per_seed[run.seed] if info is not None and run.seed in info.per_seed else info
 
 
 def poor_fits(run: Run) -> list[tuple[int, float]]:
     """(layer, fvu_pooled) of the layers whose SAE (the run's seed) reconstructs the recorded pooled token
     worse than that token's mean (fvu_pooled > 1): their features mean little on the analysed samples."""
-    out = []
-    for layer in run.layers:
-        info = run.meta.layer_info.get(layer)
-        fit = info.per_seed[run.seed] if info is not None and run.seed in info.per_seed else info
-        if fit is not None and fit.fvu_pooled is not None and fit.fvu_pooled > 1:
-            out.append((layer, fit.fvu_pooled))
-    return out
+    fits = [(layer, _fit(run, layer)) for layer in run.layers]
+    return [(layer, f.fvu_pooled) for layer, f in fits
+            if f is not None and f.fvu_pooled is not None and f.fvu_pooled > 1]
 
 
 def fitting_layers(run: Run) -> list[int]:
@@ -406,15 +424,82 @@ def fitting_layers(run: Run) -> list[int]:
     return [layer for layer in run.layers if layer not in poor]
 
 
-def warn_pooled_fit(run: Run) -> None:
-    """A warning line per poorly fitting layer, once per process."""
-    for layer, fvu in poor_fits(run):
-        key = (str(run.path.resolve()), layer, run.seed)
-        if key not in _warned:
-            _warned.add(key)
-            print(f"warning: run {run.name!r} layer {layer}: the SAE reconstructs the recorded pooled token worse "
-                  f"than its mean (fvu_pooled {fvu:.2f} > 1), so its features mean little there; "
-                  "training with --sae_tokens pooled fits them to those tokens", file=sys.stderr)
+class Problems(NamedTuple):
+    """What is wrong with a run's SAEs, layer by layer: (layer, the figure that says so)."""
+    few_steps: list[tuple[int, float]]
+    still_falling: list[tuple[int, float]]
+    poor_fit: list[tuple[int, float]]
+
+
+def problems(run: Run) -> Problems:
+    fits = [(layer, _fit(run, layer)) for layer in run.layers]
+    few = [(layer, f.steps) for layer, f in fits if f is not None and f.steps is not None and f.steps < MIN_SAE_STEPS]
+    falling = [(layer, f.fvu_fall) for layer, f in fits
+               if f is not None and f.fvu_fall is not None and f.fvu_fall > STILL_FALLING]
+    return Problems(few, falling, poor_fits(run))
+
+
+def run_warnings(run: Run) -> list[str]:
+    """One line per layer and problem (what --verbose prints and the JSON keeps)."""
+    p = problems(run)
+    return ([f"run {run.name!r} layer {layer}: the SAE took {steps:.0f} step{'s' * (steps != 1)} (fewer than "
+             f"{MIN_SAE_STEPS})"
+             for layer, steps in p.few_steps]
+            + [f"run {run.name!r} layer {layer}: the SAE's FVU still fell by {fall:.0%} over its last fifth of steps"
+               for layer, fall in p.still_falling]
+            + [f"run {run.name!r} layer {layer}: the SAE reconstructs the recorded pooled token worse than its mean "
+               f"(fvu_pooled {fvu:.2f} > 1)" for layer, fvu in p.poor_fit])
+
+
+def _where(found: list[tuple[int, float]], run: Run) -> str:
+    layers = [layer for layer, _ in found]
+    if layers == run.layers:
+        return "at every layer"
+    return f"at layer{'s' * (len(layers) > 1)} " + ", ".join(map(str, layers))
+
+
+def _span(found: list[tuple[int, float]], fmt: str) -> str:
+    lo, hi = min(v for _, v in found), max(v for _, v in found)
+    return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else f"{lo:{fmt}}-{hi:{fmt}}"
+
+
+def summary_warning(run: Run) -> str | None:
+    """All of a run's SAE problems in one line, with the flags that fix them; None when there are none."""
+    p = problems(run)
+    parts = []
+    if p.few_steps:
+        steps = _span(p.few_steps, '.0f')
+        parts.append(f"its SAEs took {steps} step{'s' * (steps != '1')} (fewer than {MIN_SAE_STEPS}) "
+                     + _where(p.few_steps, run))
+    if p.still_falling:
+        parts.append(f"their FVU still fell by {_span(p.still_falling, '.0%')} over the last fifth of training "
+                     f"{_where(p.still_falling, run)}")
+    if p.poor_fit:
+        parts.append(f"they reconstruct the recorded pooled token worse than its mean (fvu_pooled "
+                     f"{_span(p.poor_fit, '.2f')}) {_where(p.poor_fit, run)}")
+    if not parts:
+        return None
+    fixes = []
+    if p.few_steps or p.still_falling:
+        fixes.append("more samples, a smaller --batch_size or a larger --lr train them further")
+    if p.poor_fit or p.few_steps:
+        fixes.append("--sae_tokens pooled --sae_epochs N fits them to the recorded tokens")
+    return (f"warning: run {run.name!r}: " + "; ".join(parts) + ", so its scores mean little there ("
+            + "; ".join(fixes) + ")")
+
+
+_warned: set[str] = set()
+
+
+def warn_run(run: Run, verbose: bool = False) -> None:
+    """A run's SAE problems, once per process: one summary line, or (verbose) a line per layer."""
+    key = str(run.path.resolve())  # seeds share their samples and steps: one line for all
+    if key in _warned:
+        return
+    _warned.add(key)
+    lines = [f"warning: {line}" for line in run_warnings(run)] if verbose else [summary_warning(run)]
+    for line in filter(None, lines):
+        print(line, file=sys.stderr)
 
 
 def check_recorded_from(recorded: Run, source: Run, what: str) -> None:
@@ -448,10 +533,21 @@ class RunsOptions:
     """Folder holding the runs."""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:N."""
+    verbose: bool = False
+    """Warn of each layer's SAE problems (too few steps, not converged, poor fit) on a line of its own, not
+    in one line per run."""
+    data_root: str | None = None
+    """Where the runs' local folder dataset is now, if it moved or was copied since they were made (found by
+    its content, not its path)."""
 
     def __post_init__(self):
         check_choices(self)
         self.torch_device = resolve_device(self.device)
+        if Path(self.root).exists() and not Path(self.root).is_dir():
+            raise UserError(f"--root {self.root!r} is a file, not a folder of runs")
+        if self.data_root is not None and not Path(self.data_root).expanduser().is_dir():
+            raise UserError(f"--data_root {self.data_root!r} is not a folder")
+        data.relocate(self.data_root)
 
 
 @dataclass

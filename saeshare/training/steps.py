@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import data
-from errors import UserError
+from errors import OptionError, UserError
 from sae import Fvu, SaeMetrics, SaeTrainer, TopKSAE
 from saeshare.disk.runs import FLOAT16_MAX, LayerInfo, RunMeta, RunWriter, SaeSettings, SeedInfo
 from wrappedmodels import TOKENS, Encoder, get_encoder_class
@@ -172,6 +172,10 @@ def _init_seed(seed: int, layer: int) -> int:
 
 def new_trainers(d_model: int, layer: int, settings: SaeSettings, device: torch.device) -> list[SaeTrainer]:
     """One SAE trainer per seed of a layer."""
+    if settings.top_k > settings.expansion_factor * d_model:
+        raise OptionError("top_k", f"{{opt}} {settings.top_k} is more than the {settings.expansion_factor * d_model} "
+                                   f"features of layer {layer}'s SAE (--expansion_factor {settings.expansion_factor} "
+                                   f"x width {d_model})")
     return [SaeTrainer(d_model, settings, device=device, seed=_init_seed(s, layer)) for s in settings.seeds]
 
 
@@ -203,7 +207,7 @@ def save_layer(layer: int, saes: list[tuple[TopKSAE, SaeMetrics | None]], seeds:
                                   **(metrics._asdict() if metrics is not None else {}))
     first, sae = per_seed[seeds[0]], saes[0][0]
     return LayerInfo(sae.d_model, sae.n_features, first.fvu, first.l0, first.dead_fraction, first.tokens_seen,
-                     first.fvu_pooled, per_seed)
+                     first.fvu_pooled, first.steps, first.fvu_fall, per_seed)
 
 
 @torch.no_grad()

@@ -90,6 +90,7 @@ class TrainConfig(data.DataOptions):
         super().__post_init__()
         check_choices(self)
         check_positive("batch_size", self.batch_size)
+        check_positive("image_size", self.image_size)
         check_positive("sae_epochs", self.sae_epochs)
         if self.sae_epochs > 1 and self.sae_tokens == "all":
             raise OptionError("sae_epochs", "{opt} goes with --sae_tokens pooled (all tokens are seen in one pass)")
@@ -173,7 +174,7 @@ def _train_pass(plan: EncoderPass, writer: RunWriter) -> dict[int, LayerInfo]:
             train_steps(trainers[layer], tokens_ND)
 
     def postfix() -> str:
-        return f"fvu={trainers[layers[-1]][0].metrics().fvu:.3f}" if settings.sae_tokens == "all" else ""
+        return f"fvu={trainers[layers[-1]][0].fvu.value():.3f}" if settings.sae_tokens == "all" else ""
 
     acts = encoder_pass(plan, writer, train_on, postfix)
     if settings.sae_tokens == "pooled":
