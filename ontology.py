@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from tqdm import tqdm
 
 from errors import UserError, check_positive, cli
 from probe import column_auroc, run_labels
 from saeshare.core.options import OutputOptions, parse
+from saeshare.core.progress import progress
 from saeshare.disk.results import ONTOLOGY_KINDS, OntologyResults
 from saeshare.disk.runs import Run, check_comparable
 from saeshare.engine.options import AnalysisOptions
@@ -131,7 +131,7 @@ def ontology(run: Run, null: Run, tree: Hierarchy, holds_NH: np.ndarray, opts: "
     layers = [run.resolve_layer(layer) for layer in opts.layers] if opts.layers else run.layers
     best = {k: np.full((len(layers), len(tree.nodes)), np.nan) for k in ONTOLOGY_KINDS}
     lca = {k: np.zeros((len(layers), tree.depth.max() + 1)) for k in ONTOLOGY_KINDS}
-    for i, layer in enumerate(tqdm(layers, desc=f"ontology of {run.name}", unit="layer", disable=None)):
+    for i, layer in enumerate(progress(layers, desc=f"ontology of {run.name}", unit="layer")):
         raw = run.read_acts(layer, slice(None)).numpy()
         xs = {"sae": run.dense_codes(layer, opts.codes or "relu", device=opts.torch_device).cpu().numpy(),
               "raw": np.concatenate([raw, -raw], axis=1),

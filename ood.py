@@ -24,10 +24,10 @@ from scipy import sparse
 from sklearn.covariance import EmpiricalCovariance
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.neighbors import NearestNeighbors
-from tqdm import tqdm
 
 from errors import UserError, check_positive, cli
 from saeshare.core.options import OutputOptions, parse
+from saeshare.core.progress import progress
 from saeshare.disk.results import OOD_METRICS, OOD_SCORES, OodResults
 from saeshare.disk.runs import Run, StreamOptions, check_recorded_from
 from saeshare.render.figures import format_layer_table, pyplot, save
@@ -132,7 +132,7 @@ def ood(fit: Run, id_run: Run, ood_run: Run, k: int, device, chunk_size: int = 4
         raise UserError(f"too few samples: the fitted run needs more than --k {k}, each set at least 2")
     metrics = {s: {m: [] for m in OOD_METRICS} for s in OOD_SCORES}
     curves = []
-    for layer in tqdm(fit.layers, desc="OOD scores", unit="layer", disable=None):
+    for layer in progress(fit.layers, desc="OOD scores", unit="layer"):
         s_id, s_ood = layer_scores(fit, [id_run, ood_run], layer, k, device, chunk_size)
         curves.append((s_id, s_ood))
         for s in OOD_SCORES:

@@ -21,12 +21,12 @@ from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.preprocessing import StandardScaler
-from tqdm import tqdm
 
 import data
 from data.shapes import filter_attribute
 from errors import UserError, check_positive, cli
 from saeshare.core.options import OutputOptions, parse
+from saeshare.core.progress import progress
 from saeshare.disk.results import PROBE_KINDS, ProbeResults
 from saeshare.disk.runs import Run, check_recorded_from
 from saeshare.engine.options import AnalysisOptions
@@ -113,7 +113,7 @@ def probe(run: Run, test: Run | None, labels: list[str] | None, opts: "ProbeArgs
     layers = [run.resolve_layer(layer) for layer in opts.layers] if opts.layers else run.layers
     acc = {k: np.full((len(layers), len(labels)), np.nan) for k in PROBE_KINDS}
     auc = {k: np.full((len(layers), len(labels)), np.nan) for k in PROBE_KINDS}
-    for i, layer in enumerate(tqdm(layers, desc=f"probes of {run.name}", unit="layer", disable=None)):
+    for i, layer in enumerate(progress(layers, desc=f"probes of {run.name}", unit="layer")):
         tr = _features(run, layer, opts.codes or "relu", train_rows, opts.seed + layer, opts.torch_device)
         te = _features(test or run, layer, opts.codes or "relu", test_rows, opts.seed + layer, opts.torch_device)
         y_tr, y_te = y[train_rows], y_test_all[test_rows]

@@ -22,11 +22,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
-from tqdm import tqdm
 
 import data
 from errors import UserError, check_at_least, cli
 from saeshare.core.options import parse
+from saeshare.core.progress import progress
 from saeshare.core.streaming import merge_top
 from saeshare.disk.files import staged_dir
 from saeshare.disk.results import SharedFeature, SharednessReport
@@ -58,7 +58,7 @@ class FeatureStats(NamedTuple):
 
 
 def feature_stats(run: Run, layer: int, codes: str = "relu", k: int = TOP, chunk_size: int = DEFAULT_CHUNK,
-                  device: str | torch.device = "cpu", progress: bool = True) -> FeatureStats:
+                  device: str | torch.device = "cpu", show_progress: bool = True) -> FeatureStats:
     """Mass, active count and top-k samples of every feature of a layer in one pass over the samples:
     each chunk's codes are merged into a running top-k, so memory is [k + chunk, F], never [N, F]."""
     check_codes(codes)
@@ -69,8 +69,8 @@ def feature_stats(run: Run, layer: int, codes: str = "relu", k: int = TOP, chunk
     # -inf / -1 placeholders sort last and are cut below when N < k
     top_val_KF = torch.full((k, n_features), -torch.inf, device=device)
     top_idx_KF = torch.full((k, n_features), -1, dtype=torch.int64, device=device)
-    for start in tqdm(range(0, run.n_samples, chunk_size), desc=f"{run.name} layer {layer} ({codes})", unit="chunk",
-                      disable=None if progress else True, leave=False):
+    for start in progress(range(0, run.n_samples, chunk_size), desc=f"{run.name} layer {layer} ({codes})",
+                          unit="chunk", disable=not show_progress, leave=False):
         codes_nF = run.dense_codes(layer, codes, slice(start, start + chunk_size), device)
         mass_F += codes_nF.sum(0, dtype=torch.float64)
         n_active_F += (codes_nF > 0).sum(0)
@@ -242,7 +242,7 @@ def run_gallery(run: Run, opts: GalleryOptions) -> Gallery:
             ("SAE", f"{n_features} features, top-k {run.top_k}{fvu}"), ("codes", codes), ("shown", shown)]
     with staged_dir(out, lambda final: check_out(final, opts.overwrite)) as tmp:
         cards = [samples.card(tmp, "", f, stats, f"feature {f}")
-                 for f in tqdm(feats, desc="grids", unit="feature", disable=None, leave=False)]
+                 for f in progress(feats, desc="grids", unit="feature", leave=False)]
         write_index(tmp / "index.html", f"{run.name} · layer {layer}", meta, cards,
                     [("mass", "activation mass"), ("active", "active samples"), ("feature", "feature id")])
     print(f"wrote {len(cards)} grids and {out / 'index.html'} (layer {layer} of {run.name!r}: {shown})")
@@ -293,7 +293,7 @@ def sharedness_gallery(report: SharednessReport, opts: GalleryOptions, what: str
         for r in runs:
             (tmp / r.name).mkdir(exist_ok=True)
         groups = []
-        for f in tqdm(feats, desc="grids", unit="feature", disable=None, leave=False):
+        for f in progress(feats, desc="grids", unit="feature", leave=False):
             own = samples[source.name].card(tmp, f"{source.name}/", f.feature, stats[source.name],
                                             f"{source.name} #{f.feature}", [("group", "M")], "source")
             cards = [(source.name, own)]

@@ -3,13 +3,16 @@ import os
 
 import pytest
 
+from saeshare.core.progress import LOG_PREFIX
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture
 def error_line(capsys):
     """error_line(main, argv): the CLI must exit with code exactly 2, print exactly one line on stderr,
-    `error: ...`, and no traceback (docs/design.md#bad-input); progress bars (a model's loading bar) may come before it.
+    `error: ...`, and no traceback (docs/design.md#bad-input); progress bars and log lines (a model's loading
+    bar) may come before it.
     Returns that line."""
 
     def run(main, argv) -> str:
@@ -19,7 +22,8 @@ def error_line(capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2, err
         assert "Traceback" not in err
-        lines = [line for line in err.replace("\r", "\n").strip().splitlines() if "%|" not in line]
+        lines = [line for line in err.replace("\r", "\n").strip().splitlines()
+                 if "%|" not in line and not line.startswith(LOG_PREFIX)]
         assert len(lines) == 1 and lines[0].startswith("error: "), err
         return lines[0]
 

@@ -89,7 +89,7 @@ def tiles(grid: Image.Image, captions: bool) -> list[np.ndarray]:
 def test_streaming_stats_equal_brute_force(root, codes, chunk):
     run = Run.open(root, "img")
     codes_NF, mass_F, n_active_F, order_NF = brute_force(run, 3, codes)
-    stats = show.feature_stats(run, -1, codes, chunk_size=chunk, progress=False)
+    stats = show.feature_stats(run, -1, codes, chunk_size=chunk, show_progress=False)
     np.testing.assert_allclose(stats.mass_F, mass_F, rtol=1e-5)
     np.testing.assert_array_equal(stats.n_active_F, n_active_F)
     assert stats.top_idx_KF.shape == stats.top_val_KF.shape == (9, F)
@@ -103,7 +103,7 @@ def test_streaming_stats_equal_brute_force(root, codes, chunk):
 def test_more_top_samples_than_samples(root):
     run = Run.open(root, "img")
     codes_NF, _, _, order_NF = brute_force(run, 1)
-    stats = show.feature_stats(run, 1, k=N + 5, chunk_size=16, progress=False)
+    stats = show.feature_stats(run, 1, k=N + 5, chunk_size=16, show_progress=False)
     assert stats.top_idx_KF.shape == (N, F)
     np.testing.assert_allclose(stats.top_val_KF, np.take_along_axis(codes_NF, order_NF, 0), rtol=1e-5)
     assert all(sorted(stats.top_idx_KF[:, f]) == list(range(N)) for f in range(F))
@@ -154,7 +154,7 @@ def test_text_run_grids_show_captions(root, tmp_path, ds):
     assert (band.min(axis=2) < 100).any()  # dark caption text under the first tile
     html = (out / "index.html").read_text()
     first = int(re.search(r'data-feature="(\d+)"', html).group(1))
-    stats = show.feature_stats(Run.open(root, "txt"), 1, progress=False)
+    stats = show.feature_stats(Run.open(root, "txt"), 1, show_progress=False)
     assert ds.caption(int(stats.top_idx_KF[0, first])) in html
 
 
@@ -164,7 +164,7 @@ def test_features_flag_max_features_and_min_active(root, tmp_path, capsys):
     feats = sorted(int(p.name.split("_")[0][4:]) for p in out.glob("*.jpg"))
     assert feats == [1, 5]  # 1 is active on 5 samples: shown since asked for, with a note
     assert "fewer than 16" in capsys.readouterr().err
-    stats = show.feature_stats(Run.open(root, "img"), 3, progress=False)
+    stats = show.feature_stats(Run.open(root, "img"), 3, show_progress=False)
     top = Image.open(next(out.glob("feat1_*.jpg")))
     blank = np.array(show.BLANK, dtype=np.float32)
     assert [np.abs(t - blank).mean() < 3 for t in tiles(top, False)] == [False] * 5 + [True] * 4  # 4 grey tiles
@@ -205,7 +205,7 @@ def test_from_json_of_a_null(root, tmp_path):
 
 
 def test_from_json(root, tmp_path, monkeypatch):
-    src = show.feature_stats(Run.open(root, "img"), 3, progress=False)
+    src = show.feature_stats(Run.open(root, "img"), 3, show_progress=False)
     feats = [{"feature": 4, "delta": 2.5, "mass": 1.0, "rho": {"txt": 0.8, "img2": 0.1},
               "match": {"txt": 6, "img2": 9}},
              {"feature": 1, "delta": 1.5, "mass": 1.0, "rho": {"txt": 0.7, "img2": -0.2},
@@ -217,8 +217,8 @@ def test_from_json(root, tmp_path, monkeypatch):
     show.main(["--from_json", str(path), "--root", str(root), "--out", str(out)])
     html = (out / "index.html").read_text()
     assert re.findall(r'<section class="group item" data-feature="(\d+)"', html) == ["4", "1"]
-    txt = show.feature_stats(Run.open(root, "txt"), 3, progress=False)  # no "layers" entry: last layer
-    img2 = show.feature_stats(Run.open(root, "img2"), 0, progress=False)
+    txt = show.feature_stats(Run.open(root, "txt"), 3, show_progress=False)  # no "layers" entry: last layer
+    img2 = show.feature_stats(Run.open(root, "img2"), 0, show_progress=False)
     expect = {f"img/{show.grid_name(i, src.mass_F[i])}" for i in (4, 1)} | {f"txt/{show.grid_name(6, txt.mass_F[6])}"} \
         | {f"img2/{show.grid_name(j, img2.mass_F[j])}" for j in (9, 3)}
     assert {p.relative_to(out).as_posix() for p in out.rglob("*.jpg")} == expect

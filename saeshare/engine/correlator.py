@@ -20,10 +20,10 @@ from typing import Callable, Iterable, Iterator, Literal, NamedTuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from errors import OptionError, UserError
 from saeshare.core import distributed
+from saeshare.core.progress import progress
 from saeshare.disk.cache import PairCache, PairKey, PairStats, pair_cache
 from saeshare.disk.runs import Run, check_comparable
 from saeshare.engine import dense, sparse
@@ -53,14 +53,14 @@ class LayerMoments(NamedTuple):
 
 
 def tqdm_progress(desc: str) -> Progress:
-    """A progress callback drawing one tqdm bar (on a terminal; nothing in logs)."""
-    bar = tqdm(desc=desc, unit="chunk", total=0, disable=None, leave=False)
+    """A progress callback drawing one bar (on a terminal; plain lines in logs)."""
+    bar = progress(desc=desc, unit="chunk", total=0, leave=False)
 
-    def progress(more_total: int, done: int) -> None:
+    def step(more_total: int, done: int) -> None:
         bar.total += more_total
         bar.update(done)
 
-    return progress
+    return step
 
 
 def _no_progress(more_total: int, done: int) -> None:

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 import data
 from errors import OptionError, UserError
 from sae import Fvu, SaeMetrics, SaeTrainer, TopKSAE
+from saeshare.core.progress import progress
 from saeshare.disk.runs import FLOAT16_MAX, LayerInfo, RunMeta, RunWriter, SaeSettings, SeedInfo
 from wrappedmodels import TOKENS, Encoder, get_encoder_class
 
@@ -147,7 +147,7 @@ def encoder_pass(plan: EncoderPass, writer: RunWriter, on_tokens: Callable[[int,
     loader = plan.loader(batch_size=plan.settings.batch_size, sampler=sample_order(plan.settings, n).tolist())
     acts: dict[int, np.ndarray] = {}
     done = 0
-    bar = tqdm(loader, desc=plan.desc, unit="batch", disable=None)  # a bar on a terminal, none in logs
+    bar = progress(loader, desc=plan.desc, unit="batch")
     for rows, inputs in bar:
         recorded = plan.encoder.record(inputs, plan.layers)
         for layer in plan.layers:

@@ -15,11 +15,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from errors import UserError
 from sae import SaeTrainer, TopKSAE
 from saeshare.core import distributed
+from saeshare.core.progress import progress
 from saeshare.disk.runs import LayerInfo, RunWriter
 from saeshare.training.steps import (
     EncoderPass,
@@ -89,7 +89,7 @@ def encoder_pass(plan: EncoderPass, writer: RunWriter | None) -> RankPass:
     trainers: dict[int, list[SaeTrainer]] = {}
     owner: dict[int, int] | None = None
     dims: dict[int, int] = {}
-    for rows_list in tqdm(slices, desc=plan.desc, unit="batch", disable=None if distributed.rank() == 0 else True):
+    for rows_list in progress(slices, desc=plan.desc, unit="batch", disable=distributed.rank() != 0):
         tokens, pooled = {}, {}
         if rows_list:
             rows, inputs = next(loader)

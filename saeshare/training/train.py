@@ -15,7 +15,6 @@ from typing import Callable, Literal, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 import data
 from errors import ArgumentParser, OptionError, UserError, check_choices, check_positive
@@ -23,6 +22,7 @@ from sae import SaeConfig, SaeTrainer
 from saeshare.core import distributed
 from saeshare.core.distributed import resolve_device
 from saeshare.core.options import add_options, options_from
+from saeshare.core.progress import progress
 from saeshare.disk.runs import DEFAULT_ROOT, LayerInfo, Run, RunMeta, RunWriter, SaeSettings
 from saeshare.training import torchrun
 from saeshare.training.steps import (
@@ -190,7 +190,7 @@ def _train_on_pooled(trainers: dict[int, list[SaeTrainer]], acts: dict[int, np.n
     """--sae_tokens pooled: epochs over the stored pooled tokens, in a seeded random order."""
     n = len(next(iter(acts.values())))
     rng = np.random.default_rng(settings.seed)
-    for _ in tqdm(range(settings.sae_epochs), desc="SAEs on pooled tokens", unit="epoch", disable=None):
+    for _ in progress(range(settings.sae_epochs), desc="SAEs on pooled tokens", unit="epoch"):
         order = rng.permutation(n)
         for s in range(0, n, settings.batch_size):
             rows = np.sort(order[s:s + settings.batch_size])
