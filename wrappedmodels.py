@@ -90,6 +90,10 @@ class Encoder:
     default_token: ClassVar[str]
     n_prefix_tokens: int = 0
     """Tokens before the patches (CLS, registers), left out of `mean` pooling."""
+    cls_token: ClassVar[bool] = True
+    """Position 0 is a CLS token (or, for captions, the start token): False where --token cls would
+    silently read something else, `first_position`."""
+    first_position: ClassVar[str] = "a CLS token"
     seq_first: bool = False
     """Blocks output [T, B, D] (open_clip releases before batch-first transformers)."""
 
@@ -99,6 +103,9 @@ class Encoder:
         self.token = token or self.token_for(self.checkpoint)
         if self.token not in TOKENS:
             raise UserError(f"unknown --token {self.token!r}; choose from {', '.join(TOKENS)}")
+        if self.token == "cls" and not self.cls_token:
+            raise UserError(f"--token cls: {type(self).__name__} has no CLS token (its position 0 is "
+                            f"{self.first_position}); use --token first to read that position, or mean")
         if self.checkpoint.startswith(("/", "./", "../", "~")) and not _is_local(self.checkpoint):
             raise UserError(f"{self.checkpoint_flag} {self.checkpoint}: no such checkpoint folder")
         try:
@@ -370,8 +377,10 @@ class _Siglip:
 
 @register
 class SigLIP2Vision(_Siglip, _HFImage):
-    default_token = "mean"  # SigLIP has no CLS token
+    default_token = "mean"
     n_prefix_tokens = 0
+    cls_token = False
+    first_position = "the first patch"
     block_paths = ("encoder.layers",)
 
     def load(self):
@@ -483,6 +492,8 @@ class EfficientNetLite(Encoder):
     checkpoint_flag = "--effnet_model_name"
     default_checkpoint = "efficientnet-lite0"
     default_token = "mean"
+    cls_token = False
+    first_position = "the top-left position of the feature map"
     image_size = 224
 
     def load(self):

@@ -13,6 +13,7 @@ import torch
 import train_text
 import wmppc
 import wrappedmodels
+from saeshare.disk import runs as runs_mod
 from saeshare.disk.runs import Run, null_permutation
 from saeshare.engine import dense as corr_dense
 from saeshare.engine.correlator import JACKKNIFE_BLOCKS, Correlator, jackknife_blocks
@@ -133,16 +134,26 @@ def test_too_few_samples_per_block(tmp_path, error_line):
         wmppc.main, ["--root", str(tmp_path), "--source", "A", "--target", "B", "--ci"])
 
 
-def test_pooled_fit_warning_once_per_layer(runs, tmp_path, capsys):
+def test_sae_warnings_one_line_per_run(runs, tmp_path, capsys):
     path = tmp_path / "A" / "run.json"
     meta = json.loads(path.read_text())
     for layer, info in meta["layer_info"].items():
         info["fvu_pooled"] = 3.5 if layer == "2" else 0.2
     path.write_text(json.dumps(meta))
+    runs_mod._warned.clear()
     for _ in range(2):
         wmppc.main(["--root", str(tmp_path), "--source", "A", "--target", "B"])
-    err = capsys.readouterr().err
-    assert err.count("warning:") == 1 and "run 'A' layer 2" in err and "fvu_pooled 3.50" in err
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: run 'A'")]
+    assert len(lines) == 1 and "(fvu_pooled 3.50) at layer 2," in lines[0]
+    argv = ["--root", str(tmp_path), "--source", "A", "--target", "B", "--verbose"]
+    wmppc.main([*argv, "--json", str(tmp_path / "w.json")])
+    assert [line for line in capsys.readouterr().err.splitlines() if "worse than its mean" in line] == []  # once
+    runs_mod._warned.clear()
+    wmppc.main(argv)
+    per_layer = [line for line in capsys.readouterr().err.splitlines() if "worse than its mean" in line]
+    assert per_layer == ["warning: run 'A' layer 2: the SAE reconstructs the recorded pooled token worse than its mean "
+                         "(fvu_pooled 3.50 > 1)"]
+    assert per_layer[0].removeprefix("warning: ") in json.loads((tmp_path / "w.json").read_text())["warnings"]
 
 
 # ---- training: seeds, random init, pooled tokens -------------------------------------------------------

@@ -341,13 +341,17 @@ class Correlator:
         arrays = cache.load(key, shapes)
         return None if arrays is None else PairStats(**arrays)
 
-    @staticmethod
-    def _my_share(run_a: Run, run_b: Run, la: list[int], lb: list[int], cache: PairCache) -> list[int]:
+    def _my_share(self, run_a: Run, run_b: Run, la: list[int], lb: list[int], cache: PairCache) -> list[int]:
         """The layers of A this rank computes: all of them on one process, a share balanced by cost under torchrun."""
         if distributed.world_size() == 1:
             return la
-        if cache.folder is None:
+        if cache.folder is None and not self.use_cache:
             raise UserError("several processes (torchrun) share their results through the pair cache: drop --no_cache")
+        if cache.folder is None:
+            old = ", ".join(r.name for r in (run_a, run_b) if not r.meta.run_id)
+            raise UserError(f"run {old} has no run_id (written by an older version), and under torchrun the processes "
+                            "share their results through the pair cache, which tells runs apart by it: train or "
+                            "record it again, or run this analysis without torchrun")
         cost = [run_a.n_samples * run_a.n_features(a) * sum(map(run_b.n_features, lb)) for a in la]
         return [la[i] for i in distributed.share(cost)]
 
