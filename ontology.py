@@ -155,7 +155,8 @@ class OntologyArgs(OutputOptions, AnalysisOptions):
     label_column: str | None = None
     """Hub or local datasets: the column whose values are the hierarchy's leaves."""
     null: str = "permute"
-    """permute (the run's samples shuffled against their labels) or a run over the same samples."""
+    """The coverage baseline: permute (this run's samples shuffled against their labels) or the name of a
+    run over the same samples, whose coverage is the floor."""
     threshold: float = 0.9
     """A node is detected by a feature whose AUROC for it is at least this."""
     top_samples: int = 16

@@ -105,8 +105,22 @@ def fit_tile(img: Image.Image) -> Image.Image:
 
 
 @functools.cache
+@functools.cache
 def _font() -> ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=FONT_SIZE)
+    """DejaVu Sans, which matplotlib ships: captions in Greek, Cyrillic, accented Latin and many symbols draw
+    as letters, not boxes (Pillow's default font covers little beyond ASCII)."""
+    from matplotlib import font_manager
+
+    return ImageFont.truetype(font_manager.findfont("DejaVu Sans", fallback_to_default=True), FONT_SIZE)
+
+
+def clip(text: str, font: ImageFont.FreeTypeFont, width: float) -> str:
+    """`text`, or its end after "..." when it is wider than `width` pixels (a file name's end says most)."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength("..." + text) > width:
+        text = text[1:]
+    return "..." + text
 
 
 def wrap(text: str, font: ImageFont.FreeTypeFont, width: int, max_lines: int) -> list[str]:
@@ -150,8 +164,10 @@ class Samples:
                 continue
             n = int(top_idx_K[pos])
             grid.paste(self.tile(n), (x, y))
-            draw.text((x + 2, y + TILE + 3), f"#{n}", fill=MUTED, font=font)
-            draw.text((x + TILE - 2, y + TILE + 3), fmt(float(top_val_K[pos])), fill=INK, font=font, anchor="ra")
+            value = fmt(float(top_val_K[pos]))
+            name = clip(self.ds.short_name(n), font, TILE - 10 - font.getlength(value))
+            draw.text((x + 2, y + TILE + 3), name, fill=MUTED, font=font)
+            draw.text((x + TILE - 2, y + TILE + 3), value, fill=INK, font=font, anchor="ra")
             if self.captions:
                 for i, line in enumerate(wrap(self.ds.caption(n), font, TILE - 4, CAPTION_LINES)):
                     draw.text((x + 2, y + TILE + INFO_H + i * LINE_H), line, fill=INK, font=font)

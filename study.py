@@ -179,18 +179,41 @@ def plan(study: Study, encoders: list[tuple[str, TrainConfig]], overwrite: bool)
     return steps
 
 
-def _size(study: Study, step: Step) -> costs.EncoderSize | str:
+class Size(typing.NamedTuple):
+    size: costs.EncoderSize | None
+    how: str
+    """Where the size comes from, or why it is unknown."""
+
+
+def _size(study: Study, step: Step) -> Size:
     """A run's size: from the run when it exists, else from one forward pass of its encoder over a few
-    samples; a string says why it is unknown (a model that cannot be loaded here, say)."""
+    samples, else (a model that cannot be loaded here) from its published size when costs.py has it."""
+    cfg = step.cfg
     if step.reuse:
-        meta = Run.open(study.root, step.cfg.runname).meta
+        meta = Run.open(study.root, cfg.runname).meta
         info = [meta.layer_info[layer] for layer in meta.layers]
-        return costs.EncoderSize([i.d_model for i in info], [i.tokens_seen / meta.dataset.n_samples for i in info], 0.0)
+        return Size(costs.EncoderSize([i.d_model for i in info], [i.tokens_seen / meta.dataset.n_samples for i in info],
+                                      0.0), "from the run")
     try:
-        encoder = build_encoder(step.cfg.encoder_spec(step.modality), resolve_device(study.device))
-        return costs.measure(encoder, step.cfg.load(step.cfg.shuffle_captions), encoder.resolve_layers(step.cfg.layers))
+        encoder = build_encoder(cfg.encoder_spec(step.modality), resolve_device(study.device))
+        return Size(costs.measure(encoder, cfg.load(cfg.shuffle_captions), encoder.resolve_layers(cfg.layers)),
+                    "measured")
     except UserError as e:
-        return str(e)
+        why = "cannot be loaded here" + (" (offline)" if "offline" in str(e) else "")
+        checkpoint = cfg.checkpoint or get_encoder_class(cfg.model, step.modality).default_checkpoint
+        published = costs.published(cfg.model, checkpoint, cfg.layers)
+        return Size(published, f"published size: {why}" if published else f"size unknown: {why}")
+
+
+def _n_samples(study: Study) -> int:
+    """The study's sample count: the dataset's, or offline for a hub dataset, --max_samples or its known size."""
+    try:
+        return len(study.data.load())
+    except UserError:
+        known = costs.DATASET_SIZES.get(study.data.dataset)
+        if study.data.max_samples is None and known is None:
+            raise
+        return min(x for x in (study.data.max_samples, known) if x is not None)
 
 
 def dry_run(study: Study, steps: list[Step]) -> str:
@@ -199,20 +222,19 @@ def dry_run(study: Study, steps: list[Step]) -> str:
     sizes = {}
     for step in steps:
         cfg = step.cfg
-        sizes[cfg.runname] = _size(study, step)
-        what = (f"{len(sizes[cfg.runname].widths)} layers of d {max(sizes[cfg.runname].widths)}"
-                if isinstance(sizes[cfg.runname], costs.EncoderSize) else f"size unknown: {sizes[cfg.runname]}")
+        size, how = sizes[cfg.runname] = _size(study, step)
+        what = f"{len(size.widths)} layers of d {max(size.widths)} ({how})" if size else how
         lines.append(f"  {'reuse' if step.reuse else 'train'} {cfg.runname}: {step.modality} {cfg.model} "
                      f"{cfg.checkpoint or get_encoder_class(cfg.model, step.modality).default_checkpoint}; {what}")
     a = study.analyses
     lines.append(f"  analyses: wMPPC of {len(steps) * (len(steps) - 1)} ordered pairs ({a.codes} codes"
                  + (", floors and ceilings" if a.calibrate else "") + (", intervals" if a.ci else "") + ")"
                  + (", classic measures" if a.similarity else "") + f", {len(a.groups)} sharedness groups")
-    known = [s for s in sizes.values() if isinstance(s, costs.EncoderSize)]
+    known = [s.size for s in sizes.values() if s.size is not None]
     if len(known) < len(sizes):
         return "\n".join([*lines, "  cost: unknown until every run's size is (see above)"])
-    n, e = len(study.data.load()), study.sae.expansion_factor
-    todo = [costs.training_flops(sizes[st.cfg.runname], n, e, len(study.seeds)) for st in steps if not st.reuse]
+    n, e = _n_samples(study), study.sae.expansion_factor
+    todo = [costs.training_flops(sizes[st.cfg.runname].size, n, e, len(study.seeds)) for st in steps if not st.reuse]
     enc, sae = sum(t[0] for t in todo), sum(t[1] for t in todo)
     matrix = costs.matrix_flops(known, n, e, a.mem_gb, a.calibrate, len(study.seeds))
     training = {"fp32": costs.hours(enc + sae, "fp32"), "tf32": None,

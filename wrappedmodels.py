@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 from pathlib import Path
 from typing import Any, ClassVar
@@ -248,7 +249,11 @@ class _OpenClip(Encoder):
 
         name, pretrained = _open_clip_name(self.checkpoint)
         if pretrained is None or name in open_clip.list_models():
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+            logging.disable(logging.ERROR)  # open_clip logs a failed download, then raises: the error says it once
+            try:
+                model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+            finally:
+                logging.disable(logging.NOTSET)
         else:
             raise UserError(f"unknown open_clip model {self.checkpoint!r} for {self.checkpoint_flag}")
         return model, preprocess, name

@@ -22,26 +22,14 @@ from saeshare.engine import sparse as corr_sparse  # noqa: E402
 
 N = 118_287
 EXPANSION, TOP_K, SEEDS = 8, 32, 2
-CAPTION_TOKENS = 14
-"""Mean tokens of a COCO caption with its special tokens, padding excluded (the SAEs skip padding)."""
-ENCODERS = {  # name: (d, layers, tokens per sample, parameters)
-    "clip_vision_B": (768, 12, 197, 86e6), "clip_vision_L": (1024, 24, 257, 304e6),
-    "clip_text_B": (512, 12, CAPTION_TOKENS, 63e6), "clip_text_L": (768, 12, CAPTION_TOKENS, 123e6),
-    "dfn_vision_B": (768, 12, 197, 86e6), "dfn_vision_L": (1024, 24, 257, 304e6),
-    "dfn_text_B": (512, 12, CAPTION_TOKENS, 63e6), "dfn_text_L": (768, 12, CAPTION_TOKENS, 123e6),
-    "siglip2_vision_B": (768, 12, 576, 93e6), "siglip2_vision_L": (1024, 24, 576, 316e6),
-    "siglip2_text_B": (768, 12, CAPTION_TOKENS, 110e6), "siglip2_text_L": (1024, 24, CAPTION_TOKENS, 300e6),
-    "vit_B": (768, 12, 577, 86e6), "vit_L": (1024, 24, 577, 304e6),
-    "dinov2_B": (768, 12, 257, 86e6), "dinov2_L": (1024, 24, 257, 304e6),
-    "bert_B": (768, 12, CAPTION_TOKENS, 110e6), "bert_L": (1024, 24, CAPTION_TOKENS, 335e6),
-    "deberta_B": (768, 12, CAPTION_TOKENS, 140e6), "deberta_L": (1024, 24, CAPTION_TOKENS, 400e6),
-}
+ENCODERS = costs.PUBLISHED
 
 
 def topk_cost(scatter_gbs: float, launch_us: float) -> tuple[float, float]:
     """(hours of scatter traffic, hours of kernel launches) of the all-layers matrix with topk codes, with
     floors and ceilings."""
-    layer_pairs = sum(a[1] * b[1] for a in ENCODERS.values() for b in ENCODERS.values() if a is not b)
+    # by key: equal size tuples may be one object (CPython merges equal constants), so `a is not b` would skip pairs
+    layer_pairs = sum(ENCODERS[a][1] * ENCODERS[b][1] for a in ENCODERS for b in ENCODERS if a != b)
     layer_pairs = 2 * layer_pairs + sum(a[1] ** 2 for a in ENCODERS.values()) * (len(ENCODERS) - 1)
     products = layer_pairs * N * TOP_K ** 2
     traffic_h = products * 16 / (scatter_gbs * 1e9) / 3600

@@ -70,6 +70,9 @@ class CaptionsShuffled(PairedDataset):
     def attributes(self, i):
         return self.ds.attributes(i)
 
+    def short_name(self, i):
+        return self.ds.short_name(i)
+
     @property
     def fingerprint(self) -> str:
         return self.ds.fingerprint

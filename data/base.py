@@ -64,6 +64,10 @@ class PairedDataset:
     def caption(self, i: int) -> str:
         raise NotImplementedError
 
+    def short_name(self, i: int) -> str:
+        """How sample i is named on a tile: its row, or a folder's file name."""
+        return f"#{self._check(i)}"
+
     def attributes(self, i: int) -> dict | None:
         """Ground truth of sample i (shapes only); None elsewhere."""
         self._check(i)

@@ -104,6 +104,9 @@ class HFDataset(PairedDataset):
     def caption(self, i: int) -> str:
         return self._captions[self._check(i)]
 
+    def short_name(self, i: int) -> str:
+        return self.sample_ids[self._check(i)] if self.folder is not None else super().short_name(i)
+
     def label_column(self, column: str) -> list[str]:
         import datasets
 

@@ -45,7 +45,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
         help_ = " ".join(x for x in (docs.get(f.name, ""), help_extra.get(f.name, "")) if x).replace("%", "%%")
-        shown = "" if required or default in (None, False) else " (default: %(default)s)"
+        # `0 in (None, False)` is true: a default of 0 must still be shown
+        shown = "" if required or default is None or default is False else " (default: %(default)s)"
         kw: dict[str, Any] = {"help": help_ + shown}
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction if default else "store_true"

@@ -32,6 +32,47 @@ class EncoderSize(NamedTuple):
     """Encoder parameters (0: unknown, the forward pass is not counted)."""
 
 
+CAPTION_TOKENS = 14
+"""Mean tokens of a COCO caption with its special tokens, padding excluded (the SAEs skip padding)."""
+PUBLISHED = {  # (family, checkpoint): (d, layers, tokens per sample, parameters), from the model cards
+    ("ClipVision", "ViT-B/16-quickgelu"): (768, 12, 197, 86e6),
+    ("ClipVision", "ViT-L/14-quickgelu"): (1024, 24, 257, 304e6),
+    ("ClipText", "ViT-B/16-quickgelu"): (512, 12, CAPTION_TOKENS, 63e6),
+    ("ClipText", "ViT-L/14-quickgelu"): (768, 12, CAPTION_TOKENS, 123e6),
+    ("ClipVision", "hf-hub:apple/DFN2B-CLIP-ViT-B-16"): (768, 12, 197, 86e6),
+    ("ClipVision", "hf-hub:apple/DFN2B-CLIP-ViT-L-14"): (1024, 24, 257, 304e6),
+    ("ClipText", "hf-hub:apple/DFN2B-CLIP-ViT-B-16"): (512, 12, CAPTION_TOKENS, 63e6),
+    ("ClipText", "hf-hub:apple/DFN2B-CLIP-ViT-L-14"): (768, 12, CAPTION_TOKENS, 123e6),
+    ("SigLIP2Vision", "google/siglip2-base-patch16-384"): (768, 12, 576, 93e6),
+    ("SigLIP2Vision", "google/siglip2-large-patch16-384"): (1024, 24, 576, 316e6),
+    ("SiglipText", "google/siglip2-base-patch16-384"): (768, 12, CAPTION_TOKENS, 110e6),
+    ("SiglipText", "google/siglip2-large-patch16-384"): (1024, 24, CAPTION_TOKENS, 300e6),
+    ("ViT", "google/vit-base-patch16-384"): (768, 12, 577, 86e6),
+    ("ViT", "google/vit-large-patch16-384"): (1024, 24, 577, 304e6),
+    ("DinoV2", "dinov2_vitb14"): (768, 12, 257, 86e6),
+    ("DinoV2", "dinov2_vitl14"): (1024, 24, 257, 304e6),
+    ("Bert", "bert-base-uncased"): (768, 12, CAPTION_TOKENS, 110e6),
+    ("Bert", "bert-large-uncased"): (1024, 24, CAPTION_TOKENS, 335e6),
+    ("Deberta", "microsoft/deberta-base"): (768, 12, CAPTION_TOKENS, 140e6),
+    ("Deberta", "microsoft/deberta-large"): (1024, 24, CAPTION_TOKENS, 400e6),
+}
+"""The paper's 20 encoders (studies/paper_coco.toml), for costs without loading them (offline dry runs,
+bench/cost.py)."""
+
+
+DATASET_SIZES = {"coco": 118_287}
+"""Samples of a hub dataset's train split (wangherr/coco2017_train_image_caption), for offline dry runs."""
+
+
+def published(model: str, checkpoint: str, layers: list[int] | None) -> EncoderSize | None:
+    """A PUBLISHED encoder's size over `layers` (None: all), or None for an encoder not in the table."""
+    if (model, checkpoint) not in PUBLISHED:
+        return None
+    d, n_layers, tokens, params = PUBLISHED[model, checkpoint]
+    n = n_layers if layers is None else len(layers)
+    return EncoderSize([d] * n, [float(tokens)] * n, params)
+
+
 def training_flops(size: EncoderSize, n: int, expansion: int, seeds: int) -> tuple[float, float]:
     """(the encoder's forward passes, the SAE steps) over n samples."""
     sae = sum(n * t * seeds * 4 * d * expansion * d for d, t in zip(size.widths, size.tokens))

@@ -30,8 +30,9 @@ class EngineOptions(AnalysisOptions):
     no_cache: bool = False
     """Neither read nor write <root>/.cache/."""
     null: Null = "none"
-    """permute: compare against the target runs with their samples permuted (fixed seed, no retraining),
-    what chance alone gives: a floor."""
+    """permute: compute the same scores against the target runs with their samples permuted (fixed seed, no
+    retraining), what chance alone gives: a floor. (ontology.py's --null names its own baseline; a null
+    *run*, trained on shuffled captions, is train_text.py --shuffle_captions.)"""
     precision: Precision = "fp32"
     """Dense path's products: fp32, or on tensor cores (tf32, bf16) with every feature's best match then
     re-checked exactly, so rho and the match equal fp32's (to 1e-5)."""

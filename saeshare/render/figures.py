@@ -5,13 +5,18 @@ from pathlib import Path
 
 import numpy as np
 
+FONT_SIZES = {"font.size": 13, "axes.titlesize": 14, "axes.labelsize": 13, "xtick.labelsize": 12,
+              "ytick.labelsize": 12, "legend.fontsize": 12}
+
 
 def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (no display needed), imported on first use."""
+    """matplotlib.pyplot on the file-only Agg backend (no display needed), imported on first use; text sized
+    for figures that a report page shows at half their pixel width or less."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update(FONT_SIZES)
     return plt
 
 

@@ -70,6 +70,7 @@ th,td{border-bottom:1px solid #dde2ea;padding:.3em .7em;text-align:right}
 th{background:#f5f7fa} td:first-child,th:first-child{text-align:left}
 .plots{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start} .plots img{max-width:min(100%,520px);margin:.4em 0}
 .grids{display:flex;flex-wrap:wrap;gap:12px}
+code{background:#f1f3f7;padding:0 .25em;border-radius:3px;font-size:92%}
 figure{margin:0;width:200px} figure img{width:200px;border-radius:4px} figcaption{font-size:13px;color:#555}
 </style>"""
 
@@ -95,8 +96,16 @@ def markdown(title: str, sections: list[Section]) -> str:
     return f"# {title}\n" + "\n".join(_md(s) for s in sections)
 
 
+def _inline(text: str) -> str:
+    """Escaped text whose `code` spans (the Markdown's backticks) become <code>."""
+    parts = html.escape(text).split("`")
+    if len(parts) % 2 == 0:  # an unpaired backtick is a character, not markup
+        return html.escape(text)
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
 def _html(s: Section) -> str:
-    e = html.escape
+    e = _inline
     if isinstance(s, Heading):
         return f"<h{s.level}>{e(s.text)}</h{s.level}>"
     if isinstance(s, Text):
@@ -112,12 +121,13 @@ def _html(s: Section) -> str:
         return (f"<h3>{e(s.lead.rstrip(':'))}</h3>" if s.lead else "") + f"<ul>{items}</ul>"
     if isinstance(s, Images):
         style = ' style="max-width:100%"' if s.wide else ""
-        imgs = "".join(f'<img src="{e(path)}" alt="{e(alt)}"{style}>' for path, alt in s.images)
+        imgs = "".join(f'<img src="{html.escape(path)}" alt="{html.escape(alt)}"{style}>' for path, alt in s.images)
         return f'<div class="plots">{imgs}</div>'
+    a = html.escape  # attributes: plain text
     if isinstance(s, Grids):
-        return ('<div class="grids">' + "".join(f'<figure><img src="{e(path)}" alt="{e(alt)}"><figcaption>{e(caption)}'
+        return ('<div class="grids">' + "".join(f'<figure><img src="{a(path)}" alt="{a(alt)}"><figcaption>{e(caption)}'
                                                  "</figcaption></figure>" for path, alt, caption in s.cards) + "</div>")
-    return f'<p><a href="{e(s.href)}">{e(s.text)}</a></p>'
+    return f'<p><a href="{a(s.href)}">{e(s.text)}</a></p>'
 
 
 def page(title: str, sections: list[Section]) -> str:
