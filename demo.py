@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import resource
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,11 +224,27 @@ def _attributes(runs: dict[str, Run], feats) -> list[AttributeMatch]:
     return [AttributeMatch(f.feature, a, r, ma, mr) for f, (a, r), (ma, mr) in zip(feats, own, matched)]
 
 
+def follow_up(cfg: DemoConfig) -> list[str]:
+    """The commands that explore the demo's runs further: they live under <out>/sae_features, not in the
+    commands' default --root."""
+    out = Path(cfg.out)
+    root = shlex.quote(str(out / "sae_features"))
+    lines = [f"uv run show.py --run {IMAGE} --root {root} --out {shlex.quote(str(out / 'imgs' / IMAGE))}",
+             f"uv run wmppc.py --source {IMAGE} --target {TEXT} --ci --calibrate --root {root}",
+             f"uv run comp_sharedness.py --source {IMAGE} --min_group {TEXT} --max_group {NULL} --root {root}",
+             f"uv run similarity.py --runs {IMAGE} {TEXT} {NULL} --root {root}"]
+    if cfg.probes:
+        lines += [f"uv run probe.py --run {IMAGE} --test_run {IMAGE}_test --root {root}",
+                  f"uv run ood.py --id {IMAGE}_ood_id --ood {IMAGE}_ood_stars --root {root}"]
+    return lines
+
+
 @cli
 def main(argv=None):
     cfg = parse(DemoConfig, argv, __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     res = run_demo(cfg)
     print(demo_report.summary(res, Path(cfg.out)))
+    print("explore further:\n" + "".join(f"  {line}\n" for line in follow_up(cfg)), end="")
 
 
 if __name__ == "__main__":
