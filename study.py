@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -301,6 +302,39 @@ def run_study(study: Study, encoders: list[tuple[str, TrainConfig]], overwrite: 
     return res
 
 
+def _flags(obj, skip: tuple[str, ...] = ()) -> list[str]:
+    """The flags that give a dataclass's non-default fields."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else object())
+        if f.name in skip or value == default or value is None:
+            continue
+        if isinstance(value, bool):
+            out.append(f"--{f.name}" if value else f"--no_{f.name}")
+        else:
+            out += [f"--{f.name}", *map(str, value if isinstance(value, list) else [value])]
+    return out
+
+
+def commands(study: Study, encoders: list[tuple[str, TrainConfig]]) -> list[str]:
+    """The study as the command lines that run it step by step: a training per encoder, then its
+    Comparative Sharedness groups (what a cluster script or a reader of the paper wants)."""
+    root = ["--root", str(study.root)]
+    lines = []
+    for modality, cfg in encoders:
+        flag = get_encoder_class(cfg.model, modality).checkpoint_flag
+        train = ["--model", cfg.model, *([flag, cfg.checkpoint] if cfg.checkpoint else []), "--runname", cfg.runname,
+                 *_flags(study.data), *_flags(cfg, ("model", "checkpoint", "runname", *STUDY_OWNED)),
+                 *(["--seeds", *map(str, study.seeds)] if study.seeds != [0] else []), *_flags(study.sae), *root]
+        lines.append(shlex.join(["uv", "run", f"train_{modality}.py", *train]))
+    for g in study.analyses.groups:
+        lines.append(shlex.join(["uv", "run", "comp_sharedness.py", "--source", g.source, "--min_group", *g.shared,
+                                 "--max_group", *g.not_shared, "--top", str(g.top), *root]))
+    return lines
+
+
 @dataclass
 class StudyArgs:
     config: str
@@ -311,6 +345,9 @@ class StudyArgs:
     """Print the plan and its estimated cost; train and compute nothing."""
     train_index: int | None = None
     """Train only the study's encoder number i (0-based: a Slurm array task's id), then stop."""
+    commands: bool = False
+    """Print the study as the command lines that run it step by step (a training per encoder, then its
+    sharedness groups), and stop."""
 
 
 @cli
@@ -320,6 +357,9 @@ def main(argv=None):
     add_options(p, StudyArgs, skip=("config",))
     args = options_from(StudyArgs, p.parse_args(argv))
     study, encoders = load_study(args.config)
+    if args.commands:
+        print("\n".join(commands(study, encoders)))
+        return
     distributed.init(resolve_device(study.device))
     res = run_study(study, encoders, args.overwrite, args.dry_run, args.train_index)
     if res is not None:

@@ -2,6 +2,10 @@
 the middle resumes without training its complete runs again; --dry_run trains nothing."""
 from __future__ import annotations
 
+import re
+import shlex
+from pathlib import Path
+
 import pytest
 
 import study
@@ -94,3 +98,24 @@ def test_bad_config_is_one_line_before_any_training(tmp_path, bert, error_line, 
     path.write_text(change(_config(tmp_path / "out", bert)))
     assert needle in error_line(study.main, [str(path)])
     assert not (tmp_path / "out").exists()
+
+
+def test_readme_paper_encoders_are_the_study_file(capsys):
+    """The README's list of the paper's encoders is `study.py --commands` on the study file, verbatim, and
+    every training example of the README uses a model and checkpoint of that file."""
+    repo = Path(__file__).resolve().parents[1]
+    study.main([str(repo / "studies" / "paper_coco.toml"), "--commands"])
+    printed = capsys.readouterr().out
+    readme = (repo / "README.md").read_text()
+    marker = "<!-- study.py studies/paper_coco.toml --commands -->\n```bash\n"
+    assert marker + printed + "```" in readme
+    lines = printed.splitlines()
+    assert sum(line.startswith("uv run train_") for line in lines) == 20
+    known = {(a[a.index("--model") + 1], a[a.index("--model") + 3]) for a in map(shlex.split, lines)
+             if "--model" in a}
+    for example in re.findall(r"uv run train_(?:image|text)\.py [^`\n]*", readme):
+        argv = shlex.split(example)
+        if "--model" in argv and any(f.endswith("_model_name") for f in argv):
+            flag = next(f for f in argv if f.endswith("_model_name"))
+            pair = (argv[argv.index("--model") + 1], argv[argv.index(flag) + 1])
+            assert pair in known or pair[1] == "all-MiniLM-L6-v2", example
