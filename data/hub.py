@@ -82,14 +82,16 @@ class HFDataset(PairedDataset):
         """A folder's samples by content (file names, sizes, captions), so that a copy or a moved folder is
         the same dataset; a hub dataset's by name and ids."""
         if self.folder is None:
-            return super().fingerprint
+            return self.path_fingerprint
         sizes = [(self.folder / i).stat().st_size for i in self.sample_ids]
         return fingerprint("folder", self.split, self.sample_ids, sizes=sizes, captions=self._captions)
 
-    @cached_property
+    @property
     def path_fingerprint(self) -> str:
-        """How runs made before content fingerprints named a folder dataset (by its path)."""
-        return super().fingerprint
+        """By name, split and ids: a hub dataset's fingerprint, and how runs made before content fingerprints
+        named a folder (its path as the name). Not super().fingerprint: a cached_property would store it
+        under this one's name."""
+        return fingerprint(self.name, self.split, self.sample_ids)
 
     def image(self, i: int) -> Image.Image:
         try:

@@ -11,8 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture
 def error_line(capsys):
     """error_line(main, argv): the CLI must exit with code exactly 2, print exactly one line on stderr,
-    `error: ...`, and no traceback (docs/design.md#bad-input); progress bars and log lines (a model's loading
-    bar) may come before it.
+    `error: ...`, and no traceback (docs/design.md#bad-input); progress bars, log lines and warnings may come
+    before it.
     Returns that line."""
 
     def run(main, argv) -> str:
@@ -23,7 +23,7 @@ def error_line(capsys):
         assert e.value.code == 2, err
         assert "Traceback" not in err
         lines = [line for line in err.replace("\r", "\n").strip().splitlines()
-                 if "%|" not in line and not line.startswith(LOG_PREFIX)]
+                 if "%|" not in line and not line.startswith((LOG_PREFIX, "warning: "))]
         assert len(lines) == 1 and lines[0].startswith("error: "), err
         return lines[0]
 

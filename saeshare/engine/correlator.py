@@ -348,7 +348,7 @@ class Correlator:
         if cache.folder is None and not self.use_cache:
             raise UserError("several processes (torchrun) share their results through the pair cache: drop --no_cache")
         if cache.folder is None:
-            old = ", ".join(r.name for r in (run_a, run_b) if not r.meta.run_id)
+            old = ", ".join(dict.fromkeys(r.name for r in (run_a, run_b) if not r.meta.run_id))
             raise UserError(f"run {old} has no run_id (written by an older version), and under torchrun the processes "
                             "share their results through the pair cache, which tells runs apart by it: train or "
                             "record it again, or run this analysis without torchrun")
