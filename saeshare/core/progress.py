@@ -28,6 +28,10 @@ class _Nowhere:
 class LogLines(tqdm):
     """tqdm without a terminal: `progress <desc>: n/total unit (p%), rate, elapsed, ETA, postfix` lines."""
 
+    monitor_interval = 0
+    """No tqdm monitor thread: lines are printed from the loop itself (and a thread left running at exit
+    can abort a torchrun process)."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **{**kwargs, "file": _Nowhere(), "mininterval": 0, "miniters": 1, "disable": False})
 
