@@ -63,7 +63,8 @@ class HFDataset(PairedDataset):
         self._ds = ds
         self._image_col, caption_col, id_col = find_columns(ds.features)
         self._captions = [_first(c) for c in ds[caption_col]]
-        ids, self.folder = None, None
+        ids = None
+        self.folder: Path | None = None
         """A local folder's path (its samples' ids are file names relative to it), else None."""
         if ids_from_paths_under is not None:  # local folder: the file_name of metadata.jsonl
             refs = ds.cast_column(self._image_col, datasets.Image(decode=False))[self._image_col]
