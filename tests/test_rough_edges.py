@@ -303,3 +303,23 @@ def test_demo_image_size_zero_is_refused(error_line):
     import demo
 
     assert "--image_size must be positive" in error_line(demo.main, ["--image_size", "0", "--out", "/nonexistent/x"])
+
+
+def test_cache_on_a_full_disk_is_a_warning_line(tmp_path, monkeypatch, capsys):
+    from saeshare.disk import cache
+
+    make_run(tmp_path, "A", {0: np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)},
+             {0: random_sae_state(6, 12)})
+    make_run(tmp_path, "B", {0: np.random.default_rng(1).normal(size=(40, 6)).astype(np.float32)},
+             {0: random_sae_state(6, 12, seed=1)})
+
+    def full(path, arrays):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(cache, "_savez", full)
+    wmppc.main(["--root", str(tmp_path), "--source", "A", "--target", "B", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert captured.out.startswith("All Layers : ")
+    lines = [line for line in captured.err.splitlines() if "cache" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: could not write the cache") and "No space" in lines[0]
+    assert not list((tmp_path / ".cache").glob("*.npz"))

@@ -3,13 +3,15 @@ under `<root>/.cache/`. Keys hold each run's key (its run_id, SAE seed, null), s
 stale entries are never read."""
 from __future__ import annotations
 
-import warnings
+import sys
 import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from errors import UserError
+from saeshare.core import distributed
 from saeshare.disk.files import write_atomic
 from saeshare.disk.runs import Run
 
@@ -69,8 +71,11 @@ class PairCache:
         try:
             self.folder.mkdir(exist_ok=True)
             write_atomic(self.path(key), lambda tmp: _savez(tmp, arrays))
-        except OSError as e:
-            warnings.warn(f"could not write the cache {self.path(key)}: {e}")
+        except OSError as e:  # a full disk: the result is still computed and printed, only not kept
+            why = f"could not write the cache {self.path(key)} ({e.strerror or e})"
+            if distributed.world_size() > 1:  # the other ranks would wait for a pair that never comes
+                raise UserError(f"{why}: under torchrun the ranks share their results through it") from None
+            print(f"warning: {why}; the result is computed but not cached", file=sys.stderr)
 
 
 def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
