@@ -226,7 +226,7 @@ def test_second_writer_of_a_name_is_refused_and_a_killed_one_frees_it(tmp_path):
 
 # ---- 7. progress in logs ----------------------------------------------------------------------------------
 def test_log_lines_every_5_percent_and_every_minute(monkeypatch, capsys):
-    clock = iter(range(0, 10 ** 6, 1))
+    clock = iter(range(0, 10 ** 6, 5))  # 5 s an item: 5% (10 items) in 50 s
     monkeypatch.setattr(progress_mod.time, "monotonic", lambda: next(clock))
     for _ in progress_mod.LogLines(range(200), desc="train", unit="batch"):
         pass
@@ -241,6 +241,12 @@ def test_log_lines_every_5_percent_and_every_minute(monkeypatch, capsys):
         bar.update(1)
     bar.close()
     assert len(capsys.readouterr().err.splitlines()) == 3  # no total: one line a minute
+    quick = (t / 4 for t in range(10 ** 6))  # 0.25 s an item: 5% (10 items) in 2.5 s
+    monkeypatch.setattr(progress_mod.time, "monotonic", lambda: next(quick))
+    for _ in progress_mod.LogLines(range(200), desc="fast", unit="batch"):
+        pass
+    lines = capsys.readouterr().err.splitlines()  # never two lines within 10 s: at 40, 80, ..., 200
+    assert [line.split()[2] for line in lines] == ["40/200", "80/200", "120/200", "160/200", "200/200"]
 
 
 def test_terminal_keeps_its_bar(monkeypatch):

@@ -11,6 +11,8 @@ LOG_EVERY_S = 60.0
 """A log line at least this often while a loop runs."""
 LOG_EVERY_FRACTION = 0.05
 """And each time this much more of a loop of known length is done."""
+LOG_MIN_GAP_S = 10.0
+"""But not more often than this (a loop whose total grows as work is found would print every few chunks)."""
 LOG_PREFIX = "progress "
 """How every log line starts (to grep them, or leave them out)."""
 
@@ -43,7 +45,8 @@ class LogLines(tqdm):
             self._logged = (now, 0)
             return
         step = LOG_EVERY_FRACTION * self.total if self.total else float("inf")
-        if self.n == last_n or not (done or now - last_t >= LOG_EVERY_S or self.n - last_n >= step):
+        due = now - last_t >= LOG_EVERY_S or (self.n - last_n >= step and now - last_t >= LOG_MIN_GAP_S)
+        if self.n == last_n or not (done or due):
             return
         self._logged = (now, self.n)
         print(LOG_PREFIX + self.line(), file=sys.stderr, flush=True)
