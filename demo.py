@@ -34,7 +34,7 @@ from sae import SaeConfig
 from saeshare.core.distributed import resolve_device
 from saeshare.core.options import parse
 from saeshare.disk.results import IMAGE, NULL, TEXT, AttributeMatch, DemoResults, SaeProbes
-from saeshare.disk.runs import Run, fitting_layers, poor_fits
+from saeshare.disk.runs import Run, fitting_layers, poor_fits, warn_run
 from saeshare.engine.correlator import Correlator, tqdm_progress
 from saeshare.engine.options import EngineOptions
 from saeshare.render import demo_report
@@ -174,6 +174,7 @@ def run_demo(cfg: DemoConfig) -> DemoResults:
     runs, seconds = {}, {}
     for name in RUNS:
         runs[name], seconds[name] = _train_or_reuse(cfg, name, root)
+        warn_run(runs[name])
 
     opts = EngineOptions(root=str(root), codes="relu", device=cfg.device)
     engine = Correlator(opts, progress=tqdm_progress("correlations"))

@@ -176,7 +176,8 @@ class _SparseDecode(torch.autograd.Function):
 
 
 class TopKSAE(nn.Module):
-    """z = TopK(ReLU((x - b_dec) @ W_enc)), x_hat = z @ W_dec + b_dec. No encoder bias."""
+    """z = TopK(ReLU((x - b_dec) @ W_enc + b_enc)), x_hat = z @ W_dec + b_dec. SAEs trained here have no
+    encoder bias (b_enc None, as the paper's); SAEs imported from other libraries may."""
 
     def __init__(self, d_model: int, n_features: int, top_k: int, generator: torch.Generator | None = None):
         super().__init__()
@@ -192,12 +193,17 @@ class TopKSAE(nn.Module):
         self.W_enc = nn.Parameter(W_enc)
         self.W_dec = nn.Parameter(W_enc.T / W_enc.T.norm(dim=1, keepdim=True))
         self.b_dec = nn.Parameter(torch.zeros(d_model))
+        self.b_enc: nn.Parameter | None = None
         self.product_dtype: torch.dtype | None = None
         """dtype of the training step's dense encoder product; None: the weights' own."""
 
-    def pre_acts(self, x_ND: Tensor) -> Tensor:
-        """Dense ReLU pre-activations [N, F] (the paper's `relu` codes)."""
-        return F.relu((x_ND - self.b_dec) @ self.W_enc)
+    def pre_acts(self, x_ND: Tensor, cols: slice | Tensor = slice(None), out: Tensor | None = None) -> Tensor:
+        """Dense ReLU pre-activations [N, f] of features `cols` (the paper's `relu` codes), written into `out`
+        when given (a reused buffer)."""
+        x = x_ND - self.b_dec
+        if self.b_enc is None:
+            return torch.mm(x, self.W_enc[:, cols], out=out).relu_()
+        return torch.addmm(self.b_enc[cols], x, self.W_enc[:, cols], out=out).relu_()
 
     def encode(self, x_ND: Tensor) -> EncoderOutput:
         return EncoderOutput(*self.pre_acts(x_ND).topk(self.top_k, dim=-1, sorted=False))
@@ -208,7 +214,7 @@ class TopKSAE(nn.Module):
     def forward(self, x_ND: Tensor, dead_mask_F: Tensor | None = None) -> ForwardOutput:
         """The training step's forward. Without AuxK it runs the fused top-k path (same values and
         gradients as `forward_reference`, tested); AuxK needs the dense pre-activations."""
-        if dead_mask_F is not None and bool(dead_mask_F.any()):
+        if (dead_mask_F is not None and bool(dead_mask_F.any())) or self.b_enc is not None:
             return self.forward_reference(x_ND, dead_mask_F)
         top_acts, *pattern = _TopKEncode.apply(x_ND, self.b_dec, self.W_enc, self.top_k,
                                                self.product_dtype or self.W_enc.dtype)
@@ -237,17 +243,19 @@ class TopKSAE(nn.Module):
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     def state(self) -> dict[str, Tensor]:
-        """The tensors of `layer{LL}.sae.safetensors` (docs/design.md#runs-on-disk)."""
-        return {"W_enc": self.W_enc.detach().cpu().contiguous(), "W_dec": self.W_dec.detach().cpu().contiguous(),
-                "b_dec": self.b_dec.detach().cpu().contiguous()}
+        """The tensors of `layer{LL}.sae.safetensors` (docs/design.md#runs-on-disk); `b_enc` only when there is one."""
+        names = ("W_enc", "W_dec", "b_dec") + (("b_enc",) if self.b_enc is not None else ())
+        return {name: getattr(self, name).detach().cpu().contiguous() for name in names}
 
     @classmethod
     def from_state(cls, state: dict[str, Tensor], top_k: int) -> "TopKSAE":
         d, n = state["W_enc"].shape
-        if state["W_dec"].shape != (n, d) or state["b_dec"].shape != (d,):
-            raise ValueError(f"inconsistent SAE shapes: W_enc {tuple(state['W_enc'].shape)}, "
-                             f"W_dec {tuple(state['W_dec'].shape)}, b_dec {tuple(state['b_dec'].shape)}")
+        if (state["W_dec"].shape != (n, d) or state["b_dec"].shape != (d,)
+                or ("b_enc" in state and state["b_enc"].shape != (n,))):
+            raise ValueError("inconsistent SAE shapes: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in state.items()))
         sae = cls(d, n, top_k)
+        if "b_enc" in state:
+            sae.b_enc = nn.Parameter(torch.zeros(n))
         sae.load_state_dict(state)
         return sae
 

@@ -140,7 +140,7 @@ def test_sae_problems_are_one_line_per_run(tmp_path):
                                       2: LayerInfo(6, 12, steps=400, fvu_fall=0.3, fvu_pooled=0.5)})
     line = summary_warning(bad)
     assert line.startswith("warning: run 'bad': its SAEs took 3 steps (fewer than 100) at layers 0, 1;")
-    assert "still fell by 30% over the last fifth of training at layer 2" in line
+    assert "were still improving when training ended (FVU down 30% over the last fifth) at layer 2" in line
     assert "(fvu_pooled 4.00) at layer 0" in line and "--lr" in line and "--sae_tokens pooled" in line
     assert len(runs_mod.run_warnings(bad)) == 4 and "\n" not in line
 

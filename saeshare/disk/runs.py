@@ -468,14 +468,13 @@ def summary_warning(run: Run) -> str | None:
     p = problems(run)
     parts = []
     if p.few_steps:
-        steps = _span(p.few_steps, '.0f')
-        parts.append(f"its SAEs took {steps} step{'s' * (steps != '1')} (fewer than {MIN_SAE_STEPS}) "
-                     + _where(p.few_steps, run))
+        steps = _span(p.few_steps, ".0f")
+        parts.append(f"took {steps} step{'s' * (steps != '1')} (fewer than {MIN_SAE_STEPS}) {_where(p.few_steps, run)}")
     if p.still_falling:
-        parts.append(f"their FVU still fell by {_span(p.still_falling, '.0%')} over the last fifth of training "
-                     f"{_where(p.still_falling, run)}")
+        parts.append(f"were still improving when training ended (FVU down {_span(p.still_falling, '.0%')} over "
+                     f"the last fifth) {_where(p.still_falling, run)}")
     if p.poor_fit:
-        parts.append(f"they reconstruct the recorded pooled token worse than its mean (fvu_pooled "
+        parts.append(f"reconstruct the recorded pooled token worse than its mean (fvu_pooled "
                      f"{_span(p.poor_fit, '.2f')}) {_where(p.poor_fit, run)}")
     if not parts:
         return None
@@ -484,7 +483,8 @@ def summary_warning(run: Run) -> str | None:
         fixes.append("more samples, a smaller --batch_size or a larger --lr train them further")
     if p.poor_fit or p.few_steps:
         fixes.append("--sae_tokens pooled --sae_epochs N fits them to the recorded tokens")
-    return (f"warning: run {run.name!r}: " + "; ".join(parts) + ", so its scores mean little there ("
+    effect = "mean little there" if p.few_steps or p.poor_fit else "may still change with more training"
+    return (f"warning: run {run.name!r}: its SAEs " + "; ".join(parts) + f", so its scores {effect} ("
             + "; ".join(fixes) + ")")
 
 

@@ -55,7 +55,7 @@ def codes_into(out_nf: torch.Tensor | None, sae: TopKSAE, x_nD: torch.Tensor, co
     """Write the dense codes of features `cols` (a slice or an index tensor) into out [n, f] (a reused buffer:
     fresh large allocations cost page faults every chunk), or into a new tensor when out is None."""
     if codes == "relu":
-        return torch.mm(x_nD - sae.b_dec, sae.W_enc[:, cols], out=out_nf).relu_()
+        return sae.pre_acts(x_nD, cols, out_nf)
     dense = sae.encode(x_nD).dense(sae.n_features)[:, cols]
     return dense if out_nf is None else out_nf.copy_(dense)
 

@@ -40,7 +40,7 @@ def topk_table(chunks_nD: Iterable[torch.Tensor], sae: TopKSAE, n: int, scratch:
     idx = torch.empty(n, sae.top_k, dtype=torch.long, device=device)
     start = 0
     for x in chunks_nD:
-        pre = torch.mm(x - sae.b_dec, sae.W_enc, out=scratch[:x.shape[0] * sae.n_features].view(x.shape[0], -1)).relu_()
+        pre = sae.pre_acts(x, out=scratch[:x.shape[0] * sae.n_features].view(x.shape[0], -1))
         torch.topk(pre, sae.top_k, dim=-1, sorted=False, out=(vals[start:start + len(x)], idx[start:start + len(x)]))
         start += len(x)
     return TopkTable(vals, idx)
