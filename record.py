@@ -14,20 +14,39 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import data
-from errors import UserError, cli
-from saeshare.core.options import parse
-from saeshare.disk.runs import Run, RunsOptions, RunWriter
-from saeshare.training.steps import EncoderPass, EncoderSpec, build_encoder, encoder_pass, save_layer
+from errors import ArgumentParser, UserError, cli
+from saeshare.core.options import add_options, options_from
+from saeshare.disk.runs import Run, RunMeta, RunsOptions, RunWriter, SaeSettings
+from saeshare.exchange import formats
+from saeshare.training.steps import EncoderPass, EncoderSpec, build_encoder, encoder_pass, layer_width, save_layer
+from saeshare.training.train import DEFAULT_BATCH
+from wrappedmodels import ENCODERS, get_encoder_class
 
 
 @dataclass(kw_only=True)
 class RecordArgs(data.DataOptions, RunsOptions):
-    run: str
-    """The run whose encoder, pooled token and SAEs are applied (RUN@SEED not needed: every seed is copied)."""
     runname: str
     """Name of the new run."""
+    run: str | None = None
+    """The run whose encoder, pooled token and SAEs are applied (RUN@SEED not needed: every seed is copied)."""
+    sae_file: str | None = None
+    """Instead of --run: an SAE saved by another library (a folder), applied to the encoder --model at the one
+    layer of --layers."""
+    sae_format: str = "auto"
+    """The format of --sae_file: auto (from its files), saelens or sparsify."""
+    model: str | None = None
+    """With --sae_file: the encoder family (checkpoint by the family's own flag)."""
+    checkpoint: str | None = None
+    """Set on the command line by the family's own flag (--clip_model_name, ...)."""
+    layers: list[int] | None = None
+    """With --sae_file: the block whose output the SAE reads (one; -1 = last)."""
+    token: str | None = None
+    """With --sae_file: the pooled token recorded per sample (default: the family's own)."""
+    image_size: int | None = None
+    """With --sae_file and EfficientNetLite: the input size."""
     overwrite: bool = False
     """Replace an existing run of this name."""
     num_workers: int | None = None
@@ -36,8 +55,16 @@ class RecordArgs(data.DataOptions, RunsOptions):
     def __post_init__(self):
         data.DataOptions.__post_init__(self)
         RunsOptions.__post_init__(self)
-        if "@" in self.run:
+        if (self.run is None) == (self.sae_file is None):
+            raise UserError("give one of --run RUN (a run's own SAEs) or --sae_file PATH (another library's SAE)")
+        given = [f"--{f}" for f in ("model", "layers", "token", "image_size") if getattr(self, f) is not None]
+        if self.run is not None and given:
+            raise UserError(f"{', '.join(given)} go with --sae_file; --run applies the run's own encoder and layers")
+        if self.run is not None and "@" in self.run:
             raise UserError(f"--run {self.run}: give the run itself; every SAE seed of it is copied")
+        if self.sae_file is not None and (self.model is None or self.layers is None or len(self.layers) != 1):
+            raise UserError("--sae_file needs --model FAMILY (and its checkpoint flag) and one --layers L: the "
+                            "encoder and block whose output the SAE reads")
 
 
 def recorded_run(args: RecordArgs) -> Run | None:
@@ -72,9 +99,53 @@ def record(args: RecordArgs) -> Run:
     return Run.open(args.root, args.runname)
 
 
+def record_imported(args: RecordArgs) -> Run:
+    """A run whose SAE at one layer is another library's (record.py --sae_file), over args' samples."""
+    t0 = time.perf_counter()
+    imported = formats.read(args.sae_file, args.sae_format)
+    sae, modality = imported.sae, get_encoder_class(args.model).modality
+    encoder = build_encoder(EncoderSpec(args.model, modality, args.checkpoint, args.token, args.image_size),
+                            args.torch_device)
+    layer = encoder.resolve_layers(args.layers)[0]
+    ds = args.load()
+    settings = SaeSettings(top_k=sae.top_k, expansion_factor=max(1, sae.n_features // sae.d_model),
+                           batch_size=DEFAULT_BATCH[modality])
+    with RunWriter(args.root, args.runname, args.overwrite) as writer:
+        plan = EncoderPass(ds, encoder, [layer], settings, "float32", args.torch_device,
+                           f"{args.runname}: layer {layer} ({args.sae_file})", args.num_workers)
+        width = layer_width(plan, layer)
+        if width != sae.d_model:
+            raise UserError(f"--sae_file {args.sae_file}: the SAE reads width {sae.d_model}, layer {layer} of "
+                            f"{args.model} {encoder.checkpoint} outputs width {width}")
+        acts = encoder_pass(plan, writer)
+        info = {layer: save_layer(layer, [(sae, None)], settings.seeds, acts[layer], writer, args.torch_device)}
+        fmt = args.sae_format if args.sae_format != "auto" else formats.detect(Path(args.sae_file)).name
+        writer.finish(RunMeta(
+            runname=args.runname, modality=modality, model=args.model, checkpoint=encoder.checkpoint,
+            token=encoder.token, dataset=ds.describe(), sae=settings, layers=[layer], layer_info=info,
+            n_layers_model=encoder.n_layers, image_size=getattr(encoder, "image_size", None),
+            sae_file=f"{fmt}:{Path(args.sae_file).resolve()}", device=str(args.torch_device)))
+    print(f"wrote {writer.final} (layer {layer} of {args.model} through the {fmt} SAE {args.sae_file}, "
+          f"{len(ds)} samples, {time.perf_counter() - t0:.1f} s); FVU on them {info[layer].fvu_pooled:.3f}")
+    return Run.open(args.root, args.runname)
+
+
 @cli
 def main(argv=None):
-    record(parse(RecordArgs, argv, "Apply a run's encoder and SAEs to other samples, without training"))
+    p = ArgumentParser(description="Apply a run's encoder and SAEs (or another library's SAE) to other samples, "
+                                   "without training")
+    add_options(p, RecordArgs, skip=("checkpoint",))
+    for flag in sorted({c.checkpoint_flag for c in ENCODERS.values()}):
+        p.add_argument(flag, default=None, help="with --sae_file: the checkpoint (hub id or local folder) of "
+                       + ", ".join(n for n, c in ENCODERS.items() if c.checkpoint_flag == flag))
+    ns = p.parse_args(argv)
+    family = ENCODERS.get(ns.model) if ns.model else None
+    args = options_from(RecordArgs, ns, checkpoint=getattr(ns, family.checkpoint_flag.lstrip("-")) if family else None)
+    if args.sae_file is not None:
+        if family is None:
+            raise UserError(f"unknown --model {args.model!r}; choose from {', '.join(ENCODERS)}")
+        return record_imported(args)
+    return record(args)
 
 
 if __name__ == "__main__":

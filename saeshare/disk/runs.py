@@ -130,6 +130,8 @@ class RunMeta(Record):
     """Made by record.py: the run whose encoder and SAEs (copied here) were applied to these samples."""
     sae_from_id: str | None = None
     """The run_id of that run when recorded: once it is trained again, this recording is stale."""
+    sae_file: str | None = None
+    """Made by record.py --sae_file: "<format>:<path>" of the SAE imported from another library."""
     versions: dict[str, str] = field(default_factory=dict)
     device: str | None = None
     run_id: str = ""

@@ -138,6 +138,12 @@ def _check_finite(acts_BTD: Tensor, layer: int, rows: np.ndarray, ds: data.Paire
                         f"(id {ds.sample_ids[n]!r}); check the model's dtype and inputs")
 
 
+def layer_width(plan: EncoderPass, layer: int) -> int:
+    """The width of a layer's output, from one sample (before a whole pass)."""
+    rows, inputs = next(iter(plan.loader(batch_size=1, sampler=[0])))
+    return int(plan.encoder.record(inputs, [layer])[layer].shape[-1])
+
+
 def encoder_pass(plan: EncoderPass, writer: RunWriter, on_tokens: Callable[[int, Tensor], None] | None = None,
                  postfix: Callable[[], str] | None = None) -> dict[int, np.ndarray]:
     """The pass on one process, in the order training uses: every layer's pooled token written at its
