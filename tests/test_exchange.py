@@ -4,6 +4,7 @@ their classes save, record.py --sae_file imports to the same codes and reconstru
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from saeshare.disk.runs import Run
 from saeshare.exchange import formats
 from synthetic import make_run, random_sae_state
 
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder needs a GPU; the eager one is the same sum
 sae_lens = pytest.importorskip("sae_lens")
 sparsify = pytest.importorskip("sparsify")
 
