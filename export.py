@@ -1,4 +1,5 @@
-"""Export a run's SAEs for another library (SAELens, EleutherAI's sparsify), with a model card.
+"""Export a run's SAEs for another library (SAELens, EleutherAI's sparsify, dictionary_learning, saev), with a
+model card.
 
     uv run export.py --run clip --format saelens --out clip_saelens        # every layer, the run's first seed
     uv run export.py --run clip@1 --format sparsify --out clip_sparsify    # its seed 1
@@ -21,6 +22,10 @@ from saeshare.exchange.formats import FORMATS, Format
 LOADERS = {
     "saelens": "from sae_lens import SAE\nsae = SAE.load_from_disk(\"layer{LL}\")",
     "sparsify": "from sparsify import SparseCoder\nsae = SparseCoder.load_from_disk(\"layer{LL}\")",
+    "dictionary_learning": "from dictionary_learning.trainers.top_k import AutoEncoderTopK\n"
+                           "sae = AutoEncoderTopK.from_pretrained(\"layer{LL}/ae.pt\")",
+    "saev": "import saev.nn\n# a ReLU SAE in saev: its codes are this run's relu codes, every feature\n"
+            "sae = saev.nn.load(\"layer{LL}/sae.pt\")",
 }
 """How the card says to load one layer with the library itself."""
 
@@ -30,7 +35,7 @@ class ExportArgs(RunsOptions):
     run: str
     """The run (RUN@SEED for another SAE seed)."""
     format: str
-    """saelens or sparsify."""
+    """saelens, sparsify, dictionary_learning or saev."""
     out: str
     """Folder to write (one subfolder per layer, and README.md)."""
     overwrite: bool = False
@@ -105,7 +110,7 @@ def export(args: ExportArgs) -> Path:
 
 @cli
 def main(argv=None):
-    args = parse(ExportArgs, argv, "Export a run's SAEs for SAELens or sparsify")
+    args = parse(ExportArgs, argv, "Export a run's SAEs for SAELens, sparsify, dictionary_learning or saev")
     out = export(args)
     print(f"wrote {out} ({args.format}: {len(Run.open(args.root, args.run).layers)} layers and README.md)")
 

@@ -36,7 +36,7 @@ class RecordArgs(data.DataOptions, RunsOptions):
     """Instead of --run: an SAE saved by another library (a folder), applied to the encoder --model at the one
     layer of --layers."""
     sae_format: str = "auto"
-    """The format of --sae_file: auto (from its files), saelens or sparsify."""
+    """The format of --sae_file: auto (from its files), saelens, sparsify, dictionary_learning or saev."""
     model: str | None = None
     """With --sae_file: the encoder family (checkpoint by the family's own flag)."""
     checkpoint: str | None = None

@@ -163,3 +163,58 @@ def test_bad_sae_files_are_one_line(tmp_path, error_line):
     assert not (tmp_path / "runs" / "x").exists()
     with pytest.raises(UserError, match="unknown --sae_format"):
         formats.read(tmp_path / "sp", "hdf5")
+
+
+def test_dictionary_learning_both_ways(run, tmp_path):
+    from dictionary_learning.trainers.top_k import AutoEncoderTopK
+
+    export.main(["--run", "r", "--root", str(run.path.parent), "--format", "dictionary_learning", "--out",
+                 str(tmp_path / "dl")])
+    theirs = AutoEncoderTopK.from_pretrained(str(tmp_path / "dl" / "layer02" / "ae.pt"))
+    x = _x(seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), _dense(run.sae(2), x), atol=1e-5, rtol=1e-5)
+        made = AutoEncoderTopK(D, F, K)
+        made.encoder.bias.copy_(torch.randn(F, generator=torch.Generator().manual_seed(6)) * 0.3)
+        made.b_dec.copy_(torch.randn(D, generator=torch.Generator().manual_seed(7)))
+        (tmp_path / "made").mkdir()
+        torch.save(made.state_dict(), tmp_path / "made" / "ae.pt")
+        (tmp_path / "made" / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoderTopK"}}))
+        got = formats.read(tmp_path / "made").sae
+        torch.testing.assert_close(_dense(got, x), made.encode(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got(x).x_hat, made(x), atol=1e-5, rtol=1e-5)
+
+
+def test_saev_both_ways(run, tmp_path):
+    """saev's SAE is ReLU: an exported SAE gives this run's relu codes there; a saev SAE imports with all its
+    features (top_k = F), so codes and reconstruction are saev's."""
+    import saev.config
+    import saev.nn
+
+    export.main(["--run", "r", "--root", str(run.path.parent), "--format", "saev", "--out", str(tmp_path / "sv")])
+    theirs = saev.nn.load(str(tmp_path / "sv" / "layer00" / "sae.pt"))
+    x = _x(seed=8)
+    with torch.no_grad():
+        _, f_x, _ = theirs(x)
+        torch.testing.assert_close(f_x, run.sae(0).pre_acts(x), atol=1e-5, rtol=1e-5)
+        made = saev.nn.SparseAutoencoder(saev.config.SparseAutoencoder(d_vit=D, exp_factor=F // D))
+        made.b_enc.copy_(torch.randn(F, generator=torch.Generator().manual_seed(9)) * 0.3)
+        saev.nn.dump(str(tmp_path / "made" / "sae.pt"), made)
+        got = formats.read(tmp_path / "made").sae
+        x_hat, f_x, _ = made(x)
+        assert got.top_k == F
+        torch.testing.assert_close(_dense(got, x), f_x, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got(x).x_hat, x_hat, atol=1e-4, rtol=1e-5)
+
+
+def test_an_unsafe_pickle_is_refused_not_run(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    (tmp_path / "evil").mkdir()
+    torch.save({"encoder.weight": Boom()}, tmp_path / "evil" / "ae.pt")
+    (tmp_path / "evil" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="cannot read .* as a state dict of tensors"):
+        formats.read(tmp_path / "evil")
+    assert not (tmp_path / "pwned").exists()

@@ -1,9 +1,11 @@
-"""SAE files of other libraries, read and written (SAELens, EleutherAI's sparsify). One class per format in
-a registry: a new library is one class. Every format here holds a top-k SAE whose codes are
-TopK(ReLU((x - b_dec) W_enc + b_enc)), as this project's TopKSAE computes them; what a format cannot say
-(an activation it does not share) is refused with one line, never guessed."""
+"""SAE files of other libraries, read and written (SAELens, EleutherAI's sparsify, dictionary_learning, saev).
+One class per format in a registry: a new library is one class. Each format's codes are
+TopK(ReLU((x - b_dec) W_enc + b_enc)) as this project's TopKSAE computes them (saev's ReLU SAE: every
+feature, top_k = F); what a format cannot say (an activation it does not share) is refused with one line,
+never guessed. Pickled files are read with torch.load(weights_only=True): tensors only, nothing executed."""
 from __future__ import annotations
 
+import io
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -167,6 +169,101 @@ class Sparsify(Format):
         sae = _sae({"W_enc": t["encoder.weight"].T, "b_enc": t["encoder.bias"], "W_dec": t["W_dec"],
                     "b_dec": t["b_dec"]}, cfg["k"], folder)
         return Imported(sae, dict(cfg.get("saeshare") or {}))
+
+
+def _torch_state(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict saved with torch.save, read without unpickling anything but tensors (weights_only)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an unsafe pickle or a corrupt file: refused, never executed
+        raise UserError(f"cannot read {path} as a state dict of tensors: {str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a state dict")
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+@register
+class DictionaryLearning(Format):
+    """dictionary_learning's AutoEncoderTopK: `ae.pt` (a state dict: encoder.weight [F, d], encoder.bias,
+    decoder.weight [d, F], b_dec, k, threshold) and `config.json` ({"trainer": {...}}). Its codes are
+    TopK(ReLU(encoder(x - b_dec))) (its optional `threshold` inference is not applied)."""
+    name = "dictionary_learning"
+    files = ("ae.pt", "config.json")
+
+    @classmethod
+    def write(cls, sae, folder, metadata):
+        folder.mkdir(parents=True, exist_ok=True)
+        st = sae.state()
+        state = {"encoder.weight": st["W_enc"].T.contiguous(), "encoder.bias": _b_enc(sae),
+                 "decoder.weight": st["W_dec"].T.contiguous(), "b_dec": st["b_dec"],
+                 "k": torch.tensor(sae.top_k, dtype=torch.int), "threshold": torch.tensor(-1.0)}
+        write_atomic(folder / "ae.pt", lambda tmp: torch.save(state, tmp))
+        _save_json(folder / "config.json", {"trainer": {
+            "dict_class": "AutoEncoderTopK", "trainer_class": "TopKTrainer", "activation_dim": sae.d_model,
+            "dict_size": sae.n_features, "k": sae.top_k, "layer": metadata.get("layer"),
+            "lm_name": metadata.get("model_name"), "submodule_name": metadata.get("hook_name")},
+            "saeshare": metadata})
+
+    @classmethod
+    def read(cls, folder):
+        cfg = _json(folder / "config.json")
+        trainer = cfg.get("trainer", {})
+        if trainer.get("dict_class", "AutoEncoderTopK") != "AutoEncoderTopK":
+            raise UserError(f"{folder}: a dictionary_learning {trainer['dict_class']}; only AutoEncoderTopK is read")
+        t = _torch_state(folder / "ae.pt")
+        _need(t, ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k"), folder / "ae.pt")
+        sae = _sae({"W_enc": t["encoder.weight"].T, "b_enc": t["encoder.bias"], "W_dec": t["decoder.weight"].T,
+                    "b_dec": t["b_dec"]}, int(t["k"]), folder)
+        return Imported(sae, dict(cfg.get("saeshare") or trainer))
+
+
+@register
+class Saev(Format):
+    """saev (OSU-NLP-Group, PyPI 0.1.0): one `sae.pt`, a JSON line of its config (d_vit, exp_factor, ...) then a
+    torch.save state dict (W_enc [d, F], b_enc, W_dec [F, d], b_dec). Its SAE is ReLU, not top-k: codes are
+    ReLU((x - b_dec) W_enc + b_enc), all F of them, so an imported one keeps every feature (top_k = F), and
+    an exported one reads as this project's `relu` codes."""
+    name = "saev"
+    files = ("sae.pt",)
+
+    @classmethod
+    def write(cls, sae, folder, metadata):
+        if sae.n_features % sae.d_model:
+            raise UserError(f"saev needs a whole expansion factor: {sae.n_features} features over width {sae.d_model}")
+        folder.mkdir(parents=True, exist_ok=True)
+        st = sae.state()
+        header = {"d_vit": sae.d_model, "exp_factor": sae.n_features // sae.d_model, "sparsity_coeff": 0.0,
+                  "normalize_w_dec": False, "seed": int(metadata.get("sae_seed") or 0)}
+        state = {"W_enc": st["W_enc"], "b_enc": _b_enc(sae), "W_dec": st["W_dec"], "b_dec": st["b_dec"]}
+
+        def dump(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                f.write((json.dumps(header) + "\n").encode())
+                torch.save(state, f)
+
+        write_atomic(folder / "sae.pt", dump)
+        _save_json(folder / "saeshare.json", metadata)
+
+    @classmethod
+    def read(cls, folder):
+        path = folder / "sae.pt"
+        try:
+            with open(path, "rb") as f:
+                header = json.loads(f.readline().decode())
+                rest = io.BytesIO(f.read())
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not a saev checkpoint (a JSON line, then the weights): {e}") from None
+        if not isinstance(header, dict):
+            raise UserError(f"{path}: not a saev checkpoint (its first line is not a JSON object)")
+        try:
+            t = torch.load(rest, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot read the weights of {path}: {str(e).splitlines()[0]}") from None
+        _need(t, ("W_enc", "b_enc", "W_dec", "b_dec"), path)
+        t = {k: v.float() for k, v in t.items()}
+        sae = _sae(t, t["W_enc"].shape[1], folder)
+        meta = _json(folder / "saeshare.json") if (folder / "saeshare.json").is_file() else header
+        return Imported(sae, meta)
 
 
 def detect(path: Path) -> type[Format]:
