@@ -18,6 +18,7 @@ from saeshare.core.options import parse
 from saeshare.disk.files import staged_dir, write_atomic
 from saeshare.disk.runs import Run, RunsOptions
 from saeshare.exchange.formats import FORMATS, Format
+from wrappedmodels import ENCODERS
 
 LOADERS = {
     "saelens": "from sae_lens import SAE\nsae = SAE.load_from_disk(\"layer{LL}\")",
@@ -84,6 +85,13 @@ Load one layer with {fmt.name}:
 {load}
 ```
 
+and with saeshare, over any samples (record.py applies the encoder and this SAE; the analyses then read it):
+
+```bash
+uv run record.py --model {m.model} {ENCODERS[m.model].checkpoint_flag} {m.checkpoint} \\
+    --sae_file layer{run.layers[-1]:02d} --sae_format {fmt.name} \\
+    --layers {run.layers[-1]} --dataset DATASET --runname imported
+```
 """
 
 
