@@ -88,11 +88,16 @@ Load one layer with {fmt.name}:
 and with saeshare, over any samples (record.py applies the encoder and this SAE; the analyses then read it):
 
 ```bash
-uv run record.py --model {m.model} {ENCODERS[m.model].checkpoint_flag} {m.checkpoint} \\
+uv run record.py --model {m.model} {_flag(m.model)} {m.checkpoint} \\
     --sae_file layer{run.layers[-1]:02d} --sae_format {fmt.name} \\
     --layers {run.layers[-1]} --dataset DATASET --runname imported
 ```
 """
+
+
+def _flag(model: str) -> str:
+    """The family's checkpoint flag (a family this version does not know: a placeholder to fill in)."""
+    return ENCODERS[model].checkpoint_flag if model in ENCODERS else "--CHECKPOINT_FLAG"
 
 
 def _num(x: float | None) -> str:
