@@ -177,7 +177,8 @@ class _SparseDecode(torch.autograd.Function):
 
 class TopKSAE(nn.Module):
     """z = TopK(ReLU((x - b_dec) @ W_enc + b_enc)), x_hat = z @ W_dec + b_dec. SAEs trained here have no
-    encoder bias (b_enc None, as the paper's); SAEs imported from other libraries may."""
+    encoder bias (b_enc None, as the paper's); SAEs imported from other libraries may, and a JumpReLU SAE
+    has a per-feature `threshold` (codes at or below it are 0; its top_k is F)."""
 
     def __init__(self, d_model: int, n_features: int, top_k: int, generator: torch.Generator | None = None):
         super().__init__()
@@ -194,6 +195,7 @@ class TopKSAE(nn.Module):
         self.W_dec = nn.Parameter(W_enc.T / W_enc.T.norm(dim=1, keepdim=True))
         self.b_dec = nn.Parameter(torch.zeros(d_model))
         self.b_enc: nn.Parameter | None = None
+        self.threshold: nn.Parameter | None = None
         self.product_dtype: torch.dtype | None = None
         """dtype of the training step's dense encoder product; None: the weights' own."""
 
@@ -202,8 +204,10 @@ class TopKSAE(nn.Module):
         when given (a reused buffer)."""
         x = x_ND - self.b_dec
         if self.b_enc is None:
-            return torch.mm(x, self.W_enc[:, cols], out=out).relu_()
-        return torch.addmm(self.b_enc[cols], x, self.W_enc[:, cols], out=out).relu_()
+            pre = torch.mm(x, self.W_enc[:, cols], out=out).relu_()
+        else:
+            pre = torch.addmm(self.b_enc[cols], x, self.W_enc[:, cols], out=out).relu_()
+        return pre if self.threshold is None else pre.mul_(pre > self.threshold[cols])
 
     def encode(self, x_ND: Tensor) -> EncoderOutput:
         return EncoderOutput(*self.pre_acts(x_ND).topk(self.top_k, dim=-1, sorted=False))
@@ -214,7 +218,8 @@ class TopKSAE(nn.Module):
     def forward(self, x_ND: Tensor, dead_mask_F: Tensor | None = None) -> ForwardOutput:
         """The training step's forward. Without AuxK it runs the fused top-k path (same values and
         gradients as `forward_reference`, tested); AuxK needs the dense pre-activations."""
-        if (dead_mask_F is not None and bool(dead_mask_F.any())) or self.b_enc is not None:
+        imported = self.b_enc is not None or self.threshold is not None  # the fused path knows neither
+        if (dead_mask_F is not None and bool(dead_mask_F.any())) or imported:
             return self.forward_reference(x_ND, dead_mask_F)
         top_acts, *pattern = _TopKEncode.apply(x_ND, self.b_dec, self.W_enc, self.top_k,
                                                self.product_dtype or self.W_enc.dtype)
@@ -244,18 +249,19 @@ class TopKSAE(nn.Module):
 
     def state(self) -> dict[str, Tensor]:
         """The tensors of `layer{LL}.sae.safetensors` (docs/design.md#runs-on-disk); `b_enc` only when there is one."""
-        names = ("W_enc", "W_dec", "b_dec") + (("b_enc",) if self.b_enc is not None else ())
+        names = ("W_enc", "W_dec", "b_dec") + tuple(n for n in ("b_enc", "threshold") if getattr(self, n) is not None)
         return {name: getattr(self, name).detach().cpu().contiguous() for name in names}
 
     @classmethod
     def from_state(cls, state: dict[str, Tensor], top_k: int) -> "TopKSAE":
         d, n = state["W_enc"].shape
         if (state["W_dec"].shape != (n, d) or state["b_dec"].shape != (d,)
-                or ("b_enc" in state and state["b_enc"].shape != (n,))):
+                or any(k in state and state[k].shape != (n,) for k in ("b_enc", "threshold"))):
             raise ValueError("inconsistent SAE shapes: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in state.items()))
         sae = cls(d, n, top_k)
-        if "b_enc" in state:
-            sae.b_enc = nn.Parameter(torch.zeros(n))
+        for name in ("b_enc", "threshold"):
+            if name in state:
+                setattr(sae, name, nn.Parameter(torch.zeros(n)))
         sae.load_state_dict(state)
         return sae
 

@@ -218,3 +218,25 @@ def test_an_unsafe_pickle_is_refused_not_run(tmp_path):
     with pytest.raises(UserError, match="cannot read .* as a state dict of tensors"):
         formats.read(tmp_path / "evil")
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("architecture", ["standard", "jumprelu"])
+def test_saelens_relu_and_jumprelu_keep_every_feature(tmp_path, architecture):
+    from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+
+    cls, cfg = (StandardSAE, StandardSAEConfig) if architecture == "standard" else (JumpReLUSAE, JumpReLUSAEConfig)
+    theirs = cls(cfg(d_in=D, d_sae=F))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.5
+                    if name == "threshold" else torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    theirs.save_model(tmp_path / "s")
+    got = formats.read(tmp_path / "s").sae
+    x = _x(seed=10)
+    with torch.no_grad():
+        codes = theirs.encode(x)
+        assert got.top_k == F and (codes == 0).any() and (codes > 0).any()
+        torch.testing.assert_close(_dense(got, x), codes, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.pre_acts(x), codes, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got(x).x_hat, theirs.decode(codes), atol=1e-4, rtol=1e-5)

@@ -97,8 +97,9 @@ def _b_enc(sae: TopKSAE) -> torch.Tensor:
 
 @register
 class SaeLens(Format):
-    """SAELens v6: `cfg.json` (architecture "topk", k, d_in, d_sae, metadata) and `sae_weights.safetensors`
-    (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec)."""
+    """SAELens v6: `cfg.json` (architecture "topk", "standard" or "jumprelu", k, d_in, d_sae, metadata) and
+    `sae_weights.safetensors` (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec; jumprelu: threshold).
+    Written as "topk"."""
     name = "saelens"
     files = ("cfg.json", "sae_weights.safetensors")
 
@@ -117,22 +118,30 @@ class SaeLens(Format):
     def read(cls, folder):
         cfg = _json(folder / "cfg.json")
         _need(cfg, ("architecture", "d_in", "d_sae"), folder / "cfg.json")
-        if cfg["architecture"] != "topk":
-            raise UserError(f"{folder}: a SAELens {cfg['architecture']!r} SAE; only top-k SAEs are read")
+        if cfg["architecture"] not in ("topk", "standard", "jumprelu"):
+            raise UserError(f"{folder}: a SAELens {cfg['architecture']!r} SAE; topk, standard (ReLU) and jumprelu "
+                            "SAEs are read")
         if cfg.get("normalize_activations", "none") not in ("none", None):
             raise UserError(f"{folder}: normalize_activations {cfg['normalize_activations']!r} is not supported")
         if cfg.get("rescale_acts_by_decoder_norm"):
             raise UserError(f"{folder}: rescale_acts_by_decoder_norm is not supported (fold the decoder norm "
                             "into the encoder first: SAELens' fold_W_dec_norm)")
-        _need(cfg, ("k",), folder / "cfg.json")
+        topk = cfg["architecture"] == "topk"
+        if topk:
+            _need(cfg, ("k",), folder / "cfg.json")
         t = _tensors(folder / "sae_weights.safetensors")
-        _need(t, ("W_enc", "b_enc", "W_dec", "b_dec"), folder / "sae_weights.safetensors")
+        _need(t, ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if cfg["architecture"] == "jumprelu" else ()),
+              folder / "sae_weights.safetensors")
         b_enc = t["b_enc"]
         if not cfg.get("apply_b_dec_to_input", True):
             # SAELens then encodes x, not x - b_dec (and still adds b_dec when decoding): the same codes as
             # (x - b_dec) W_enc + (b_enc + b_dec W_enc)
             b_enc = b_enc + t["b_dec"] @ t["W_enc"]
-        sae = _sae({"W_enc": t["W_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"], "b_enc": b_enc}, cfg["k"], folder)
+        state = {"W_enc": t["W_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"], "b_enc": b_enc}
+        if "threshold" in t and cfg["architecture"] == "jumprelu":
+            state["threshold"] = t["threshold"]
+        # a ReLU or JumpReLU SAE keeps every feature it fires: top_k = F
+        sae = _sae(state, cfg["k"] if topk else t["W_enc"].shape[1], folder)
         return Imported(sae, dict(cfg.get("metadata") or {}))
 
 
