@@ -16,6 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+
 import data
 from errors import ArgumentParser, UserError, cli
 from saeshare.core.options import add_options, options_from
@@ -37,6 +40,11 @@ class RecordArgs(data.DataOptions, RunsOptions):
     layer of --layers."""
     sae_format: str = "auto"
     """The format of --sae_file: auto (from its files), saelens, sparsify, dictionary_learning or saev."""
+    sae_input_mean: str | None = None
+    """With --sae_file: a .npy vector [d] its library subtracted from the activations before the SAE (saev's
+    mean, say); folded into the SAE exactly."""
+    sae_input_scale: float | None = None
+    """With --sae_file: the factor its library multiplied the (centred) activations by; folded in exactly."""
     model: str | None = None
     """With --sae_file: the encoder family (checkpoint by the family's own flag)."""
     checkpoint: str | None = None
@@ -99,10 +107,23 @@ def record(args: RecordArgs) -> Run:
     return Run.open(args.root, args.runname)
 
 
+def _vector(path: str | None):
+    if path is None:
+        return None
+    try:
+        return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32)).reshape(-1)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--sae_input_mean {path}: not a .npy vector ({e})") from None
+
+
 def record_imported(args: RecordArgs) -> Run:
     """A run whose SAE at one layer is another library's (record.py --sae_file), over args' samples."""
     t0 = time.perf_counter()
-    imported = formats.read(args.sae_file, args.sae_format)
+    norm = None
+    if args.sae_input_mean is not None or args.sae_input_scale is not None:
+        scale = 1.0 if args.sae_input_scale is None else args.sae_input_scale
+        norm = formats.InputNorm(_vector(args.sae_input_mean), scale)
+    imported = formats.read(args.sae_file, args.sae_format, norm)
     sae, modality = imported.sae, get_encoder_class(args.model).modality
     encoder = build_encoder(EncoderSpec(args.model, modality, args.checkpoint, args.token, args.image_size),
                             args.torch_device)

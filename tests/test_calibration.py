@@ -13,6 +13,7 @@ import torch
 import train_text
 import wmppc
 import wrappedmodels
+from saeshare.core.options import parse
 from saeshare.disk import runs as runs_mod
 from saeshare.disk.runs import Run, null_permutation
 from saeshare.engine import dense as corr_dense
@@ -246,12 +247,12 @@ def test_record_reproduces_the_runs_own_samples_and_records_held_out_ones(tmp_pa
 
     run = train(tmp_path, bert, "src", "--seeds", "0", "1")
     base = ["--root", str(tmp_path), "--run", "src"]
-    again = record.record(record.parse(record.RecordArgs, [*base, "--runname", "same", "--max_samples", "40"], ""))
+    again = record.record(parse(record.RecordArgs, [*base, "--runname", "same", "--max_samples", "40"], ""))
     np.testing.assert_array_equal(again.acts(1), run.acts(1))  # exactly: same order, same batches
     assert again.meta.sae_from == "src" and again.fingerprint == run.fingerprint
     assert torch.equal(again.with_seed(1).sae(1).W_enc, run.with_seed(1).sae(1).W_enc)
     assert again.meta.layer_info[1].fvu_pooled == pytest.approx(run.meta.layer_info[1].fvu_pooled, rel=1e-6)
-    held = record.record(record.parse(record.RecordArgs, [*base, "--runname", "held", "--offset", "40",
+    held = record.record(parse(record.RecordArgs, [*base, "--runname", "held", "--offset", "40",
                                                           "--max_samples", "12", "--exclude", "shape=star"], ""))
     ids = held.meta.dataset
     assert held.n_samples == 12 and ids.offset == 40 and ids.exclude == ["shape=star"]
@@ -264,7 +265,7 @@ def test_record_reproduces_the_runs_own_samples_and_records_held_out_ones(tmp_pa
                                                    "--exclude", "shape=star", "--max_samples", "5"])
     assert "unknown shapes attribute 'shape=hexagon'" in error_line(record.main, [*base, "--runname", "x", "--where",
                                                                                   "shape=hexagon"])
-    held_args = record.parse(record.RecordArgs, [*base, "--runname", "held", "--offset", "40", "--max_samples", "12",
+    held_args = parse(record.RecordArgs, [*base, "--runname", "held", "--offset", "40", "--max_samples", "12",
                                                  "--exclude", "shape=star"], "")
     assert record.recorded_run(held_args).meta.run_id == held.meta.run_id
     assert record.recorded_run(dataclasses.replace(held_args, offset=41)) is None  # other samples

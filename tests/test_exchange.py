@@ -229,8 +229,9 @@ def test_saelens_relu_and_jumprelu_keep_every_feature(tmp_path, architecture):
     theirs = cls(cfg(d_in=D, d_sae=F))
     with torch.no_grad():
         for name, p in theirs.named_parameters():
-            p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.5
-                    if name == "threshold" else torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+            gen = torch.Generator().manual_seed(p.numel())
+            p.copy_(torch.rand(p.shape, generator=gen) * 0.5 if name == "threshold"
+                    else torch.randn(p.shape, generator=gen))
     theirs.save_model(tmp_path / "s")
     got = formats.read(tmp_path / "s").sae
     x = _x(seed=10)
@@ -240,3 +241,34 @@ def test_saelens_relu_and_jumprelu_keep_every_feature(tmp_path, architecture):
         torch.testing.assert_close(_dense(got, x), codes, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got.pre_acts(x), codes, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got(x).x_hat, theirs.decode(codes), atol=1e-4, rtol=1e-5)
+
+
+def test_input_normalisation_folds_exactly(tmp_path, capsys):
+    """An SAE trained on (x - mean) * scale, applied to raw x: the codes of the normalised input, and the
+    reconstruction mapped back to raw units."""
+    theirs = _sparsify_made(tmp_path / "sp")
+    mean, scale = torch.randn(D, generator=torch.Generator().manual_seed(11)), 0.37
+    np.save(tmp_path / "mean.npy", mean.numpy())
+    got = formats.read(tmp_path / "sp", norm=formats.InputNorm(mean, scale)).sae
+    x = _x(seed=12)
+    with torch.no_grad():
+        enc = theirs.encode((x - mean) * scale)
+        codes = torch.zeros(len(x), F).scatter_(1, enc.top_indices, enc.top_acts)
+        torch.testing.assert_close(_dense(got, x), codes, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got(x).x_hat, theirs.decode(enc.top_acts, enc.top_indices) / scale + mean,
+                                   atol=1e-5, rtol=1e-5)
+    root = str(tmp_path / "runs")
+    record.main(["--sae_file", str(tmp_path / "sp"), "--sae_input_mean", str(tmp_path / "mean.npy"),
+                 "--sae_input_scale", str(scale), "--runname", "n", "--model", "EfficientNetLite", "--layers", "0",
+                 "--image_size", "32", "--max_samples", "8", "--root", root, "--device", "cpu"])
+    torch.testing.assert_close(Run.open(root, "n").sae(0).W_enc, got.W_enc)
+
+
+def test_saelens_normalised_inputs_need_the_factor(tmp_path):
+    _saelens_made(tmp_path / "lens")
+    cfg = json.loads((tmp_path / "lens" / "cfg.json").read_text())
+    cfg["normalize_activations"] = "expected_average_only_in"
+    (tmp_path / "lens" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="give it with --sae_input_scale"):
+        formats.read(tmp_path / "lens")
+    assert formats.read(tmp_path / "lens", norm=formats.InputNorm(None, 2.0)).sae.top_k == K

@@ -49,8 +49,8 @@ class Format(ABC):
 
     @classmethod
     @abstractmethod
-    def read(cls, folder: Path) -> Imported:
-        """One SAE from the library's folder layout."""
+    def read(cls, folder: Path, normalised: bool = False) -> Imported:
+        """One SAE from the library's folder layout; `normalised`: the user gives the input normalisation."""
 
 
 def _json(path: Path) -> dict:
@@ -115,14 +115,15 @@ class SaeLens(Format):
             "rescale_acts_by_decoder_norm": False, "metadata": metadata})
 
     @classmethod
-    def read(cls, folder):
+    def read(cls, folder, normalised=False):
         cfg = _json(folder / "cfg.json")
         _need(cfg, ("architecture", "d_in", "d_sae"), folder / "cfg.json")
         if cfg["architecture"] not in ("topk", "standard", "jumprelu"):
             raise UserError(f"{folder}: a SAELens {cfg['architecture']!r} SAE; topk, standard (ReLU) and jumprelu "
                             "SAEs are read")
-        if cfg.get("normalize_activations", "none") not in ("none", None):
-            raise UserError(f"{folder}: normalize_activations {cfg['normalize_activations']!r} is not supported")
+        if cfg.get("normalize_activations", "none") not in ("none", None) and not normalised:
+            raise UserError(f"{folder}: its inputs were normalised ({cfg['normalize_activations']}) by a factor the "
+                            "file does not hold: give it with --sae_input_scale (and --sae_input_mean)")
         if cfg.get("rescale_acts_by_decoder_norm"):
             raise UserError(f"{folder}: rescale_acts_by_decoder_norm is not supported (fold the decoder norm "
                             "into the encoder first: SAELens' fold_W_dec_norm)")
@@ -166,7 +167,7 @@ class Sparsify(Format):
             "transcode": False, "d_in": sae.d_model, "saeshare": metadata})
 
     @classmethod
-    def read(cls, folder):
+    def read(cls, folder, normalised=False):
         cfg = _json(folder / "cfg.json")
         _need(cfg, ("d_in", "k"), folder / "cfg.json")
         if cfg.get("activation", "topk") != "topk":
@@ -214,7 +215,7 @@ class DictionaryLearning(Format):
             "saeshare": metadata})
 
     @classmethod
-    def read(cls, folder):
+    def read(cls, folder, normalised=False):
         cfg = _json(folder / "config.json")
         trainer = cfg.get("trainer", {})
         if trainer.get("dict_class", "AutoEncoderTopK") != "AutoEncoderTopK":
@@ -254,7 +255,7 @@ class Saev(Format):
         _save_json(folder / "saeshare.json", metadata)
 
     @classmethod
-    def read(cls, folder):
+    def read(cls, folder, normalised=False):
         path = folder / "sae.pt"
         try:
             with open(path, "rb") as f:
@@ -287,11 +288,34 @@ def detect(path: Path) -> type[Format]:
     return found[0]
 
 
-def read(path: str | Path, fmt: str = "auto") -> Imported:
+class InputNorm(NamedTuple):
+    """An SAE trained on (x - mean) * scale rather than on x (its library normalised the activations)."""
+    mean_D: torch.Tensor | None = None
+    scale: float = 1.0
+
+
+def fold(sae: TopKSAE, norm: InputNorm) -> TopKSAE:
+    """The same SAE applied to raw x: ((x - m) s - b) W + c = (x - (m + b / s)) (s W) + c, and decoding back,
+    (z V + b) / s + m = z (V / s) + (m + b / s). Exact: an affine map of the input folds into the weights."""
+    if norm.scale <= 0:
+        raise UserError(f"--sae_input_scale must be positive, got {norm.scale}")
+    mean = torch.zeros(sae.d_model) if norm.mean_D is None else norm.mean_D.float()
+    if mean.shape != (sae.d_model,):
+        raise UserError(f"--sae_input_mean has shape {tuple(mean.shape)}; the SAE reads width {sae.d_model}")
+    with torch.no_grad():
+        sae.W_enc.mul_(norm.scale)
+        sae.W_dec.div_(norm.scale)
+        sae.b_dec.copy_(mean + sae.b_dec / norm.scale)
+    return sae
+
+
+def read(path: str | Path, fmt: str = "auto", norm: InputNorm | None = None) -> Imported:
+    """The SAE at `path`, applied to raw activations (`norm`: how its library normalised them first)."""
     path = Path(path)
     if fmt != "auto" and fmt not in FORMATS:
         raise UserError(f"unknown --sae_format {fmt!r}; choose auto, {', '.join(FORMATS)}")
     cls = detect(path) if fmt == "auto" else FORMATS[fmt]
     if not cls.detect(path):
         raise UserError(f"{str(path)!r} is not a {cls.name} SAE folder (it needs {' and '.join(cls.files)})")
-    return cls.read(path)
+    got = cls.read(path, norm is not None)
+    return got if norm is None else Imported(fold(got.sae, norm), got.metadata)
