@@ -272,3 +272,7 @@ def test_saelens_normalised_inputs_need_the_factor(tmp_path):
     with pytest.raises(UserError, match="give it with --sae_input_scale"):
         formats.read(tmp_path / "lens")
     assert formats.read(tmp_path / "lens", norm=formats.InputNorm(None, 2.0)).sae.top_k == K
+    cfg["normalize_activations"] = "layer_norm"
+    (tmp_path / "lens" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="rescales every input by its own norm"):
+        formats.read(tmp_path / "lens", norm=formats.InputNorm(None, 2.0))

@@ -121,9 +121,13 @@ class SaeLens(Format):
         if cfg["architecture"] not in ("topk", "standard", "jumprelu"):
             raise UserError(f"{folder}: a SAELens {cfg['architecture']!r} SAE; topk, standard (ReLU) and jumprelu "
                             "SAEs are read")
-        if cfg.get("normalize_activations", "none") not in ("none", None) and not normalised:
-            raise UserError(f"{folder}: its inputs were normalised ({cfg['normalize_activations']}) by a factor the "
-                            "file does not hold: give it with --sae_input_scale (and --sae_input_mean)")
+        how = cfg.get("normalize_activations") or "none"
+        if how not in ("none", "expected_average_only_in"):  # per-input rescaling: no fixed map to fold
+            raise UserError(f"{folder}: normalize_activations {how!r} rescales every input by its own norm, which "
+                            "this project's SAEs cannot do; only none and expected_average_only_in are read")
+        if how == "expected_average_only_in" and not normalised:
+            raise UserError(f"{folder}: its inputs were scaled (expected_average_only_in) by a factor the file "
+                            "does not hold: give it with --sae_input_scale")
         if cfg.get("rescale_acts_by_decoder_norm"):
             raise UserError(f"{folder}: rescale_acts_by_decoder_norm is not supported (fold the decoder norm "
                             "into the encoder first: SAELens' fold_W_dec_norm)")
