@@ -115,7 +115,11 @@ def export(args: ExportArgs) -> Path:
     may_replace(out.resolve())
     with staged_dir(out, may_replace) as tmp:
         for layer in run.layers:
-            fmt.write(run.sae(layer), tmp / f"layer{layer:02d}", metadata(run, layer))
+            sae = run.sae(layer)
+            if sae.threshold is not None:  # imported from a JumpReLU SAE: no top-k format can say it
+                raise UserError(f"run {run.name!r} layer {layer}: a JumpReLU SAE (imported) cannot be written as "
+                                f"{fmt.name}'s top-k; export its original file instead")
+            fmt.write(sae, tmp / f"layer{layer:02d}", metadata(run, layer))
         card = model_card(run, fmt)
         write_atomic(tmp / "README.md", lambda t: t.write_text(card))
     return out
