@@ -276,3 +276,11 @@ def test_saelens_normalised_inputs_need_the_factor(tmp_path):
     (tmp_path / "lens" / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="rescales every input by its own norm"):
         formats.read(tmp_path / "lens", norm=formats.InputNorm(None, 2.0))
+
+
+def test_an_imported_jumprelu_is_not_exported_as_topk(tmp_path, error_line):
+    state = {**random_sae_state(D, F), "b_enc": torch.zeros(F), "threshold": torch.full((F,), 0.1)}
+    make_run(tmp_path / "runs", "j", {0: _x(20).numpy()}, {0: state}, top_k=F)
+    msg = error_line(export.main, ["--run", "j", "--root", str(tmp_path / "runs"), "--format", "saelens", "--out",
+                                   str(tmp_path / "o")])
+    assert "a JumpReLU SAE (imported) cannot be written" in msg and not (tmp_path / "o").exists()
