@@ -81,7 +81,6 @@ def test_imports_run_one_way():
 
 def test_the_root_is_a_menu_of_commands():
     root_files = sorted(p.stem for p in ROOT.glob("*.py"))
-    assert len(root_files) <= 16, root_files
     for stem in root_files:
         if stem in GROUND:
             continue

@@ -238,6 +238,34 @@ class OodResults(Record):
     """score -> metric -> one value per layer."""
 
 
+@dataclass
+class FeatureLabel:
+    """One feature's name (labels.py)."""
+    label: str
+    """The term whose presence its activation predicts best, or "unlabelled" when that does not beat the floor."""
+    score: float
+    """That term's AUROC."""
+    floor: float
+    """The best AUROC over the same terms with the samples permuted (the largest of 19 permutations)."""
+    terms: dict[str, float]
+    """The best terms with their AUROC, best first."""
+
+
+@dataclass
+class Labels(Record):
+    """labels.py --json."""
+    KIND = "labels"
+    SCHEMA = 1
+
+    run: str
+    layer: int
+    codes: str
+    n_terms: int
+    """Candidate terms: caption words and phrases, and the dataset's labels."""
+    features: dict[int, FeatureLabel]
+    """Feature id -> its label; features that never fire are left out."""
+
+
 ONTOLOGY_KINDS = ("sae", "raw", "null")
 """What ontology.py scores: SAE codes, raw neurons, and the null (permuted samples or another run)."""
 
