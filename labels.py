@@ -19,7 +19,7 @@ import data
 from errors import UserError, check_positive, cli
 from probe import column_auroc
 from saeshare.core.options import OutputOptions, parse
-from saeshare.disk.results import FeatureLabel, Labels
+from saeshare.disk.results import FeatureLabel, LabelAgreement, Labels
 from saeshare.disk.runs import NULL_SEED, Run, null_permutation
 from saeshare.engine.options import AnalysisOptions
 
@@ -97,6 +97,25 @@ def labels(run: Run, args: LabelsArgs) -> Labels:
     codes_NF = run.dense_codes(layer, args.codes or "relu", device=args.torch_device).cpu().numpy()
     feats = label_features(codes_NF, terms, holds_NT, args.top_terms, args.min_samples)
     return Labels(run=run.name, layer=layer, codes=args.codes or "relu", n_terms=len(terms), features=feats)
+
+
+AGREEMENT_SHUFFLES = 200
+"""Shuffles of the matches behind the agreement's floor."""
+
+
+def agreement(labels_a: dict[int, FeatureLabel], labels_b: dict[int, FeatureLabel], match_F: np.ndarray,
+              seed: int = NULL_SEED) -> LabelAgreement:
+    """Of A's labelled features whose best match in B is labelled too, the share with the same label; the floor
+    is that share with the pairs' B sides shuffled among them (same labels, matched at random)."""
+    pairs = [(lab.label, labels_b[int(match_F[f])].label) for f, lab in labels_a.items()
+             if lab.label != UNLABELLED and int(match_F[f]) in labels_b
+             and labels_b[int(match_F[f])].label != UNLABELLED]
+    if not pairs:
+        return LabelAgreement(0, float("nan"), float("nan"))
+    a, b = (np.array(x, dtype=object) for x in zip(*pairs))
+    rng = np.random.default_rng(seed)
+    floor = float(np.mean([(a == b[rng.permutation(len(b))]).mean() for _ in range(AGREEMENT_SHUFFLES)]))
+    return LabelAgreement(len(pairs), float((a == b).mean()), floor)
 
 
 @cli

@@ -13,11 +13,13 @@ from typing import Callable, NamedTuple
 import numpy as np
 from scipy import stats
 
+import labels
 from errors import UserError, cli
+from labels import LabelsArgs
 from saeshare.core import distributed
 from saeshare.core.options import OutputOptions, parse
 from saeshare.disk.cache import PairStats
-from saeshare.disk.results import Intervals, Scores, Wmppc, WmppcTable
+from saeshare.disk.results import Intervals, LabelAgreement, Scores, Wmppc, WmppcTable
 from saeshare.disk.runs import PairOptions, Run, open_runs, run_warnings
 from saeshare.engine.correlator import Correlator, tqdm_progress
 from saeshare.engine.options import EngineOptions
@@ -153,6 +155,23 @@ class WmppcArgs(PairOptions, OutputOptions, EngineOptions):
     random blocks of samples (computed by the dense path, whatever the codes)."""
     calibrate: bool = False
     """Beside each score, its floor (B's samples permuted) and ceiling (A's own SAE seeds, when it has several)."""
+    labels: bool = False
+    """Also say how often matched features (last layer against last layer) carry the same label (labels.py),
+    against the same share with the matches shuffled (one pair only)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.labels and self.runs is not None:
+            raise UserError("--labels goes with --source and --target (one pair)")
+
+
+def label_agreement(run_a: Run, run_b: Run, engine: Correlator, args: WmppcArgs) -> LabelAgreement:
+    """labels.py on both runs' last layers, and how often A's features and their best matches in B agree."""
+    la, lb = run_a.layers[-1], run_b.layers[-1]
+    opts = [LabelsArgs(run=r.name, root=args.root, codes=engine.codes, device=args.device, data_root=args.data_root)
+            for r in (run_a, run_b)]
+    feats = [labels.labels(r, o).features for r, o in zip((run_a, run_b), opts)]
+    return labels.agreement(*feats, engine.pair_stats(run_a, run_b, [(la, lb)])[la, lb].match_F)
 
 
 def _line(res: Wmppc) -> str:
@@ -177,6 +196,10 @@ def main(argv=None):
         target = run_b.permuted() if args.null == "permute" else run_b
         res = (calibrated if args.calibrate else wmppc)(run_a, target, engine)
         print(_line(res))
+        if args.labels:
+            res.label_agreement = agree = label_agreement(run_a, target, engine, args)
+            print(f"labels (last layers): {agree.share:.3f} of {agree.n_pairs} labelled matched pairs agree; "
+                  f"with the matches shuffled {agree.floor:.3f}")
         for note in (res.near_floor(), _same_run(run_a, run_b),
                      args.calibrate and res.ceiling is None and _no_ceiling([run_a])):
             if note:

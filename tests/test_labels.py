@@ -18,7 +18,8 @@ N, D = 400, 6
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    """Feature 0 reads direction 0, which is 1 + noise on stars and noise elsewhere; features 1.. read noise."""
+    """Feature 0 reads direction 0, which is 1 + noise on stars and noise elsewhere; feature 1 the same for
+    circles; the others read noise."""
     root = tmp_path_factory.mktemp("labels")
     ds = data.load_dataset("shapes", max_samples=N)
     names, attrs_NA = data.attribute_matrix(ds)
@@ -26,6 +27,7 @@ def planted(tmp_path_factory):
     rng = np.random.default_rng(0)
     acts = rng.normal(size=(N, D)).astype(np.float32) * 0.3
     acts[:, 0] += star
+    acts[:, 1] += attrs_NA[:, names.index("circle")]
     state = {"W_enc": torch.eye(D, 2 * D), "W_dec": torch.eye(2 * D, D), "b_dec": torch.zeros(D)}
     run = make_run(root, "p", {0: acts}, {0: state}, top_k=D, dataset=ds.describe())
     shuffled = make_run(root, "q", {0: acts[rng.permutation(N)]}, {0: state}, top_k=D, dataset=ds.describe())
@@ -62,3 +64,29 @@ def test_scores_equal_sklearn_per_term(planted):
     for f, lab in got.items():
         for term, score in lab.terms.items():
             assert score == pytest.approx(roc_auc_score(holds[:, terms.index(term)], codes[:, f]), abs=1e-9)
+
+
+def test_matched_features_agree_above_shuffled_matches(planted, tmp_path, capsys):
+    import wmppc
+
+    run, _, _, acts = planted
+    noisy = acts + np.random.default_rng(1).normal(size=acts.shape).astype(np.float32) * 0.05
+    state = {"W_enc": torch.eye(D, 2 * D), "W_dec": torch.eye(2 * D, D), "b_dec": torch.zeros(D)}
+    make_run(run.path.parent, "p2", {0: noisy}, {0: state}, top_k=D, dataset=run.meta.dataset)
+    out = tmp_path / "w.json"
+    capsys.readouterr()
+    wmppc.main(["--root", str(run.path.parent), "--source", "p", "--target", "p2", "--labels", "--json", str(out),
+                "--device", "cpu"])
+    line = capsys.readouterr().out.splitlines()[1]
+    agree = json.loads(out.read_text())["label_agreement"]
+    assert line.startswith("labels (last layers): ")
+    assert agree["n_pairs"] >= 2 and agree["share"] == 1.0 and agree["floor"] < 0.75  # each matches its own copy
+
+
+def test_agreement_against_a_hand_count():
+    lab = lambda name: labels.FeatureLabel(name, 0.9, 0.6, {name: 0.9})  # noqa: E731
+    a = {0: lab("red"), 1: lab("blue"), 2: lab(labels.UNLABELLED), 3: lab("red")}
+    b = {0: lab("red"), 1: lab("red"), 2: lab("blue"), 5: lab(labels.UNLABELLED)}
+    got = labels.agreement(a, b, np.array([0, 1, 0, 5]))  # pairs: red-red, blue-red; 2 unlabelled, 3 -> unlabelled
+    assert got.n_pairs == 2 and got.share == 0.5
+    assert got.floor == pytest.approx(0.5)  # either order of (red, red) against (red, blue) agrees once

@@ -62,6 +62,8 @@ class Wmppc(Record):
     """With --calibrate, when A has several SAE seeds: A's first seed against its others."""
     warnings: list[str] = field(default_factory=list)
     """The runs' SAE problems, a line per layer (too few steps, not converged, poor fit)."""
+    label_agreement: LabelAgreement | None = None
+    """With --labels: last layer against last layer, how often matched features carry the same label."""
 
     def near_floor(self) -> str | None:
         """One line when the all-layers score (corrected) is within two standard errors of its floor."""
@@ -249,6 +251,17 @@ class FeatureLabel:
     """The best AUROC over the same terms with the samples permuted (the largest of 19 permutations)."""
     terms: dict[str, float]
     """The best terms with their AUROC, best first."""
+
+
+@dataclass
+class LabelAgreement:
+    """Do matched features mean the same thing? (wmppc.py --labels)"""
+    n_pairs: int
+    """A's labelled features whose best match in B is labelled too."""
+    share: float
+    """Of those, the share whose two labels are the same."""
+    floor: float
+    """The same share with the matches shuffled among the pairs."""
 
 
 @dataclass
