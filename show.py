@@ -218,6 +218,9 @@ class GalleryOptions(AnalysisOptions):
     """Output folder (default: imgs/<run>, or imgs/<json file stem> with --from_json)."""
     overwrite: bool = False
     """Replace an existing gallery in --out."""
+    labels: bool = False
+    """With --run: name each feature (labels.py: the caption term or label it predicts best, by AUROC, or
+    "unlabelled" below its permuted floor) on its card."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -235,6 +238,16 @@ class Gallery(NamedTuple):
 def _written(out: Path, cards: Sequence[tuple[str, Card]]) -> Gallery:
     out = out.resolve()
     return Gallery(out / "index.html", {(run, c.feature): out / c.image for run, c in cards})
+
+
+def _labels(run: Run, layer: int, codes: str, opts: GalleryOptions) -> dict[int, tuple[tuple[str, str], ...]]:
+    """Each feature's label chip: its name and AUROC (against its floor)."""
+    import labels
+
+    args = labels.LabelsArgs(run=run.name, root=opts.root, layer=layer, codes=codes, device=opts.device,
+                             data_root=opts.data_root)
+    return {f: (("label", f"{lab.label} ({lab.score:.2f}, floor {lab.floor:.2f})"),)
+            for f, lab in labels.labels(run, args).features.items()}
 
 
 def run_gallery(run: Run, opts: GalleryOptions) -> Gallery:
@@ -256,8 +269,9 @@ def run_gallery(run: Run, opts: GalleryOptions) -> Gallery:
     meta = [("model", f"{run.meta.model} ({run.meta.modality})"), ("checkpoint", run.meta.checkpoint),
             ("layer", f"{layer} (token {run.meta.token})"), ("dataset", _dataset_label(run)),
             ("SAE", f"{n_features} features, top-k {run.top_k}{fvu}"), ("codes", codes), ("shown", shown)]
+    names = _labels(run, layer, codes, opts) if opts.labels else {}
     with staged_dir(out, lambda final: check_out(final, opts.overwrite)) as tmp:
-        cards = [samples.card(tmp, "", f, stats, f"feature {f}")
+        cards = [samples.card(tmp, "", f, stats, f"feature {f}", names.get(f, ()))
                  for f in progress(feats, desc="grids", unit="feature", leave=False)]
         write_index(tmp / "index.html", f"{run.name} · layer {layer}", meta, cards,
                     [("mass", "activation mass"), ("active", "active samples"), ("feature", "feature id")])
@@ -345,6 +359,8 @@ class ShowArgs(GalleryOptions):
         super().__post_init__()
         if (self.run is None) == (self.from_json is None):
             raise UserError("give one of --run RUN or --from_json FILE")
+        if self.from_json and self.labels:
+            raise UserError("--labels goes with --run (a Comparative Sharedness page shows matches, not names)")
         if self.from_json and (self.layer is not None or self.features):
             raise UserError("--layer and --features go with --run; the JSON of --from_json fixes layers and features")
 

@@ -90,3 +90,15 @@ def test_agreement_against_a_hand_count():
     got = labels.agreement(a, b, np.array([0, 1, 0, 5]))  # pairs: red-red, blue-red; 2 unlabelled, 3 -> unlabelled
     assert got.n_pairs == 2 and got.share == 0.5
     assert got.floor == pytest.approx(0.5)  # either order of (red, red) against (red, blue) agrees once
+
+
+def test_gallery_cards_carry_the_labels(planted, tmp_path, error_line):
+    import show
+
+    run, _, _, _ = planted
+    argv = ["--root", str(run.path.parent), "--run", "p", "--out", str(tmp_path / "g"), "--device", "cpu"]
+    show.main([*argv, "--labels", "--features", "0", "1"])
+    page = (tmp_path / "g" / "index.html").read_text()
+    assert "<b>label</b> label:star (0.99" in page or "<b>label</b> star (0.99" in page
+    assert "--labels goes with --run" in error_line(show.main, ["--root", str(run.path.parent), "--from_json",
+                                                               str(tmp_path / "x.json"), "--labels"])
