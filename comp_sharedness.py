@@ -17,10 +17,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+import labels
 from errors import UserError, check_at_least, cli
+from labels import LabelsArgs
 from saeshare.core import distributed
 from saeshare.core.options import check_output, parse
-from saeshare.disk.results import SharedFeature, SharednessReport
+from saeshare.disk.results import LabelAgreement, SharedFeature, SharednessReport
 from saeshare.disk.runs import PERMUTED, Run, open_runs, run_warnings
 from saeshare.engine.correlator import Correlator, tqdm_progress
 from saeshare.engine.options import EngineOptions
@@ -79,6 +81,24 @@ def top_features(res: Sharedness, top: int | None = None) -> SharednessReport:
     return SharednessReport(res.source, res.min_group, res.max_group, feats, res.codes, res.layers)
 
 
+def label_agreement(source: Run, others: list[Run], res: Sharedness, report: SharednessReport,
+                    opts: EngineOptions) -> dict[str, LabelAgreement]:
+    """For M's top features: per run of G and H, how often its best match carries the same label."""
+    def named(run: Run) -> dict:
+        args = LabelsArgs(run=run.name, root=opts.root, layer=res.layers[run.name], codes=res.codes,
+                          device=opts.device, data_root=opts.data_root)
+        return labels.labels(run, args).features
+
+    mine = named(source)
+    top = {f.feature: mine[f.feature] for f in report.features if f.feature in mine}
+    return {r.name: labels.agreement(top, named(r), res.match[r.name]) for r in others}
+
+
+def format_agreement(agree: dict[str, LabelAgreement], n_top: int) -> str:
+    return "\n".join(f"labels of the top {n_top} features, {name}: {a.share:.3f} of {a.n_pairs} labelled matches "
+                     f"agree; with the matches shuffled {a.floor:.3f}" for name, a in agree.items())
+
+
 def format_features(res: Sharedness, feats: list[SharedFeature]) -> str:
     runs = [*res.min_group, *res.max_group]
     width = max(15, *(len(n) + 4 for n in runs))
@@ -107,6 +127,9 @@ class SharednessArgs(EngineOptions):
     """Number of features shown (default: 1% of the features)."""
     json: str | None = None
     """Write the top features to this JSON file (show.py --from_json reads it)."""
+    labels: bool = False
+    """Also say how often each run's best match of a top feature carries the feature's label (labels.py),
+    against the same share with the matches shuffled."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -127,6 +150,9 @@ def main(argv=None):
     res = comp_sharedness(source, others[:len(args.min_group)], others[len(args.min_group):], engine)
     report = top_features(res, args.top)
     print(format_features(res, report.features))
+    if args.labels:
+        report.label_agreement = label_agreement(source, others, res, report, args)
+        print(format_agreement(report.label_agreement, len(report.features)))
     if args.json:
         report = dataclasses.replace(report, warnings=[w for r in [source, *others] for w in run_warnings(r)])
         (_plain_names(report) if args.null == "permute" else report).save(args.json)

@@ -103,19 +103,28 @@ AGREEMENT_SHUFFLES = 200
 """Shuffles of the matches behind the agreement's floor."""
 
 
+def _words(label: str) -> frozenset[str]:
+    return frozenset(label.removeprefix("label:").split())
+
+
 def agreement(labels_a: dict[int, FeatureLabel], labels_b: dict[int, FeatureLabel], match_F: np.ndarray,
               seed: int = NULL_SEED) -> LabelAgreement:
-    """Of A's labelled features whose best match in B is labelled too, the share with the same label; the floor
-    is that share with the pairs' B sides shuffled among them (same labels, matched at random)."""
-    pairs = [(lab.label, labels_b[int(match_F[f])].label) for f, lab in labels_a.items()
+    """Of A's labelled features whose best match in B is labelled too, the share whose labels agree: share a
+    word ("label:star", "star" and "black star" agree; "red" and "star" do not). The floor is that share with
+    the pairs' B sides shuffled among them (the same labels, matched at random)."""
+    pairs = [(_words(lab.label), _words(labels_b[int(match_F[f])].label)) for f, lab in labels_a.items()
              if lab.label != UNLABELLED and int(match_F[f]) in labels_b
              and labels_b[int(match_F[f])].label != UNLABELLED]
     if not pairs:
         return LabelAgreement(0, float("nan"), float("nan"))
-    a, b = (np.array(x, dtype=object) for x in zip(*pairs))
+    a, b = zip(*pairs)
+
+    def share(order) -> float:
+        return float(np.mean([bool(a[i] & b[j]) for i, j in enumerate(order)]))
+
     rng = np.random.default_rng(seed)
-    floor = float(np.mean([(a == b[rng.permutation(len(b))]).mean() for _ in range(AGREEMENT_SHUFFLES)]))
-    return LabelAgreement(len(pairs), float((a == b).mean()), floor)
+    floor = float(np.mean([share(rng.permutation(len(b))) for _ in range(AGREEMENT_SHUFFLES)]))
+    return LabelAgreement(len(pairs), share(range(len(b))), floor)
 
 
 @cli

@@ -85,11 +85,11 @@ def test_matched_features_agree_above_shuffled_matches(planted, tmp_path, capsys
 
 def test_agreement_against_a_hand_count():
     lab = lambda name: labels.FeatureLabel(name, 0.9, 0.6, {name: 0.9})  # noqa: E731
-    a = {0: lab("red"), 1: lab("blue"), 2: lab(labels.UNLABELLED), 3: lab("red")}
-    b = {0: lab("red"), 1: lab("red"), 2: lab("blue"), 5: lab(labels.UNLABELLED)}
-    got = labels.agreement(a, b, np.array([0, 1, 0, 5]))  # pairs: red-red, blue-red; 2 unlabelled, 3 -> unlabelled
+    a = {0: lab("label:red"), 1: lab("blue"), 2: lab(labels.UNLABELLED), 3: lab("red")}
+    b = {0: lab("red star"), 1: lab("red"), 2: lab("blue"), 5: lab(labels.UNLABELLED)}
+    got = labels.agreement(a, b, np.array([0, 1, 0, 5]))  # pairs: red / red star, blue / red; 2, 3 left out
     assert got.n_pairs == 2 and got.share == 0.5
-    assert got.floor == pytest.approx(0.5)  # either order of (red, red) against (red, blue) agrees once
+    assert got.floor == pytest.approx(0.5)  # either order of (red, blue) against (red star, red) agrees once
 
 
 def test_gallery_cards_carry_the_labels(planted, tmp_path, error_line):
@@ -102,3 +102,22 @@ def test_gallery_cards_carry_the_labels(planted, tmp_path, error_line):
     assert "<b>label</b> label:star (0.99" in page or "<b>label</b> star (0.99" in page
     assert "--labels goes with --run" in error_line(show.main, ["--root", str(run.path.parent), "--from_json",
                                                                str(tmp_path / "x.json"), "--labels"])
+
+
+def test_comp_sharedness_labels_of_the_top_features(planted, tmp_path, capsys):
+    import comp_sharedness
+
+    run, _, _, acts = planted
+    root = str(run.path.parent)
+    if not (run.path.parent / "p2").exists():
+        state = {"W_enc": torch.eye(D, 2 * D), "W_dec": torch.eye(2 * D, D), "b_dec": torch.zeros(D)}
+        make_run(run.path.parent, "p2", {0: acts + 0.05 * np.random.default_rng(1).normal(size=acts.shape)
+                                         .astype(np.float32)}, {0: state}, top_k=D, dataset=run.meta.dataset)
+    out = tmp_path / "c.json"
+    capsys.readouterr()
+    comp_sharedness.main(["--root", root, "--source", "p", "--min_group", "p2", "--max_group", "q", "--top", "4",
+                          "--labels", "--json", str(out), "--device", "cpu"])
+    text = capsys.readouterr().out
+    assert "labels of the top 4 features, p2: 1.000 of" in text and "labels of the top 4 features, q:" in text
+    agree = json.loads(out.read_text())["label_agreement"]
+    assert agree["p2"]["share"] == 1.0 and agree["p2"]["n_pairs"] >= 2

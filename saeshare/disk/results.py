@@ -133,6 +133,8 @@ class SharednessReport(Record):
     """The groups' samples were permuted (--null permute): a floor. The names are the runs' own."""
     warnings: list[str] = field(default_factory=list)
     """The runs' SAE problems, a line per layer (too few steps, not converged, poor fit)."""
+    label_agreement: dict[str, "LabelAgreement"] | None = None
+    """With --labels: per run of G and H, how often the top features' best matches carry their labels."""
 
     @classmethod
     def migrate(cls, obj: dict, schema: int | None) -> dict:
@@ -259,7 +261,7 @@ class LabelAgreement:
     n_pairs: int
     """A's labelled features whose best match in B is labelled too."""
     share: float
-    """Of those, the share whose two labels are the same."""
+    """Of those, the share whose two labels agree (share a word: "label:star", "star", "black star")."""
     floor: float
     """The same share with the matches shuffled among the pairs."""
 
