@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import data
+import labels
 import record
 from comp_sharedness import comp_sharedness, top_features
 from errors import OptionError, check_at_least, check_positive, cli
@@ -33,7 +34,7 @@ from record import RecordArgs
 from sae import SaeConfig
 from saeshare.core.distributed import resolve_device
 from saeshare.core.options import parse
-from saeshare.disk.results import IMAGE, NULL, TEXT, AttributeMatch, DemoResults, SaeProbes
+from saeshare.disk.results import IMAGE, NULL, TEXT, AttributeMatch, DemoLabels, DemoResults, SaeProbes
 from saeshare.disk.runs import Run, fitting_layers, poor_fits, warn_run
 from saeshare.engine.correlator import Correlator, tqdm_progress
 from saeshare.engine.options import EngineOptions
@@ -189,7 +190,8 @@ def run_demo(cfg: DemoConfig) -> DemoResults:
     fit = {n: r.with_layers(fitting_layers(r) or r.layers) for n, r in runs.items()}
     left_out = {n: [layer for layer in r.layers if layer not in fit[n].layers] for n, r in runs.items()}
     headline = {f"{IMAGE}->{b}": wmppc(fit[IMAGE], fit[b], with_ci) for b in (TEXT, NULL)}
-    shared = top_features(comp_sharedness(fit[IMAGE], [fit[TEXT]], [fit[NULL]], engine), cfg.top)
+    sharedness = comp_sharedness(fit[IMAGE], [fit[TEXT]], [fit[NULL]], engine)
+    shared = top_features(sharedness, cfg.top)
     shared.save(out / "comp_sharedness.json")
     gallery = sharedness_gallery(shared, GalleryOptions(root=str(root), out=str(out / "imgs" / "shared"),
                                                         overwrite=True, device=cfg.device))
@@ -202,7 +204,8 @@ def run_demo(cfg: DemoConfig) -> DemoResults:
         gallery=str(gallery.index.relative_to(out.resolve())),
         grids=[str(gallery.grids[IMAGE, f.feature].relative_to(out.resolve())) for f in shared.features],
         seconds=time.perf_counter() - t0, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        probes=probes, headline=headline, left_out={n: v for n, v in left_out.items() if v})
+        probes=probes, headline=headline, left_out={n: v for n, v in left_out.items() if v},
+        labels=_label_checks(fit, sharedness, shared, cfg))
     results.save(out / "results.json")
     demo_report.write(results, out)
     return results
@@ -223,6 +226,29 @@ def _attributes(runs: dict[str, Run], feats) -> list[AttributeMatch]:
     own = feature_attributes(runs[IMAGE], [f.feature for f in feats], attr_names, attrs_NA)
     matched = feature_attributes(runs[TEXT], [f.match[TEXT] for f in feats], attr_names, attrs_NA)
     return [AttributeMatch(f.feature, a, r, ma, mr) for f, (a, r), (ma, mr) in zip(feats, own, matched)]
+
+
+TOP_LABELLED = 64
+"""The image model's features (by activation mass) whose labels are checked against ground truth."""
+
+
+def _label_checks(fit: dict[str, Run], sharedness, shared, cfg: DemoConfig) -> DemoLabels:
+    """Labels (labels.py) of the three runs' last fitting layers: how often the top shared features' matches
+    carry their labels, and whether the image model's top features are named by the attribute they track."""
+    named = {n: labels.labels(r, labels.LabelsArgs(run=n, root=str(r.path.parent), layer=r.layers[-1],
+                                                   device=cfg.device)).features for n, r in fit.items()}
+    top = {f.feature: named[IMAGE][f.feature] for f in shared.features if f.feature in named[IMAGE]}
+    agree = {n: labels.agreement(top, named[n], sharedness.match[n]) for n in (TEXT, NULL)}
+    image = fit[IMAGE]
+    mass_F = np.concatenate([c.sum(0, keepdim=True).double().numpy() for _, c in image.iter_codes(-1, "relu")]).sum(0)
+    feats = [int(f) for f in np.argsort(-mass_F, kind="stable")[:TOP_LABELLED]]
+    attr_names, attrs_NA = data.attribute_matrix(data.from_description(image.meta.dataset))
+    truth = [labels.label_words(a) for a, _ in feature_attributes(image, feats, attr_names, attrs_NA)]
+    said = [labels.label_words(named[IMAGE][f].label) if f in named[IMAGE] else frozenset() for f in feats]
+    rng = np.random.default_rng(0)
+    floor = np.mean([np.mean([said[i] == truth[j] for i, j in enumerate(rng.permutation(len(feats)))])
+                     for _ in range(labels.AGREEMENT_SHUFFLES)])
+    return DemoLabels(agree, len(feats), float(np.mean([s == t for s, t in zip(said, truth)])), float(floor))
 
 
 def follow_up(cfg: DemoConfig) -> list[str]:

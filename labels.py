@@ -103,8 +103,13 @@ AGREEMENT_SHUFFLES = 200
 """Shuffles of the matches behind the agreement's floor."""
 
 
-def _words(label: str) -> frozenset[str]:
-    return frozenset(label.removeprefix("label:").split())
+def label_words(label: str) -> frozenset[str]:
+    """The words of a label, without the `label:` of the dataset's labels, as a caption says them (shapes'
+    attribute "bg:blue" is "blue background")."""
+    label = label.removeprefix("label:")
+    if label.startswith("bg:"):
+        label = label.removeprefix("bg:") + " background"
+    return frozenset(label.split())
 
 
 def agreement(labels_a: dict[int, FeatureLabel], labels_b: dict[int, FeatureLabel], match_F: np.ndarray,
@@ -112,7 +117,7 @@ def agreement(labels_a: dict[int, FeatureLabel], labels_b: dict[int, FeatureLabe
     """Of A's labelled features whose best match in B is labelled too, the share whose labels agree: share a
     word ("label:star", "star" and "black star" agree; "red" and "star" do not). The floor is that share with
     the pairs' B sides shuffled among them (the same labels, matched at random)."""
-    pairs = [(_words(lab.label), _words(labels_b[int(match_F[f])].label)) for f, lab in labels_a.items()
+    pairs = [(label_words(lab.label), label_words(labels_b[int(match_F[f])].label)) for f, lab in labels_a.items()
              if lab.label != UNLABELLED and int(match_F[f]) in labels_b
              and labels_b[int(match_F[f])].label != UNLABELLED]
     if not pairs:

@@ -168,3 +168,10 @@ def test_demo_study_gives_the_demos_numbers(demo_run, capsys):
         assert got.wmppc[pair].ci.all_layers == w.ci.all_layers and got.wmppc[pair].ceiling == w.ceiling
         np.testing.assert_array_equal(got.wmppc[pair].layer_matrix, w.layer_matrix)
     assert [f.feature for f in got.sharedness[0].features] == [f.feature for f in want.sharedness.features]
+
+
+def test_report_has_the_labels_checks(demo_run):
+    res = json.loads((demo_run / "results.json").read_text())["labels"]
+    assert set(res["agreement"]) == {TEXT, NULL} and 0 < res["n_top"] <= 64
+    assert 0 <= res["ground_truth"] <= 1 and 0 <= res["ground_truth_floor"] <= 1
+    assert "Labels (labels.py): the top shared features" in (demo_run / "report.md").read_text()

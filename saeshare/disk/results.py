@@ -343,6 +343,19 @@ IMAGE, TEXT, NULL = "effnet", "minilm", "null"
 
 
 @dataclass
+class DemoLabels:
+    """What the demo's labels (labels.py) say."""
+    agreement: dict[str, "LabelAgreement"]
+    """Run -> how often the top shared features' best matches there carry their labels."""
+    n_top: int
+    """The image model's features by activation mass whose labels are checked against ground truth."""
+    ground_truth: float
+    """Of those, the share whose label is the shapes attribute they correlate with best."""
+    ground_truth_floor: float
+    """The same share with the labels shuffled among those features."""
+
+
+@dataclass
 class DemoResults(Compared, Record):
     """Everything demo.py measured; saeshare.render.demo_report renders it."""
     KIND = "demo"
@@ -368,6 +381,7 @@ class DemoResults(Compared, Record):
     recorded token (fvu_pooled <= 1), with interval and bias correction."""
     left_out: dict[str, list[int]] = field(default_factory=dict)
     """Run -> the layers the headline and the top shared features leave out (their SAEs do not fit)."""
+    labels: DemoLabels | None = None
 
 
 @dataclass

@@ -15,6 +15,7 @@ from saeshare.disk.results import (
     RAW_OOD_SCORES,
     SAE_OOD_SCORES,
     TEXT,
+    DemoLabels,
     DemoResults,
     ProbeResults,
     SaeProbes,
@@ -196,6 +197,16 @@ def _probe_sections(p: SaeProbes) -> list[Section]:
     return out
 
 
+def label_findings(lab: DemoLabels) -> str:
+    """The labels' two checks in one line: do matched features mean the same, are features named right."""
+    agree = "; ".join(f"with `{n}` {a.share:.2f} of {a.n_pairs} (shuffled matches {a.floor:.2f})"
+                      for n, a in lab.agreement.items())
+    return (f"Labels (labels.py): the top shared features and their best matches carry the same label {agree}. "
+            f"Of the {lab.n_top} {IMAGE} features with the largest activation mass, {lab.ground_truth:.2f} are "
+            f"labelled by the shapes attribute they correlate with best (labels shuffled among them: "
+            f"{lab.ground_truth_floor:.2f}).")
+
+
 def sections(res: DemoResults) -> list[Section]:
     """The report's content, once: rendered to Markdown and HTML by `write`."""
     names, w = list(res.runs), res.wmppc
@@ -221,6 +232,7 @@ def sections(res: DemoResults) -> list[Section]:
         Bullets([f"{'ok' if ok else 'FAILED'}: {text}" for ok, text in done], "Checks:", [not ok for ok, _ in done]),
         Bullets(res.poor_fits or ["none"], "SAE layers that do not fit the recorded pooled token (fvu_pooled > 1):"),
         Heading(f"Top shared features of `{IMAGE}` (last layer)"), Table(FEAT_HEAD, feat_rows),
+        *([Text(label_findings(res.labels))] if res.labels is not None else []),
         Grids([(g, f"feature {at.feature}", f"feature {at.feature}: {at.attribute}")
                for at, g in zip(res.attributes, res.grids)]),
         Link(res.gallery, "Open the feature gallery")]
@@ -251,5 +263,6 @@ def summary(res: DemoResults, out: Path) -> str:
             + "".join(f"{line}\n" for line in map(Wmppc.near_floor, res.wmppc.values()) if line)
             + (f"checks FAILED: {'; '.join(failed)}\n" if failed else "checks: all passed\n")
             + f"{len(res.poor_fits)} SAE layers fit the recorded pooled token worse than its mean\n"
+            + (f"{label_findings(res.labels).replace('`', '')}\n" if res.labels is not None else "")
             + "".join(f"{line}\n" for line in (probe_findings(res.probes) if res.probes else []))
             + f"{res.seconds:.0f} s, peak memory {res.peak_rss_gib:.2f} GiB")
