@@ -77,6 +77,9 @@ def label_features(codes_NF: np.ndarray, terms: list[str], holds_NT: np.ndarray,
     n_T = holds_NT.sum(0)
     scorable = (n_T >= min_samples) & (n_T <= len(holds_NT) - min_samples)
     terms = [t for t, ok in zip(terms, scorable) if ok]
+    if not terms:
+        raise UserError(f"no candidate term is held by at least {min_samples} of the {len(holds_NT)} samples and "
+                        "missed by as many: lower --min_samples")
     holds_NT = holds_NT[:, scorable]
     fired = np.flatnonzero((codes_NF > 0).any(0))
     auroc_TF = np.nan_to_num(column_auroc(codes_NF[:, fired], holds_NT), nan=0.5)

@@ -33,6 +33,7 @@ from saeshare.disk.results import SharedFeature, SharednessReport
 from saeshare.disk.runs import DEFAULT_CHUNK, Run, check_codes, open_runs, warn_run
 from saeshare.engine.options import AnalysisOptions
 from saeshare.render.gallery import Card, Group, fmt, write_index
+from saeshare.render.heatmaps import TokenMaps, overlay
 
 TOP = 9
 """Samples per grid (3x3)."""
@@ -105,7 +106,6 @@ def fit_tile(img: Image.Image) -> Image.Image:
 
 
 @functools.cache
-@functools.cache
 def _font() -> ImageFont.FreeTypeFont:
     """DejaVu Sans, which matplotlib ships: captions in Greek, Cyrillic, accented Latin and many symbols draw
     as letters, not boxes (Pillow's default font covers little beyond ASCII)."""
@@ -151,10 +151,22 @@ class Samples:
         self.captions = run.meta.modality == "text"
         """A text run's tiles show the caption it read."""
         self.tile = functools.lru_cache(maxsize=256)(lambda n: fit_tile(self.ds.image(n)))
+        self.maps: TokenMaps | None = None
+        """With --heatmaps: where in each image the feature fires, laid on its tile."""
 
-    def render_grid(self, top_val_K: np.ndarray, top_idx_K: np.ndarray) -> Image.Image:
-        """3x3 tiles, row by row, best first; grey where there is no sample with a positive activation."""
+    def _tiles(self, idx: list[int], feature: int | None) -> list[Image.Image]:
+        if self.maps is None or feature is None:
+            return [self.tile(n) for n in idx]
+        heats = [self.maps.heat(n, feature) for n in idx]
+        scale = max((float(h.max()) for h in heats), default=0.0)
+        return [overlay(self.tile(n), h, self.ds.image(n).size, scale) for n, h in zip(idx, heats)]
+
+    def render_grid(self, top_val_K: np.ndarray, top_idx_K: np.ndarray, feature: int | None = None) -> Image.Image:
+        """3x3 tiles, row by row, best first; grey where there is no sample with a positive activation; with
+        heatmaps (and `feature`), each tile shows where the feature fires."""
         w, h = tile_size(self.captions)
+        shown = [int(top_idx_K[p]) for p in range(min(TOP, len(top_idx_K))) if top_val_K[p] > 0]
+        tiles = dict(zip(shown, self._tiles(shown, feature)))
         grid = Image.new("RGB", (3 * w, 3 * h), BACKGROUND)
         draw, font = ImageDraw.Draw(grid), _font()
         for pos in range(TOP):
@@ -163,7 +175,7 @@ class Samples:
                 draw.rectangle((x, y, x + TILE - 1, y + TILE - 1), fill=BLANK)
                 continue
             n = int(top_idx_K[pos])
-            grid.paste(self.tile(n), (x, y))
+            grid.paste(tiles[n], (x, y))
             value = fmt(float(top_val_K[pos]))
             name = clip(self.ds.short_name(n), font, TILE - 10 - font.getlength(value))
             draw.text((x + 2, y + TILE + 3), name, fill=MUTED, font=font)
@@ -179,7 +191,7 @@ class Samples:
         rel = rel_dir + grid_name(feature, float(stats.mass_F[feature]))
         val_K, idx_K = stats.top_val_KF[:, feature], stats.top_idx_KF[:, feature]
         if not (out / rel).exists():
-            self.render_grid(val_K, idx_K).save(out / rel, quality=90)
+            self.render_grid(val_K, idx_K, feature).save(out / rel, quality=90)
         w, h = tile_size(self.captions)
         top = [(int(n), float(v), self.ds.caption(int(n))) for v, n in zip(val_K, idx_K) if v > 0]
         return Card(title, feature, rel, (3 * w, 3 * h), float(stats.mass_F[feature]), int(stats.n_active_F[feature]),
@@ -218,6 +230,9 @@ class GalleryOptions(AnalysisOptions):
     """Output folder (default: imgs/<run>, or imgs/<json file stem> with --from_json)."""
     overwrite: bool = False
     """Replace an existing gallery in --out."""
+    heatmaps: bool = False
+    """With --run on an image run: lay on each tile where in the image the feature fires (the encoder re-run on
+    the shown samples, every token of the layer through the SAE)."""
     labels: bool = False
     """With --run: name each feature (labels.py: the caption term or label it predicts best, by AUROC, or
     "unlabelled" below its permuted floor) on its card."""
@@ -270,6 +285,8 @@ def run_gallery(run: Run, opts: GalleryOptions) -> Gallery:
             ("layer", f"{layer} (token {run.meta.token})"), ("dataset", _dataset_label(run)),
             ("SAE", f"{n_features} features, top-k {run.top_k}{fvu}"), ("codes", codes), ("shown", shown)]
     names = _labels(run, layer, codes, opts) if opts.labels else {}
+    if opts.heatmaps:
+        samples.maps = TokenMaps(run, layer, opts.torch_device)
     with staged_dir(out, lambda final: check_out(final, opts.overwrite)) as tmp:
         cards = [samples.card(tmp, "", f, stats, f"feature {f}", names.get(f, ()))
                  for f in progress(feats, desc="grids", unit="feature", leave=False)]
@@ -359,8 +376,8 @@ class ShowArgs(GalleryOptions):
         super().__post_init__()
         if (self.run is None) == (self.from_json is None):
             raise UserError("give one of --run RUN or --from_json FILE")
-        if self.from_json and self.labels:
-            raise UserError("--labels goes with --run (a Comparative Sharedness page shows matches, not names)")
+        if self.from_json and (self.labels or self.heatmaps):
+            raise UserError("--labels and --heatmaps go with --run")
         if self.from_json and (self.layer is not None or self.features):
             raise UserError("--layer and --features go with --run; the JSON of --from_json fixes layers and features")
 

@@ -100,8 +100,8 @@ def test_gallery_cards_carry_the_labels(planted, tmp_path, error_line):
     show.main([*argv, "--labels", "--features", "0", "1"])
     page = (tmp_path / "g" / "index.html").read_text()
     assert "<b>label</b> label:star (0.99" in page or "<b>label</b> star (0.99" in page
-    assert "--labels goes with --run" in error_line(show.main, ["--root", str(run.path.parent), "--from_json",
-                                                               str(tmp_path / "x.json"), "--labels"])
+    msg = error_line(show.main, ["--root", str(run.path.parent), "--from_json", str(tmp_path / "x.json"), "--labels"])
+    assert "--labels and --heatmaps go with --run" in msg
 
 
 def test_comp_sharedness_labels_of_the_top_features(planted, tmp_path, capsys):
