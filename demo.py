@@ -194,7 +194,8 @@ def run_demo(cfg: DemoConfig) -> DemoResults:
     shared = top_features(sharedness, cfg.top)
     shared.save(out / "comp_sharedness.json")
     gallery = sharedness_gallery(shared, GalleryOptions(root=str(root), out=str(out / "imgs" / "shared"),
-                                                        overwrite=True, device=cfg.device))
+                                                        overwrite=True, device=cfg.device, labels=True,
+                                                        heatmaps=True))
     probes = sae_probes(cfg, runs, root) if cfg.probes else None
     results = DemoResults(
         config=dataclasses.asdict(cfg), runs={n: r.meta for n, r in runs.items()}, train_seconds=seconds,

@@ -231,10 +231,10 @@ class GalleryOptions(AnalysisOptions):
     overwrite: bool = False
     """Replace an existing gallery in --out."""
     heatmaps: bool = False
-    """With --run on an image run: lay on each tile where in the image the feature fires (the encoder re-run on
-    the shown samples, every token of the layer through the SAE)."""
+    """On the tiles of image runs: where in the image the feature fires (the encoder re-run on the shown
+    samples, every token of the layer through the SAE)."""
     labels: bool = False
-    """With --run: name each feature (labels.py: the caption term or label it predicts best, by AUROC, or
+    """Name each feature (labels.py: the caption term or label it predicts best, by AUROC, or
     "unlabelled" below its permuted floor) on its card."""
 
     def __post_init__(self):
@@ -334,6 +334,10 @@ def sharedness_gallery(report: SharednessReport, opts: GalleryOptions, what: str
     samples = {r.name: Samples(r) for r in runs}
     stats = {r.name: feature_stats(r, layers[r.name], codes, chunk_size=opts.chunk_size, device=opts.torch_device)
              for r in runs}
+    names = {r.name: _labels(r, layers[r.name], codes, opts) if opts.labels else {} for r in runs}
+    for r in runs:
+        if opts.heatmaps and r.meta.modality == "image":  # a text run's tiles show its captions
+            samples[r.name].maps = TokenMaps(r, layers[r.name], opts.torch_device)
     group_of = {**{n: "G" for n in report.min_group}, **{n: "H" for n in report.max_group}}
     written: list[tuple[str, Card]] = []
     with staged_dir(out, lambda final: check_out(final, opts.overwrite)) as tmp:
@@ -342,11 +346,12 @@ def sharedness_gallery(report: SharednessReport, opts: GalleryOptions, what: str
         groups = []
         for f in progress(feats, desc="grids", unit="feature", leave=False):
             own = samples[source.name].card(tmp, f"{source.name}/", f.feature, stats[source.name],
-                                            f"{source.name} #{f.feature}", [("group", "M")], "source")
+                                            f"{source.name} #{f.feature}",
+                                            [("group", "M"), *names[source.name].get(f.feature, ())], "source")
             cards = [(source.name, own)]
             for r in others:
                 j, group = f.match[r.name], group_of[r.name]
-                marks = [("rho", f"{f.rho[r.name]:+.3f}"), ("group", group)]
+                marks = [("rho", f"{f.rho[r.name]:+.3f}"), ("group", group), *names[r.name].get(j, ())]
                 cards.append((r.name, samples[r.name].card(tmp, f"{r.name}/", j, stats[r.name], f"{r.name} #{j}",
                                                            marks, group)))
             mass = float(stats[source.name].mass_F[f.feature])
@@ -376,8 +381,6 @@ class ShowArgs(GalleryOptions):
         super().__post_init__()
         if (self.run is None) == (self.from_json is None):
             raise UserError("give one of --run RUN or --from_json FILE")
-        if self.from_json and (self.labels or self.heatmaps):
-            raise UserError("--labels and --heatmaps go with --run")
         if self.from_json and (self.layer is not None or self.features):
             raise UserError("--layer and --features go with --run; the JSON of --from_json fixes layers and features")
 

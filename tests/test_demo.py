@@ -175,3 +175,5 @@ def test_report_has_the_labels_checks(demo_run):
     assert set(res["agreement"]) == {TEXT, NULL} and 0 < res["n_top"] <= 64
     assert 0 <= res["ground_truth"] <= 1 and 0 <= res["ground_truth_floor"] <= 1
     assert "Labels (labels.py): the top shared features" in (demo_run / "report.md").read_text()
+    gallery = (demo_run / json.loads((demo_run / "results.json").read_text())["gallery"]).read_text()
+    assert gallery.count("<b>label</b>") >= 3  # the image feature and its matches, named on their cards
