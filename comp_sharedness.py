@@ -19,7 +19,6 @@ import numpy as np
 
 import labels
 from errors import UserError, check_at_least, cli
-from labels import LabelsArgs
 from saeshare.core import distributed
 from saeshare.core.options import check_output, parse
 from saeshare.disk.results import LabelAgreement, SharedFeature, SharednessReport
@@ -85,9 +84,7 @@ def label_agreement(source: Run, others: list[Run], res: Sharedness, report: Sha
                     opts: EngineOptions) -> dict[str, LabelAgreement]:
     """For M's top features: per run of G and H, how often its best match carries the same label."""
     def named(run: Run) -> dict:
-        args = LabelsArgs(run=run.name, root=opts.root, layer=res.layers[run.name], codes=res.codes,
-                          device=opts.device, data_root=opts.data_root)
-        return labels.labels(run, args).features
+        return labels.named(run, res.layers[run.name], res.codes, opts.torch_device).features
 
     mine = named(source)
     top = {f.feature: mine[f.feature] for f in report.features if f.feature in mine}

@@ -236,8 +236,8 @@ TOP_LABELLED = 64
 def _label_checks(fit: dict[str, Run], sharedness, shared, cfg: DemoConfig) -> DemoLabels:
     """Labels (labels.py) of the three runs' last fitting layers: how often the top shared features' matches
     carry their labels, and whether the image model's top features are named by the attribute they track."""
-    named = {n: labels.labels(r, labels.LabelsArgs(run=n, root=str(r.path.parent), layer=r.layers[-1],
-                                                   device=cfg.device)).features for n, r in fit.items()}
+    device = resolve_device(cfg.device)
+    named = {n: labels.named(r, r.layers[-1], device=device).features for n, r in fit.items()}
     top = {f.feature: named[IMAGE][f.feature] for f in shared.features if f.feature in named[IMAGE]}
     agree = {n: labels.agreement(top, named[n], sharedness.match[n]) for n in (TEXT, NULL)}
     image = fit[IMAGE]

@@ -60,9 +60,9 @@ def metadata(run: Run, layer: int) -> dict:
 
 def model_card(run: Run, fmt: type[Format]) -> str:
     m = run.meta
-    rows = "\n".join(f"| {layer} | {run.n_features(layer)} | {_num(metadata(run, layer)['fvu'])} | "
-                     f"{_num(metadata(run, layer)['fvu_pooled'])} | {metadata(run, layer)['steps'] or '-'} |"
-                     for layer in run.layers)
+    per_layer = {layer: metadata(run, layer) for layer in run.layers}
+    rows = "\n".join(f"| {layer} | {run.n_features(layer)} | {_num(x['fvu'])} | {_num(x['fvu_pooled'])} | "
+                     f"{x['steps'] or '-'} |" for layer, x in per_layer.items())
     load = LOADERS[fmt.name].replace("{LL}", f"{run.layers[0]:02d}")
     return f"""---
 tags: [sparse-autoencoder, saeshare, {fmt.name}]

@@ -12,8 +12,10 @@ not beat its floor is "unlabelled" (a feature unrelated to every term is labelle
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
+import torch
 
 import data
 from errors import UserError, check_positive, cli
@@ -94,12 +96,32 @@ def label_features(codes_NF: np.ndarray, terms: list[str], holds_NT: np.ndarray,
     return out
 
 
+class Named(NamedTuple):
+    features: dict[int, FeatureLabel]
+    n_terms: int
+
+
+_named: dict[tuple, Named] = {}
+
+
+def named(run: Run, layer: int, codes: str = "relu", device: str | torch.device = "cpu", min_samples: int = 20,
+          top_terms: int = 5, label_column: str | None = None) -> Named:
+    """The labels of one layer's firing features, computed once per process for each write, seed and
+    permutation of a run (Run.key), layer and settings: a gallery, an agreement and the demo read the same."""
+    layer = run.resolve_layer(layer)
+    key = (run.key, layer, codes, min_samples, top_terms, label_column)
+    if key not in _named:
+        terms, holds_NT = candidates(data.from_description(run.meta.dataset), min_samples, label_column)
+        codes_NF = run.dense_codes(layer, codes, device=device).cpu().numpy()
+        _named[key] = Named(label_features(codes_NF, terms, holds_NT, top_terms, min_samples), len(terms))
+    return _named[key]
+
+
 def labels(run: Run, args: LabelsArgs) -> Labels:
     layer = run.resolve_layer(-1 if args.layer is None else args.layer)
-    terms, holds_NT = candidates(data.from_description(run.meta.dataset), args.min_samples, args.label_column)
-    codes_NF = run.dense_codes(layer, args.codes or "relu", device=args.torch_device).cpu().numpy()
-    feats = label_features(codes_NF, terms, holds_NT, args.top_terms, args.min_samples)
-    return Labels(run=run.name, layer=layer, codes=args.codes or "relu", n_terms=len(terms), features=feats)
+    got = named(run, layer, args.codes or "relu", args.torch_device, args.min_samples, args.top_terms,
+                args.label_column)
+    return Labels(run=run.name, layer=layer, codes=args.codes or "relu", n_terms=got.n_terms, features=got.features)
 
 
 AGREEMENT_SHUFFLES = 200

@@ -259,10 +259,8 @@ def _labels(run: Run, layer: int, codes: str, opts: GalleryOptions) -> dict[int,
     """Each feature's label chip: its name and AUROC (against its floor)."""
     import labels
 
-    args = labels.LabelsArgs(run=run.name, root=opts.root, layer=layer, codes=codes, device=opts.device,
-                             data_root=opts.data_root)
     return {f: (("label", f"{lab.label} ({lab.score:.2f}, floor {lab.floor:.2f})"),)
-            for f, lab in labels.labels(run, args).features.items()}
+            for f, lab in labels.named(run, layer, codes, opts.torch_device).features.items()}
 
 
 def run_gallery(run: Run, opts: GalleryOptions) -> Gallery:

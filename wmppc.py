@@ -15,7 +15,6 @@ from scipy import stats
 
 import labels
 from errors import UserError, cli
-from labels import LabelsArgs
 from saeshare.core import distributed
 from saeshare.core.options import OutputOptions, parse
 from saeshare.disk.cache import PairStats
@@ -168,9 +167,8 @@ class WmppcArgs(PairOptions, OutputOptions, EngineOptions):
 def label_agreement(run_a: Run, run_b: Run, engine: Correlator, args: WmppcArgs) -> LabelAgreement:
     """labels.py on both runs' last layers, and how often A's features and their best matches in B agree."""
     la, lb = run_a.layers[-1], run_b.layers[-1]
-    opts = [LabelsArgs(run=r.name, root=args.root, codes=engine.codes, device=args.device, data_root=args.data_root)
-            for r in (run_a, run_b)]
-    feats = [labels.labels(r, o).features for r, o in zip((run_a, run_b), opts)]
+    feats = [labels.named(r, layer, engine.codes, args.torch_device).features
+             for r, layer in ((run_a, la), (run_b, lb))]
     return labels.agreement(*feats, engine.pair_stats(run_a, run_b, [(la, lb)])[la, lb].match_F)
 
 

@@ -35,15 +35,17 @@ class LogLines(tqdm):
     can abort a torchrun process)."""
 
     def __init__(self, *args, **kwargs):
+        self._logged: tuple[float, int] | None = None
+        """(time, n) of the last line; set by the first display (n = 0), which starts the clock."""
         super().__init__(*args, **{**kwargs, "file": _Nowhere(), "mininterval": 0, "miniters": 1, "disable": False})
 
     def display(self, msg=None, pos=None):
         done = self.total is not None and self.total > 0 and self.n >= self.total
         now = time.monotonic()
-        last_t, last_n = getattr(self, "_logged", (now, 0))
-        if not hasattr(self, "_logged"):  # the first call (n = 0): start the clock, print nothing
+        if self._logged is None:
             self._logged = (now, 0)
             return
+        last_t, last_n = self._logged
         step = LOG_EVERY_FRACTION * self.total if self.total else float("inf")
         due = now - last_t >= LOG_EVERY_S or (self.n - last_n >= step and now - last_t >= LOG_MIN_GAP_S)
         if self.n == last_n or not (done or due):
