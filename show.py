@@ -33,7 +33,7 @@ from saeshare.disk.results import SharedFeature, SharednessReport
 from saeshare.disk.runs import DEFAULT_CHUNK, Run, check_codes, open_runs, warn_run
 from saeshare.engine.options import AnalysisOptions
 from saeshare.render.gallery import Card, Group, fmt, write_index
-from saeshare.render.heatmaps import TokenMaps, overlay
+from saeshare.render.heatmaps import CaptionMaps, TokenMaps, overlay, sample_maps
 
 TOP = 9
 """Samples per grid (3x3)."""
@@ -45,6 +45,8 @@ PAD, INFO_H, LINE_H, CAPTION_LINES, FONT_SIZE = 3, 20, 16, 4, 13
 """Tile = PAD + image + sample id/activation line (INFO_H) + caption lines (text runs) + PAD."""
 INK, MUTED, BLANK, BACKGROUND = (29, 35, 48), (96, 106, 128), (206, 211, 219), (236, 238, 242)
 """Colours: text, sample ids, a tile without an active sample, grid and letterbox background."""
+WORD_HEAT = (250, 150, 40)
+"""Shade behind a caption's word where the feature is at its largest on the grid (background where 0)."""
 
 
 class FeatureStats(NamedTuple):
@@ -139,6 +141,24 @@ def wrap(text: str, font: ImageFont.FreeTypeFont, width: int, max_lines: int) ->
     return lines
 
 
+def draw_caption(draw: ImageDraw.ImageDraw, xy: tuple[int, int], caption: str, font: ImageFont.FreeTypeFont,
+                 heat_W: np.ndarray | None = None, scale: float = 0.0) -> None:
+    """The caption wrapped under its tile; with `heat_W` (a value per word), each word shaded by it over
+    `scale` (the largest on the grid, so the tiles of a feature compare)."""
+    x0, y0 = xy
+    heat = iter(heat_W if heat_W is not None and scale > 0 else ())
+    for i, line in enumerate(wrap(caption, font, TILE - 4, CAPTION_LINES)):
+        y, x = y0 + i * LINE_H, x0
+        for word in line.split(" "):
+            level = min(max(float(next(heat, 0.0)) / scale, 0.0), 1.0) if scale > 0 else 0.0
+            width = font.getlength(word)
+            if level > 0:
+                shade = tuple(round(b + (h - b) * level) for b, h in zip(BACKGROUND, WORD_HEAT))
+                draw.rectangle((x - 1, y, x + width + 1, y + LINE_H - 2), fill=shade)
+            x += width + font.getlength(" ")
+        draw.text((x0, y), line, fill=INK, font=font)
+
+
 class Samples:
     """The dataset of a run, re-created from run.json, with its image tiles cached (a sample often
     appears in several grids)."""
@@ -151,22 +171,18 @@ class Samples:
         self.captions = run.meta.modality == "text"
         """A text run's tiles show the caption it read."""
         self.tile = functools.lru_cache(maxsize=256)(lambda n: fit_tile(self.ds.image(n)))
-        self.maps: TokenMaps | None = None
-        """With --heatmaps: where in each image the feature fires, laid on its tile."""
-
-    def _tiles(self, idx: list[int], feature: int | None) -> list[Image.Image]:
-        if self.maps is None or feature is None:
-            return [self.tile(n) for n in idx]
-        heats = [self.maps.heat(n, feature) for n in idx]
-        scale = max((float(h.max()) for h in heats), default=0.0)
-        return [overlay(self.tile(n), h, self.ds.image(n).size, scale) for n, h in zip(idx, heats)]
+        self.maps: TokenMaps | CaptionMaps | None = None
+        """With --heatmaps: where in each sample the feature fires, laid on its image or its caption's words."""
 
     def render_grid(self, top_val_K: np.ndarray, top_idx_K: np.ndarray, feature: int | None = None) -> Image.Image:
         """3x3 tiles, row by row, best first; grey where there is no sample with a positive activation; with
         heatmaps (and `feature`), each tile shows where the feature fires."""
         w, h = tile_size(self.captions)
         shown = [int(top_idx_K[p]) for p in range(min(TOP, len(top_idx_K))) if top_val_K[p] > 0]
-        tiles = dict(zip(shown, self._tiles(shown, feature)))
+        heats = {n: self.maps.heat(n, feature) for n in shown} if self.maps is not None and feature is not None else {}
+        scale = max((float(h.max(initial=0.0)) for h in heats.values()), default=0.0)
+        tiles = {n: overlay(self.tile(n), heats[n], self.ds.image(n).size, scale)
+                 if isinstance(self.maps, TokenMaps) else self.tile(n) for n in shown}
         grid = Image.new("RGB", (3 * w, 3 * h), BACKGROUND)
         draw, font = ImageDraw.Draw(grid), _font()
         for pos in range(TOP):
@@ -181,8 +197,7 @@ class Samples:
             draw.text((x + 2, y + TILE + 3), name, fill=MUTED, font=font)
             draw.text((x + TILE - 2, y + TILE + 3), value, fill=INK, font=font, anchor="ra")
             if self.captions:
-                for i, line in enumerate(wrap(self.ds.caption(n), font, TILE - 4, CAPTION_LINES)):
-                    draw.text((x + 2, y + TILE + INFO_H + i * LINE_H), line, fill=INK, font=font)
+                draw_caption(draw, (x + 2, y + TILE + INFO_H), self.ds.caption(n), font, heats.get(n), scale)
         return grid
 
     def card(self, out: Path, rel_dir: str, feature: int, stats: FeatureStats, title: str,
@@ -231,8 +246,8 @@ class GalleryOptions(AnalysisOptions):
     overwrite: bool = False
     """Replace an existing gallery in --out."""
     heatmaps: bool = False
-    """On the tiles of image runs: where in the image the feature fires (the encoder re-run on the shown
-    samples, every token of the layer through the SAE)."""
+    """Where the feature fires in each shown sample: shaded on the image (image runs) or on the caption's words
+    (text runs); the encoder re-run on the shown samples, every token of the layer through the SAE."""
     labels: bool = False
     """Name each feature (labels.py: the caption term or label it predicts best, by AUROC, or
     "unlabelled" below its permuted floor) on its card."""
@@ -284,7 +299,7 @@ def run_gallery(run: Run, opts: GalleryOptions) -> Gallery:
             ("SAE", f"{n_features} features, top-k {run.top_k}{fvu}"), ("codes", codes), ("shown", shown)]
     names = _labels(run, layer, codes, opts) if opts.labels else {}
     if opts.heatmaps:
-        samples.maps = TokenMaps(run, layer, opts.torch_device)
+        samples.maps = sample_maps(run, layer, opts.torch_device)
     with staged_dir(out, lambda final: check_out(final, opts.overwrite)) as tmp:
         cards = [samples.card(tmp, "", f, stats, f"feature {f}", names.get(f, ()))
                  for f in progress(feats, desc="grids", unit="feature", leave=False)]
@@ -334,8 +349,8 @@ def sharedness_gallery(report: SharednessReport, opts: GalleryOptions, what: str
              for r in runs}
     names = {r.name: _labels(r, layers[r.name], codes, opts) if opts.labels else {} for r in runs}
     for r in runs:
-        if opts.heatmaps and r.meta.modality == "image":  # a text run's tiles show its captions
-            samples[r.name].maps = TokenMaps(r, layers[r.name], opts.torch_device)
+        if opts.heatmaps:
+            samples[r.name].maps = sample_maps(r, layers[r.name], opts.torch_device)
     group_of = {**{n: "G" for n in report.min_group}, **{n: "H" for n in report.max_group}}
     written: list[tuple[str, Card]] = []
     with staged_dir(out, lambda final: check_out(final, opts.overwrite)) as tmp:

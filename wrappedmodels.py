@@ -97,6 +97,8 @@ class Encoder:
     first_position: ClassVar[str] = "a CLS token"
     seq_first: bool = False
     """Blocks output [T, B, D] (open_clip releases before batch-first transformers)."""
+    ids_key: ClassVar[str] = "input_ids"
+    """Text families: where `collate` puts the token ids."""
 
     def __init__(self, checkpoint: str | None = None, device: str | torch.device = "cpu", token: str | None = None):
         self.checkpoint = checkpoint or self.default_checkpoint
@@ -284,12 +286,14 @@ class ClipText(_OpenClip):
     def load(self):
         import open_clip
 
-        model, _, name = self._create()
+        model, self.preprocess, name = self._create()
         if not isinstance(getattr(model, "transformer", None), nn.Module):
             raise UserError(f"ClipText: {self.checkpoint!r} has a custom text tower (no open_clip text transformer "
                             "to hook); its blocks cannot be recorded")
         self.tokenizer = open_clip.get_tokenizer(name)
         return model
+
+    ids_key = "text"
 
     def collate(self, captions: list[str]):
         ids_BT = self.tokenizer(captions)
@@ -297,6 +301,11 @@ class ClipText(_OpenClip):
         # the tower is causal: positions after the pooled one never reach it (padding, for EOT pooling)
         mask_BT = torch.arange(ids_BT.shape[1])[None] <= pos_B[:, None]
         return {"text": ids_BT, "token_mask": mask_BT}
+
+    def word_ids(self, word: str) -> list[int]:
+        """The token ids of one word alone: between the start token and the pooled (end) one."""
+        ids_T = self.tokenizer([word])[0]
+        return ids_T[1:int(self.pool_position(ids_T[None])[0])].tolist()
 
     def pool_position(self, ids_BT: Tensor) -> Tensor:
         """Where the model itself pools (its `text_pool_type`): EOT (the largest id) for CLIP, the
@@ -436,6 +445,10 @@ class _HFText(Encoder):
     def collate(self, captions: list[str]):
         enc = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return {**enc, "token_mask": enc["attention_mask"].bool()}
+
+    def word_ids(self, word: str) -> list[int]:
+        """The token ids of one word alone, without special tokens."""
+        return self.tokenizer(word, add_special_tokens=False)["input_ids"]
 
 
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")

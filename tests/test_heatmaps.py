@@ -11,7 +11,7 @@ from PIL import Image
 import show
 import train_image
 from saeshare.disk.runs import Run
-from saeshare.render.heatmaps import TokenMaps, overlay
+from saeshare.render.heatmaps import CaptionMaps, TokenMaps, overlay, word_positions
 from test_show import CHROMIUM, chromium
 
 
@@ -67,11 +67,62 @@ def test_gallery_with_heatmaps_and_labels(effnet, tmp_path, error_line):
         assert Image.open(shot).size == (1200, 900)
 
 
-def test_heatmaps_of_a_text_run_are_one_line(tmp_path, error_line):
-    import data
-    from synthetic import make_run, random_sae_state
+@pytest.fixture(scope="module")
+def bert_run(tmp_path_factory):
+    import train_text
+    from tiny_models import checkpoint_for
 
-    make_run(tmp_path, "t", {0: np.zeros((8, 4), np.float32)}, {0: random_sae_state(4, 8)}, modality="text",
-             dataset=data.load_dataset("shapes", max_samples=8).describe())
-    assert "heatmaps lie on images" in error_line(show.main, ["--run", "t", "--root", str(tmp_path), "--heatmaps",
-                                                              "--out", str(tmp_path / "o"), "--device", "cpu"])
+    root = tmp_path_factory.mktemp("heat_text")
+    train_text.main(["--model", "Bert", "--bert_model_name", checkpoint_for("Bert", root), "--runname", "b",
+                     "--root", str(root), "--max_samples", "40", "--batch_size", "8", "--expansion_factor", "4",
+                     "--top_k", "8", "--layers", "1", "--lr", "1e-3"])
+    return Run.open(root, "b")
+
+
+def test_caption_heat_is_the_sae_on_each_words_tokens(bert_run):
+    """Brute force: the tokeniser's own character offsets say which tokens make each word."""
+    maps = CaptionMaps(bert_run, 1)
+    sae = bert_run.sae(1)
+    W, b = sae.W_enc.double().numpy(), sae.b_dec.double().numpy()
+    for n in (0, 3, 17):
+        caption = maps.ds.caption(n)
+        enc = maps.encoder.tokenizer(caption, return_offsets_mapping=True)
+        inputs = maps.encoder.collate([caption])
+        codes_TF = np.maximum((maps.encoder.record(inputs, [1])[1][0].double().numpy() - b) @ W, 0)
+        starts = [m.start() for m in re.finditer(r"\S+", caption)]
+        ends = [m.end() for m in re.finditer(r"\S+", caption)]
+        for f in (0, 5, 20):
+            spans = list(enumerate(enc["offset_mapping"]))
+            brute = [max((codes_TF[t, f] for t, (s, e) in spans if e > s and s >= a and e <= z), default=0.0)
+                     for a, z in zip(starts, ends)]
+            np.testing.assert_allclose(maps.heat(n, f), brute, rtol=1e-4, atol=1e-5)
+
+
+def test_clip_text_words_cover_every_caption_token(tmp_path):
+    from tiny_models import open_clip_dir
+    from wrappedmodels import ClipText
+
+    enc = ClipText(str(open_clip_dir(tmp_path / "oc")))
+    for caption in ("a red star, on a blue background", "Two  dogs-running at dusk!"):
+        ids_T = enc.collate([caption])["text"][0].tolist()
+        where = word_positions(ids_T, [enc.word_ids(w) for w in caption.split()])
+        assert [p for ps in where for p in ps] == list(range(1, ids_T.index(max(ids_T))))  # between SOT and EOT
+
+
+def test_word_positions_skip_what_is_not_there():
+    assert word_positions([101, 7, 8, 9, 102], [[7], [42], [8, 9]]) == [[1], [], [2, 3]]
+    assert word_positions([101, 7, 102], [[7], [7]]) == [[1], []]  # the second one was cut off by truncation
+
+
+def test_text_gallery_shades_the_words(bert_run, tmp_path):
+    base = ["--run", "b", "--root", str(bert_run.path.parent), "--layer", "1", "--device", "cpu", "--min_active", "1",
+            "--max_features", "3"]
+    show.main([*base, "--out", str(tmp_path / "plain")])
+    show.main([*base, "--out", str(tmp_path / "heat"), "--heatmaps"])
+    plain = {g.name: np.asarray(Image.open(g)).astype(int) for g in (tmp_path / "plain").glob("*.jpg")}
+    heated = {g.name: np.asarray(Image.open(g)).astype(int) for g in (tmp_path / "heat").glob("*.jpg")}
+    assert plain.keys() == heated.keys() and len(plain) == 3
+    top = slice(show.PAD, show.PAD + show.TILE)  # the images themselves are left as they are
+    for name in plain:
+        assert np.abs(plain[name][top, top] - heated[name][top, top]).mean() < 1
+    assert any(np.abs(plain[n] - heated[n]).mean() > 0.5 for n in plain)  # the captions are shaded

@@ -120,3 +120,70 @@ def test_comp_sharedness_labels_of_the_top_features(planted, tmp_path, capsys):
     assert "labels of the top 4 features, p2: 1.000 of" in text and "labels of the top 4 features, q:" in text
     agree = json.loads(out.read_text())["label_agreement"]
     assert agree["p2"]["share"] == 1.0 and agree["p2"]["n_pairs"] >= 2
+
+
+def _minilm_mean_pooled(texts: list[str]) -> np.ndarray:
+    """The sentence-transformers recipe, written out: the mean of the last layer over the attention mask."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from wrappedmodels import minilm_path
+
+    tok, model = AutoTokenizer.from_pretrained(minilm_path()), AutoModel.from_pretrained(minilm_path())
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**enc).last_hidden_state.double()
+    m = enc["attention_mask"][..., None].double()
+    emb = ((hidden * m).sum(1) / m.sum(1)).numpy()
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+
+def test_minilm_scorer_names_the_planted_feature(planted):
+    run, _, _, acts = planted
+    res = labels.labels(run, labels.LabelsArgs(run="p", root=str(run.path.parent), device="cpu", top_terms=3))
+    assert "star" in next(iter(res.features[0].embedding)) and "circle" in next(iter(res.features[1].embedding))
+    # brute force for feature 0: its 9 top captions' mean against all captions' (400 < the 2048 baseline cap)
+    ds = data.from_description(run.meta.dataset)
+    codes = np.maximum(acts[:, 0], 0)
+    top = np.argsort(-codes, kind="stable")[:9]
+    terms = list(res.features[0].embedding)
+    emb = _minilm_mean_pooled([ds.caption(n) for n in range(N)] + [labels.term_text(t) for t in terms])
+    lift = emb[N:] @ (emb[top].mean(0) - emb[:N].mean(0))
+    np.testing.assert_allclose(list(res.features[0].embedding.values()), lift, atol=1e-5)
+
+
+def test_zero_shot_correlation_names_a_planted_similarity():
+    rng = np.random.default_rng(3)
+    star = rng.random(300) < 0.3
+    codes = np.maximum(np.stack([star + 0.3 * rng.normal(size=300), rng.normal(size=300)], 1), 0)
+    sims = rng.normal(size=(300, 3)) * 0.1
+    sims[:, 1] += star
+    got = labels.named_by(labels.column_correlation, codes, ["red", "star", "blue"], sims, top_terms=3)
+    assert got[0].label == "star" and got[0].score > 0.8 and got[0].floor < 0.3
+    assert got[1].label == labels.UNLABELLED or got[1].score < 0.3
+    r = np.corrcoef(codes[:, 0], sims[:, 1])[0, 1]
+    assert got[0].terms["star"] == pytest.approx(r, abs=1e-12)
+
+
+def test_zero_shot_names_with_a_tiny_open_clip(planted, tmp_path):
+    """The whole path, against open_clip called directly: image embeddings of the run's samples, text embeddings
+    of the terms, their cosine correlated with the feature over samples."""
+    import open_clip
+
+    from tiny_models import open_clip_dir
+
+    run, _, _, acts = planted
+    ckpt = open_clip_dir(tmp_path / "oc")
+    res = labels.labels(run, labels.LabelsArgs(run="p", root=str(run.path.parent), device="cpu", embed_top=0,
+                                               clip_model_name=str(ckpt)))
+    zs = res.features[0].zero_shot
+    assert zs is not None and len(zs.terms) == 5 and zs.floor > 0
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{ckpt}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{ckpt}")
+    ds = data.from_description(run.meta.dataset)
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([preprocess(ds.image(n)) for n in range(N)])).double()
+        txt = model.encode_text(tokenizer([labels.term_text(t) for t in zs.terms])).double()
+    sims = ((img / img.norm(dim=1, keepdim=True)) @ (txt / txt.norm(dim=1, keepdim=True)).T).numpy()
+    codes = np.maximum(acts[:, 0], 0)
+    expected = [np.corrcoef(codes, sims[:, t])[0, 1] for t in range(len(zs.terms))]
+    np.testing.assert_allclose(list(zs.terms.values()), expected, atol=1e-4)

@@ -252,7 +252,13 @@ class FeatureLabel:
     floor: float
     """The best AUROC over the same terms with the samples permuted (the largest of 19 permutations)."""
     terms: dict[str, float]
-    """The best terms with their AUROC, best first."""
+    """The best terms with their AUROC (or, in `zero_shot`, their correlation), best first."""
+    embedding: dict[str, float] = field(default_factory=dict)
+    """The best terms by the second scorer, MiniLM: the cosine of the term with the mean embedding of the
+    feature's top captions less that with the mean of all captions; best first."""
+    zero_shot: FeatureLabel | None = None
+    """With a CLIP-family model: the term whose CLIP similarity to each sample correlates best with the
+    feature's activation over samples (Pearson r), with its permuted floor and best terms."""
 
 
 @dataclass

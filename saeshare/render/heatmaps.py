@@ -1,6 +1,7 @@
-"""Where in an image a feature fires: the run's encoder re-run on the shown samples only, every token of
-the layer through its SAE, the feature's activation per position laid on the image (CNN maps and ViT
-patches alike: the tokens after the prefix, CLS and registers, form a square grid)."""
+"""Where in a sample a feature fires: the run's encoder re-run on the shown samples only, every token of
+the layer through its SAE. On images, the feature's activation per position is laid on the image (CNN maps
+and ViT patches alike: the tokens after the prefix, CLS and registers, form a square grid); on captions,
+each word is shaded by its tokens' activation."""
 from __future__ import annotations
 
 import functools
@@ -23,8 +24,6 @@ class TokenMaps:
     """Per shown sample, the SAE codes of every spatial token of one layer: [g, g, F] (cached)."""
 
     def __init__(self, run: Run, layer: int, device: torch.device | str = "cpu"):
-        if run.meta.modality != "image":
-            raise UserError(f"--heatmaps: run {run.name!r} reads captions; heatmaps lie on images")
         self.run, self.layer, self.device = run, layer, device
         self.encoder = build_encoder(EncoderSpec.of_run(run.meta), device)
         self.ds = data.from_description(run.meta.dataset)
@@ -45,6 +44,50 @@ class TokenMaps:
     def heat(self, n: int, feature: int) -> np.ndarray:
         """[g, g]: the feature's ReLU code at each position of sample n."""
         return self.codes(n)[:, :, feature]
+
+
+def word_positions(ids_T: list[int], words_ids: list[list[int]]) -> list[list[int]]:
+    """Each word's positions in the tokenised caption: its ids alone, found in order from where the last word
+    ended (special tokens are skipped over; a word cut off by truncation, or tokenised otherwise in context,
+    gets none)."""
+    out, at = [], 0
+    for ids in words_ids:
+        hit = next((p for p in range(at, len(ids_T) - len(ids) + 1) if ids and ids_T[p:p + len(ids)] == ids), None)
+        out.append([] if hit is None else list(range(hit, hit + len(ids))))
+        at = at if hit is None else hit + len(ids)
+    return out
+
+
+class CaptionMaps:
+    """Per shown caption, every word's SAE codes: the largest over its tokens, [W, F] (cached)."""
+
+    def __init__(self, run: Run, layer: int, device: torch.device | str = "cpu"):
+        self.layer, self.device = layer, device
+        self.encoder = build_encoder(EncoderSpec.of_run(run.meta), device)
+        self.ds = data.from_description(run.meta.dataset)
+        self.sae = run.sae(layer, device)
+        self.codes = functools.lru_cache(maxsize=128)(self._codes)
+
+    def _codes(self, n: int) -> np.ndarray:
+        words = self.ds.caption(n).split()
+        inputs = self.encoder.collate([self.ds.caption(n)])
+        keep_T = inputs["token_mask"][0].bool()
+        ids_T = inputs[self.encoder.ids_key][0][keep_T].tolist()
+        tokens_TD = self.encoder.record(inputs, [self.layer])[self.layer][0][keep_T.to(self.device)].float()
+        with torch.no_grad():
+            codes_TF = self.sae.pre_acts(tokens_TD.to(self.device)).cpu().numpy()
+        where = word_positions(ids_T, [self.encoder.word_ids(w) for w in words])
+        return np.stack([codes_TF[p].max(0) if p else np.zeros(codes_TF.shape[1], codes_TF.dtype) for p in where])
+
+    def heat(self, n: int, feature: int) -> np.ndarray:
+        """[W]: the feature's ReLU code on each word of sample n's caption (split at white space)."""
+        return self.codes(n)[:, feature]
+
+
+def sample_maps(run: Run, layer: int, device: torch.device | str = "cpu") -> TokenMaps | CaptionMaps:
+    """Where a feature fires in each shown sample: on the image for an image run, on the words of the caption
+    for a text run."""
+    return (CaptionMaps if run.meta.modality == "text" else TokenMaps)(run, layer, device)
 
 
 def overlay(tile: Image.Image, heat_gg: np.ndarray, image_size: tuple[int, int], scale: float) -> Image.Image:
