@@ -402,3 +402,58 @@ class StudyResults(Compared, Record):
     """The gallery page of each group, relative to <out>."""
     grids: list[list[str]] = field(default_factory=list)
     """Per group, the grid image of each of its source features, relative to <out>."""
+
+
+@dataclass
+class JointScores:
+    """What a joint dictionary over several runs says is shared (joint.py); matrices are over the runs, row =
+    from, column = to."""
+    shared_fraction: float
+    """The shared latents' part of the dictionary's weight (decoder norm times code mass, over streams)."""
+    private_fraction: list[float]
+    """Per run, its private latents' part of the weight."""
+    shared_latents: float
+    """Of the live latents, the share that is shared (by count, as the crosscoder literature counts)."""
+    private_latents: list[float]
+    """Per run, the share of live latents private to it."""
+    live_latents: int
+    jaccard: np.ndarray
+    """[S, S] mean over samples of the Jaccard index of the latents each run's stream picks alone."""
+    cross_r2: np.ndarray
+    """[S, S] R^2 of run t's activations decoded from run s's code alone (diagonal: a stream alone, itself)."""
+    fvu: list[float]
+    """Per run, FVU under the joint code."""
+    epochs: int
+
+
+@dataclass
+class JointMatch:
+    """The first run's own SAE features against the joint latents (stream of that run), by correlation."""
+    wmppc: float
+    """sum_i S_i rho_i / sum_i S_i over the run's features, rho_i the best correlation with a joint latent."""
+    shared_mass: float
+    """The part of the run's activation mass on features whose best latent is shared."""
+    latent: list[int]
+    rho: list[float]
+
+
+@dataclass
+class JointReport(JointScores, Record):
+    """joint.py --json: the scores of the runs as given; `floor`: the same training with every run but the
+    first read through a permutation of its samples."""
+    KIND = "joint"
+    SCHEMA = 1
+
+    runs: list[str] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)
+    method: str = "sparc"
+    n_latents: int = 0
+    top_k: int = 0
+    n_samples: int = 0
+    n_measured: int = 0
+    """Samples the scores are measured on: held out of training (all of them with --holdout 0)."""
+    floor: JointScores | None = None
+    match: JointMatch | None = None
+    share: np.ndarray | None = None
+    """[S, F] each latent's weight in each run over its largest run's (0: dead)."""
+    floor_share: np.ndarray | None = None
