@@ -77,7 +77,7 @@ ZERO_VARIANCE = 1e-10
 carries no direction to correlate (dividing by its sqrt would give NaN), so SVCCA drops it."""
 
 
-def _principal(gram: torch.Tensor, variance: float) -> tuple[torch.Tensor, torch.Tensor]:
+def principal_components(gram: torch.Tensor, variance: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(eigenvalues, eigenvectors) of the fewest principal components explaining `variance`, among those
     of non-zero variance (`variance` 1 keeps them all). Activations that do not vary at all are refused
     before (SimilarityEngine._side)."""
@@ -92,8 +92,8 @@ def _principal(gram: torch.Tensor, variance: float) -> tuple[torch.Tensor, torch
 
 def svcca(sx: SideStats, sy: SideStats, xty: torch.Tensor, variance: float = 0.99) -> float:
     """Mean canonical correlation between the principal subspaces (`variance` explained) of each side."""
-    lx, ux = _principal(sx.gram_DD, variance)
-    ly, uy = _principal(sy.gram_DD, variance)
+    lx, ux = principal_components(sx.gram_DD, variance)
+    ly, uy = principal_components(sy.gram_DD, variance)
     m = (ux.T @ xty @ uy) / lx.sqrt()[:, None] / ly.sqrt()[None, :]
     return float(torch.linalg.svdvals(m).clamp(max=1).mean())
 

@@ -17,11 +17,13 @@ import labels
 from errors import UserError, cli
 from saeshare.core import distributed
 from saeshare.core.options import OutputOptions, parse
+from saeshare.core.progress import progress
 from saeshare.disk.cache import PairStats
-from saeshare.disk.results import Intervals, LabelAgreement, Scores, Wmppc, WmppcTable
+from saeshare.disk.results import GeometryScores, Intervals, LabelAgreement, Scores, Wmppc, WmppcTable
 from saeshare.disk.runs import PairOptions, Run, open_runs, run_warnings
 from saeshare.engine.correlator import Correlator, tqdm_progress
 from saeshare.engine.options import EngineOptions
+from saeshare.joint.geometry import geometry, paired
 from saeshare.render.figures import format_table, plot_heatmap
 
 
@@ -157,11 +159,23 @@ class WmppcArgs(PairOptions, OutputOptions, EngineOptions):
     labels: bool = False
     """Also say how often matched features (last layer against last layer) carry the same label (labels.py),
     against the same share with the matches shuffled (one pair only)."""
+    geometry: bool = False
+    """Also compare where matched features point (Lan et al.): SVCCA and RSA of the paired decoder rows of the
+    last layers, against shuffled pairings (one pair only)."""
+    geometry_all: bool = False
+    """--geometry for every layer pair, not only the last layers (a few seconds a pair)."""
+    one_to_one: bool = False
+    """--geometry: a feature of B matched by several of A keeps only its best-correlated one."""
+    geometry_min_rho: float = 0.0
+    """--geometry: pairs whose correlation is below this are left out."""
 
     def __post_init__(self):
         super().__post_init__()
-        if self.labels and self.runs is not None:
-            raise UserError("--labels goes with --source and --target (one pair)")
+        for flag in ("labels", "geometry"):
+            if getattr(self, flag) and self.runs is not None:
+                raise UserError(f"--{flag} goes with --source and --target (one pair)")
+        if not -1 <= self.geometry_min_rho <= 1:
+            raise UserError(f"--geometry_min_rho must be in [-1, 1], got {self.geometry_min_rho}")
 
 
 def label_agreement(run_a: Run, run_b: Run, engine: Correlator, args: WmppcArgs) -> LabelAgreement:
@@ -170,6 +184,25 @@ def label_agreement(run_a: Run, run_b: Run, engine: Correlator, args: WmppcArgs)
     feats = [labels.named(r, layer, engine.codes, args.torch_device).features
              for r, layer in ((run_a, la), (run_b, lb))]
     return labels.agreement(*feats, engine.pair_stats(run_a, run_b, [(la, lb)])[la, lb].match_F)
+
+
+def decoder_geometry(run_a: Run, run_b: Run, engine: Correlator, args: WmppcArgs) -> list[GeometryScores]:
+    """Lan et al.'s SVCCA and RSA of the last layers (every layer pair with --geometry_all), from the pairs'
+    best matches (cached by wMPPC)."""
+    cells = ([(a, b) for a in run_a.layers for b in run_b.layers] if args.geometry_all
+             else [(run_a.layers[-1], run_b.layers[-1])])
+    stats = engine.pair_stats(run_a, run_b, cells)
+    out = []
+    for a, b in progress(cells, desc="geometry", unit="layer pair", leave=False):
+        pairs = paired(stats[a, b], args.geometry_min_rho, args.one_to_one)
+        got = geometry(run_a.sae(a).W_dec.detach().numpy(), run_b.sae(b).W_dec.detach().numpy(), pairs)
+        out.append(GeometryScores(a, b, *got))
+    return out
+
+
+def _geometry_line(g: GeometryScores) -> str:
+    return (f"geometry (layer {g.layer_a} -> {g.layer_b}, {g.n_pairs} matched pairs): SVCCA {g.svcca:.3f} (shuffled "
+            f"{g.svcca_null:.3f}, p {g.svcca_p:.3f}); RSA {g.rsa:.3f} (shuffled {g.rsa_null:.3f}, p {g.rsa_p:.3f})")
 
 
 def _line(res: Wmppc) -> str:
@@ -198,6 +231,13 @@ def main(argv=None):
             res.label_agreement = agree = label_agreement(run_a, target, engine, args)
             print(f"labels (last layers): {agree.share:.3f} of {agree.n_pairs} labelled matched pairs agree; "
                   f"with the matches shuffled {agree.floor:.3f}")
+        if args.geometry:
+            res.geometry = decoder_geometry(run_a, target, engine, args)
+            print(_geometry_line(res.geometry[-1]) + (f" (all {len(res.geometry)} layer pairs in --json)"
+                                                      if len(res.geometry) > 1 else ""))
+            if not args.one_to_one:
+                print("note: matches are many-to-one: A's features matched to one B feature share its decoder row, "
+                      "which lifts RSA above its shuffled null even between unrelated models (--one_to_one avoids it)")
         for note in (res.near_floor(), _same_run(run_a, run_b),
                      args.calibrate and res.ceiling is None and _no_ceiling([run_a])):
             if note:

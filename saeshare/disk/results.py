@@ -64,6 +64,8 @@ class Wmppc(Record):
     """The runs' SAE problems, a line per layer (too few steps, not converged, poor fit)."""
     label_agreement: LabelAgreement | None = None
     """With --labels: last layer against last layer, how often matched features carry the same label."""
+    geometry: list[GeometryScores] | None = None
+    """With --geometry: SVCCA and RSA of matched features' decoder rows, per layer pair."""
 
     def near_floor(self) -> str | None:
         """One line when the all-layers score (corrected) is within two standard errors of its floor."""
@@ -259,6 +261,21 @@ class FeatureLabel:
     zero_shot: FeatureLabel | None = None
     """With a CLIP-family model: the term whose CLIP similarity to each sample correlates best with the
     feature's activation over samples (Pearson r), with its permuted floor and best terms."""
+
+
+@dataclass
+class GeometryScores:
+    """Lan et al.'s measures for one layer pair (wmppc.py --geometry): matched features' decoder rows compared,
+    against the same with the pairing shuffled (mean of the shuffles, and the p-value of the score)."""
+    layer_a: int
+    layer_b: int
+    n_pairs: int
+    svcca: float
+    svcca_null: float
+    svcca_p: float
+    rsa: float
+    rsa_null: float
+    rsa_p: float
 
 
 @dataclass
