@@ -27,6 +27,7 @@ import labels
 import record
 from comp_sharedness import comp_sharedness, top_features
 from errors import OptionError, check_at_least, check_positive, cli
+from joint import SMALL, headline_joints
 from ontology import OntologyArgs, load_hierarchy, ontology
 from ood import KNN_K, ood
 from probe import ProbeArgs, probe
@@ -38,6 +39,7 @@ from saeshare.disk.results import IMAGE, NULL, TEXT, AttributeMatch, DemoLabels,
 from saeshare.disk.runs import Run, fitting_layers, poor_fits, warn_run
 from saeshare.engine.correlator import Correlator, tqdm_progress
 from saeshare.engine.options import EngineOptions
+from saeshare.joint.dictionary import JointConfig
 from saeshare.render import demo_report
 from saeshare.render.calibration import calibration_figure
 from saeshare.render.figures import plot_heatmap
@@ -68,6 +70,9 @@ class DemoConfig:
     """SAE seeds of every run (trained in the same encoder pass): two give each run its seed ceiling."""
     paper_defaults: bool = False
     """The paper's SAE settings: lr 5e-5, batch 16 images and 256 captions."""
+    joint: bool = True
+    """The joint-dictionary section (joint.py: SPARC and a crosscoder over the image run and each text run;
+    --no_joint: skip)."""
     probes: bool = True
     """The SAE probes section (docs/design.md#probes): linear probes, OOD detection, ontology coverage
     (--no_probes: skip)."""
@@ -85,6 +90,9 @@ class DemoConfig:
         if self.paper_defaults:
             self.lr, self.batch_size = SaeConfig.lr, None
 
+
+JOINT = [JointConfig(method=m, **SMALL) for m in ("sparc", "crosscoder")]
+"""The demo's joint dictionaries (studies/demo.toml's [[analyses.joint]])."""
 
 RUNS = {  # name -> (modality, model, checkpoint, extra TrainConfig fields)
     IMAGE: ("image", "EfficientNetLite", "efficientnet-lite0", {}),
@@ -197,6 +205,7 @@ def run_demo(cfg: DemoConfig) -> DemoResults:
                                                         overwrite=True, device=cfg.device, labels=True,
                                                         heatmaps=True))
     probes = sae_probes(cfg, runs, root) if cfg.probes else None
+    joints = (headline_joints(fit[IMAGE], [fit[TEXT], fit[NULL]], JOINT, opts.torch_device) if cfg.joint else {})
     results = DemoResults(
         config=dataclasses.asdict(cfg), runs={n: r.meta for n, r in runs.items()}, train_seconds=seconds,
         wmppc=pairs, similarity=similarities, sharedness=shared, attributes=_attributes(runs, shared.features),
@@ -206,7 +215,7 @@ def run_demo(cfg: DemoConfig) -> DemoResults:
         grids=[str(gallery.grids[IMAGE, f.feature].relative_to(out.resolve())) for f in shared.features],
         seconds=time.perf_counter() - t0, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         probes=probes, headline=headline, left_out={n: v for n, v in left_out.items() if v},
-        labels=_label_checks(fit, sharedness, shared, cfg))
+        labels=_label_checks(fit, sharedness, shared, cfg), joint=joints)
     results.save(out / "results.json")
     demo_report.write(results, out)
     return results

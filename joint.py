@@ -105,6 +105,19 @@ def joint_report(runs: list[Run], layers: list[int], cfg: JointConfig, device="c
                        match=matched, share=got.share_SF, floor_share=floor.share_SF)
 
 
+SMALL = dict(expansion_factor=1, top_k=8)
+"""The reports' joint dictionaries at a small size: 2,000 pooled rows (the demo's) would let the default
+8 x d latents memorise pairings of training samples."""
+
+
+def headline_joints(source: Run, others: list[Run], configs: list[JointConfig], device="cpu") -> dict[str, JointReport]:
+    """The reports' joint section: every method of `configs` over the source and each of `others` (last layers),
+    keyed "METHOD SOURCE->OTHER"."""
+    return {f"{cfg.method} {source.name}->{other.name}": joint_report([source, other], [source.layers[-1],
+                                                                                        other.layers[-1]], cfg, device)
+            for cfg in configs for other in others}
+
+
 def summary(rep: JointReport) -> list[str]:
     """The report's lines: each measure for the runs and their floor."""
     names, floor = rep.runs, rep.floor

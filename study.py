@@ -26,6 +26,7 @@ from pathlib import Path
 from comp_sharedness import check_groups, comp_sharedness, top_features
 from data import DataOptions
 from errors import ArgumentParser, UserError, cli
+from joint import headline_joints
 from sae import SaeConfig
 from saeshare.core import distributed
 from saeshare.core.distributed import resolve_device
@@ -36,6 +37,7 @@ from saeshare.disk.runs import Codes, Run, open_runs
 from saeshare.engine import costs
 from saeshare.engine.correlator import Correlator, tqdm_progress
 from saeshare.engine.options import DEFAULT_MEM_GB, EngineOptions, Precision
+from saeshare.joint.dictionary import JointConfig
 from saeshare.render import study_report
 from saeshare.training.steps import build_encoder
 from saeshare.training.train import TrainConfig, train, trained_run
@@ -75,6 +77,9 @@ class Analyses:
     precision: Precision = "fp32"
     """fp32, tf32 or bf16: the dense path's products (re-checked exactly; intervals stay fp32)."""
     groups: list[Group] = field(default_factory=list)
+    joint: list[JointConfig] = field(default_factory=list)
+    """Joint dictionaries (joint.py), one per table: each group's source with its first shared and its first
+    not-shared run."""
 
 
 @dataclass(kw_only=True)
@@ -115,6 +120,8 @@ def load_study(path: str) -> tuple[Study, list[tuple[str, TrainConfig]]]:
         _known_keys(raw.get(key, {}) if key else raw, tp, f"{path}: {key or 'top level'}")
     for i, g in enumerate(raw.get("analyses", {}).get("groups", [])):
         _known_keys(g, Group, f"{path}: analyses.groups[{i}]")
+    for i, j in enumerate(raw.get("analyses", {}).get("joint", [])):
+        _known_keys(j, JointConfig, f"{path}: analyses.joint[{i}]")
     try:
         study = from_jsonable(Study, raw, "")
     except (ValueError, TypeError) as e:
@@ -263,8 +270,10 @@ def analyse(study: Study, runs: list[Run]) -> StudyResults:
     by_name = dict(zip(names, runs))
     reports = [top_features(comp_sharedness(by_name[g.source], [by_name[n] for n in g.shared],
                                             [by_name[n] for n in g.not_shared], ref), g.top) for g in a.groups]
+    joints = {key: rep for g in a.groups for key, rep in headline_joints(
+        by_name[g.source], [by_name[g.shared[0]], by_name[g.not_shared[0]]], a.joint, opts.torch_device).items()}
     return StudyResults(config={}, runs={r.name: r.meta for r in runs}, wmppc=pairs, similarity=similarity,
-                        table=table, sharedness=reports)
+                        table=table, sharedness=reports, joint=joints)
 
 
 def run_study(study: Study, encoders: list[tuple[str, TrainConfig]], overwrite: bool, dry: bool,

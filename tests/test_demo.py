@@ -177,3 +177,11 @@ def test_report_has_the_labels_checks(demo_run):
     assert "Labels (labels.py): the top shared features" in (demo_run / "report.md").read_text()
     gallery = (demo_run / json.loads((demo_run / "results.json").read_text())["gallery"]).read_text()
     assert gallery.count("<b>label</b>") >= 3  # the image feature and its matches, named on their cards
+
+
+def test_report_has_the_joint_section(demo_run):
+    res = json.loads((demo_run / "results.json").read_text())["joint"]
+    assert set(res) == {f"{m} {IMAGE}->{b}" for m in ("sparc", "crosscoder") for b in (TEXT, NULL)}
+    for rep in res.values():
+        assert rep["runs"][0] == IMAGE and rep["floor"]["jaccard"][0][1] >= 0 and rep["n_measured"] == 24
+    assert "## Joint dictionaries (value, floor in brackets)" in (demo_run / "report.md").read_text()

@@ -405,6 +405,8 @@ class DemoResults(Compared, Record):
     left_out: dict[str, list[int]] = field(default_factory=dict)
     """Run -> the layers the headline and the top shared features leave out (their SAEs do not fit)."""
     labels: DemoLabels | None = None
+    joint: dict[str, JointReport] = field(default_factory=dict)
+    """"METHOD A->B" -> a joint dictionary over the image run and the text run, and over the image and null runs."""
 
 
 @dataclass
@@ -419,6 +421,9 @@ class StudyResults(Compared, Record):
     """The gallery page of each group, relative to <out>."""
     grids: list[list[str]] = field(default_factory=list)
     """Per group, the grid image of each of its source features, relative to <out>."""
+    joint: dict[str, JointReport] = field(default_factory=dict)
+    """"METHOD A->B" -> with `[[analyses.joint]]`: a joint dictionary over each group's source and its first
+    shared run, and its source and first not-shared run."""
 
 
 @dataclass

@@ -24,6 +24,7 @@ from saeshare.disk.results import (
 from saeshare.disk.runs import RunMeta
 from saeshare.render.calibration import calibration_sections
 from saeshare.render.figures import pyplot, save
+from saeshare.render.joint import joint_findings, joint_sections
 from saeshare.render.sections import Bullets, Grids, Heading, Images, Link, Section, Table, Text, write_report
 
 
@@ -236,6 +237,7 @@ def sections(res: DemoResults) -> list[Section]:
         Grids([(g, f"feature {at.feature}", f"feature {at.feature}: {at.attribute}")
                for at, g in zip(res.attributes, res.grids)]),
         Link(res.gallery, "Open the feature gallery")]
+    out += joint_sections(res.joint)
     if res.probes is not None:
         out += _probe_sections(res.probes)
     for name, meta in res.runs.items():
@@ -264,5 +266,6 @@ def summary(res: DemoResults, out: Path) -> str:
             + (f"checks FAILED: {'; '.join(failed)}\n" if failed else "checks: all passed\n")
             + f"{len(res.poor_fits)} SAE layers fit the recorded pooled token worse than its mean\n"
             + (f"{label_findings(res.labels).replace('`', '')}\n" if res.labels is not None else "")
+            + "".join(f"{line}\n" for line in joint_findings(res.joint))
             + "".join(f"{line}\n" for line in (probe_findings(res.probes) if res.probes else []))
             + f"{res.seconds:.0f} s, peak memory {res.peak_rss_gib:.2f} GiB")

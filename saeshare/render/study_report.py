@@ -6,6 +6,7 @@ from pathlib import Path
 from saeshare.disk.results import StudyResults
 from saeshare.render.calibration import calibration_figure, calibration_sections
 from saeshare.render.figures import plot_heatmap
+from saeshare.render.joint import joint_findings, joint_sections
 from saeshare.render.sections import Grids, Heading, Images, Link, Section, Table, Text, write_report
 
 STUDY_RUN_HEAD = ["run", "model", "checkpoint", "modality", "token", "layers", "samples", "SAE seeds", "note"]
@@ -57,7 +58,7 @@ def sections(res: StudyResults, figures: list[str]) -> list[Section]:
                 Table(["feature", "Delta", "mass S", *(f"rho -> {n} (match)" for n in others)], rows),
                 Grids([(g, f"feature {r[0]}", f"feature {r[0]}") for r, g in zip(rows, grids)]),
                 Link(gallery, "open the gallery")]
-    return out
+    return out + joint_sections(res.joint)
 
 
 def write(res: StudyResults, out: Path) -> None:
@@ -73,4 +74,5 @@ def summary(res: StudyResults, out: Path) -> str:
                          if w.corrected else "")
                       + (f", floor {(w.floor.corrected or w.floor).all_layers:.3f}" if w.floor else "")
                       + (f", ceiling {(w.ceiling.corrected or w.ceiling).all_layers:.3f}" if w.ceiling else "") + "\n"
-                      for pair, w in res.wmppc.items()).rstrip())
+                      for pair, w in res.wmppc.items())
+            + "".join(f"{line}\n" for line in joint_findings(res.joint))).rstrip()
