@@ -66,7 +66,7 @@ def _brute(model: JointSAE, xs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarra
     w = {k: v.double().numpy() for k, v in model.state().items()}
     codes, sets = [], []
     for s, x in enumerate(xs):
-        pre = np.maximum((x - w[f"stream{s}.b_dec"]) @ w[f"stream{s}.W_enc"] + w[f"stream{s}.b_enc"], 0)
+        pre = np.maximum((x - w[f"stream{s}.b_dec"]) @ w[f"stream{s}.W_enc"].T + w[f"stream{s}.b_enc"], 0)
         keep = np.argsort(-pre, axis=1, kind="stable")[:, :model.top_k]
         code = np.zeros_like(pre)
         np.put_along_axis(code, keep, np.take_along_axis(pre, keep, 1), 1)
@@ -173,3 +173,39 @@ def test_wmppc_geometry_in_the_json(root, tmp_path, capsys, error_line):
     assert g["layer_a"] == 0 and 0 < g["n_pairs"] <= 2 * D_B and 0 < g["svcca_p"] <= 1
     assert "--geometry goes with --source and --target" in error_line(
         wmppc.main, ["--runs", "A", "B", "--root", str(root), "--geometry"])
+
+
+def _dense_loss(model: JointSAE, xs: list[torch.Tensor], cross_weight: float) -> torch.Tensor:
+    """The same loss by autograd through dense products: dense pre-activations, dense codes, dense decoders."""
+    pre = [(x - model.b_dec[s]) @ model.W_enc[s].T + model.b_enc[s] for s, x in enumerate(xs)]
+    idx = sum(p.detach() for p in pre).topk(model.top_k, dim=1).indices
+    kept = [p.gather(1, idx) for p in pre]
+    vals = [sum(kept).relu()] * len(xs) if model.method == "crosscoder" else [k.relu() for k in kept]
+
+    def decode(t, v):
+        dense = torch.zeros(len(idx), model.n_latents).scatter(1, idx, v)
+        return dense @ model.W_dec[t] + model.b_dec[t]
+
+    own = sum((xs[t] - decode(t, vals[t])).pow(2).sum(1).mean() for t in range(len(xs)))
+    if model.method != "sparc":
+        return own
+    cross = [(xs[t] - decode(t, vals[s])).pow(2).sum(1).mean() for s in range(len(xs)) for t in range(len(xs))
+             if s != t]
+    return own + cross_weight * torch.stack(cross).mean()
+
+
+@pytest.mark.parametrize("method", ["sparc", "crosscoder"])
+def test_sparse_training_step_equals_dense_autograd(method):
+    torch.manual_seed(0)
+    model = JointSAE([D_A, D_B], 40, 5, method, seed=2)
+    with torch.no_grad():
+        for b in (*model.b_enc, *model.b_dec):
+            b.normal_(0, 0.1)
+    xs = [torch.randn(64, D_A), torch.randn(64, D_B)]
+    loss, _ = model.loss(xs, 0.5)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref = _dense_loss(model, xs, 0.5)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)

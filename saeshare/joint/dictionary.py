@@ -18,10 +18,10 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from errors import UserError, check_choices, check_positive
+from sae import _Pattern, _SparseDecode
 from saeshare.core.progress import progress
 
 
@@ -97,6 +97,26 @@ class Codes(NamedTuple):
     """[S, N, K] (crosscoder: [1, N, K], the one code every stream decodes)."""
 
 
+class _KeptValues(torch.autograd.Function):
+    """Pre-activations [N, K] of one stream at the kept latents, read from its dense product (made without
+    autograd, for the selection); the backward touches only the kept entries, through the sparse products of
+    the project's SAE: N*K*D work, where autograd through the dense product would cost N*F*D."""
+
+    @staticmethod
+    def forward(ctx, x_ND, b_dec, W_enc_FD, b_enc, pre_NF, *pattern):
+        ctx.save_for_backward(x_ND - b_dec, W_enc_FD, *pattern)
+        return pre_NF.gather(1, pattern[0])
+
+    @staticmethod
+    def backward(ctx, g_NK):
+        xc_ND, W_enc_FD, *saved = ctx.saved_tensors
+        pattern, n_latents = _Pattern(*saved), W_enc_FD.shape[0]
+        col_F = torch.zeros(n_latents, dtype=g_NK.dtype, device=g_NK.device)
+        col_F.index_add_(0, pattern.idx_NK.reshape(-1), g_NK.reshape(-1))
+        g_W = torch.sparse.mm(pattern.csr_t(g_NK, n_latents), xc_ND)
+        return None, -(col_F @ W_enc_FD), g_W, col_F, None, *(None,) * len(saved)
+
+
 class JointSAE(nn.Module):
     def __init__(self, d_S: list[int], n_latents: int, top_k: int, method: str, seed: int = 0):
         super().__init__()
@@ -105,9 +125,10 @@ class JointSAE(nn.Module):
         self.d_S, self.n_latents, self.top_k, self.method = list(d_S), n_latents, top_k, method
         gen = torch.Generator().manual_seed(seed)
         bound = math.sqrt(6.0 / n_latents)  # kaiming_uniform_'s, from a seeded generator, as the project's SAE
-        enc = [torch.empty(d, n_latents).uniform_(-bound, bound, generator=gen) for d in d_S]
+        enc = [torch.empty(n_latents, d).uniform_(-bound, bound, generator=gen) for d in d_S]
+        # [F, d] both, as the sparse products of the project's SAE decoder take them
         self.W_enc = nn.ParameterList([nn.Parameter(w) for w in enc])
-        self.W_dec = nn.ParameterList([nn.Parameter(w.T / w.T.norm(dim=1, keepdim=True)) for w in enc])
+        self.W_dec = nn.ParameterList([nn.Parameter(w / w.norm(dim=1, keepdim=True)) for w in enc])
         self.b_enc = nn.ParameterList([nn.Parameter(torch.zeros(n_latents)) for _ in d_S])
         self.b_dec = nn.ParameterList([nn.Parameter(torch.zeros(d)) for d in d_S])
 
@@ -117,40 +138,54 @@ class JointSAE(nn.Module):
 
     def logits(self, s: int, x_ND: Tensor) -> Tensor:
         """Dense pre-activations [N, F] of stream s alone."""
-        return torch.addmm(self.b_enc[s], x_ND - self.b_dec[s], self.W_enc[s])
-
-    def values(self, s: int, x_ND: Tensor, idx_NK: Tensor) -> Tensor:
-        """Stream s's pre-activations at the kept latents only, [N, K], differentiable: N*K*D work, where the
-        dense product's gradient would cost N*F*D."""
-        cols_NKD = self.W_enc[s].T[idx_NK]
-        return torch.einsum("nd,nkd->nk", x_ND - self.b_dec[s], cols_NKD) + self.b_enc[s][idx_NK]
+        return torch.addmm(self.b_enc[s], x_ND - self.b_dec[s], self.W_enc[s].T)
 
     def encode(self, xs: list[Tensor], streams: list[int] | None = None) -> Codes:
         """The joint code of the given streams (default all): top-k of their summed pre-activations."""
+        return self._encode(xs, streams)[0]
+
+    def _encode(self, xs: list[Tensor], streams: list[int] | None = None) -> tuple[Codes, tuple]:
+        """The code and its sparsity pattern (shared by every stream's values and decoder)."""
         streams = list(range(self.n_streams)) if streams is None else streams
         with torch.no_grad():
-            total_NF = sum(self.logits(s, xs[s]) for s in streams)
-            idx_NK = total_NF.topk(self.top_k, dim=1, sorted=False).indices
-        vals = [self.values(s, xs[s], idx_NK) for s in streams]
+            pre = {s: self.logits(s, xs[s]) for s in streams}
+            idx_NK = sum(pre.values()).topk(self.top_k, dim=1, sorted=False).indices
+        pattern = tuple(_Pattern.of(idx_NK, self.n_latents))
+        vals = [_KeptValues.apply(xs[s], self.b_dec[s], self.W_enc[s], self.b_enc[s], pre[s], *pattern)
+                for s in streams]
         if self.method == "crosscoder":
-            return Codes(idx_NK, torch.stack(vals).sum(0, keepdim=True).relu())
-        return Codes(idx_NK, torch.stack(vals).relu())
+            return Codes(idx_NK, torch.stack(vals).sum(0, keepdim=True).relu()), pattern
+        return Codes(idx_NK, torch.stack(vals).relu()), pattern
 
     def decode(self, t: int, idx_NK: Tensor, vals_NK: Tensor) -> Tensor:
-        return F.embedding_bag(idx_NK, self.W_dec[t], per_sample_weights=vals_NK, mode="sum") + self.b_dec[t]
+        """sum_k vals[n, k] W_dec[t][idx[n, k]] + b_dec[t]."""
+        return self._decode(t, vals_NK, tuple(_Pattern.of(idx_NK, self.n_latents)))
+
+    def _decode(self, t: int, vals_NK: Tensor, pattern: tuple) -> Tensor:
+        return _SparseDecode.apply(vals_NK, self.W_dec[t], *pattern) + self.b_dec[t]
 
     def loss(self, xs: list[Tensor], cross_weight: float) -> tuple[Tensor, Tensor]:
         """(training loss, [S] per-stream squared error per sample): the streams' errors summed; sparc adds the
-        mean cross-reconstruction error of every ordered pair of streams, times `cross_weight`."""
-        codes = self.encode(xs)
-        err_S = torch.stack([(xs[t] - self.decode(t, codes.idx_NK, codes.vals_SNK[min(t, len(codes.vals_SNK) - 1)]))
-                             .pow(2).sum(1).mean() for t in range(self.n_streams)])
-        total = err_S.sum()
-        if self.method == "sparc" and cross_weight > 0 and self.n_streams > 1:
-            cross = [(xs[t] - self.decode(t, codes.idx_NK, codes.vals_SNK[s])).pow(2).sum(1).mean()
-                     for s in range(self.n_streams) for t in range(self.n_streams) if s != t]
-            total = total + cross_weight * torch.stack(cross).mean()
-        return total, err_S.detach()
+        mean cross-reconstruction error of every ordered pair of streams, times `cross_weight`. A stream's own
+        and cross reconstructions go through one decoder product (one dense gradient of its decoder)."""
+        codes, pattern = self._encode(xs)
+        S, n = self.n_streams, len(xs[0])
+        cross = self.method == "sparc" and cross_weight > 0 and S > 1
+        stacked = tuple(_Pattern.of(codes.idx_NK.repeat(S, 1), self.n_latents)) if cross else pattern
+        err_S, cross_err = [], []
+        for t in range(S):
+            own = codes.vals_SNK[min(t, len(codes.vals_SNK) - 1)]
+            if not cross:
+                err_S.append((xs[t] - self._decode(t, own, pattern)).pow(2).sum(1).mean())
+                continue
+            sources = [t] + [s for s in range(S) if s != t]  # own code first, then every other stream's
+            err_sN = (xs[t].repeat(S, 1) - self._decode(t, codes.vals_SNK[sources].reshape(S * n, -1), stacked))
+            err_sN = err_sN.pow(2).sum(1).view(S, n).mean(1)
+            err_S.append(err_sN[0])
+            cross_err.append(err_sN[1:])
+        err = torch.stack(err_S)
+        total = err.sum() + (cross_weight * torch.cat(cross_err).mean() if cross else 0)
+        return total, err.detach()
 
     def state(self) -> dict[str, Tensor]:
         out = {}
@@ -171,20 +206,20 @@ def train_joint(xs: list[Tensor], cfg: JointConfig, device: str | torch.device =
     """Adam over shuffled batches (seeded), epoch after epoch until the loss stops improving by cfg.min_gain."""
     d_S = [x.shape[1] for x in xs]
     model = JointSAE(d_S, cfg.expansion_factor * max(d_S), cfg.top_k, cfg.method, cfg.seed).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     gen = torch.Generator().manual_seed(cfg.seed)
     n, losses = len(xs[0]), []
     bar = progress(range(cfg.max_epochs), desc=desc, unit="epoch")
     for _ in bar:
-        total, order = 0.0, torch.randperm(n, generator=gen)
+        total, order = torch.zeros((), device=device), torch.randperm(n, generator=gen)
         for start in range(0, n, cfg.batch_size):
             rows = order[start:start + cfg.batch_size]
             loss, _ = model.loss([x[rows].to(device) for x in xs], cfg.cross_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(rows)
-        losses.append(total / n)
+            total += loss.detach() * len(rows)  # on the device: one synchronisation an epoch
+        losses.append(float(total) / n)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if len(losses) > 1 and losses[-1] > min(losses[:-1]) * (1 - cfg.min_gain):
             break
