@@ -94,9 +94,11 @@ def joint_report(runs: list[Run], layers: list[int], cfg: JointConfig, device="c
     names = ", ".join(f"{r.name}@{layer}" for r, layer in zip(runs, layers))
     train_xs, test_xs = streams(runs)
     trained = train_joint(train_xs, cfg, device, desc=f"{cfg.method} {names}")
+    del train_xs  # the floor's streams take their place
     got = measure(trained.model, test_xs, device)
     null_train, null_test = streams([runs[0], *(r.permuted() for r in runs[1:])])
     null = train_joint(null_train, cfg, device, desc=f"{cfg.method} floor")
+    del null_train
     floor = measure(null.model, null_test, device)
     matched = _match(runs[0], layers[0], codes, trained.model, test_xs, measured, got, device) if with_match else None
     return JointReport(**vars(_scores(got, trained.epochs)), runs=[r.name for r in runs], layers=layers,

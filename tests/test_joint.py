@@ -209,3 +209,19 @@ def test_sparse_training_step_equals_dense_autograd(method):
     assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_match_is_the_best_pearson_correlation_in_float64():
+    from saeshare.joint.measures import match
+
+    rng = np.random.default_rng(4)
+    a = np.maximum(rng.normal(size=(500, 7)), 0)
+    b = np.maximum(a @ rng.normal(size=(7, 9)) + rng.normal(size=(500, 9)), 0)
+    a[:, 3] = 0  # a constant feature matches with 0
+    chunks = lambda m: (torch.as_tensor(m[i:i + 128], dtype=torch.float32) for i in range(0, 500, 128))  # noqa: E731
+    got = match(chunks(a), chunks(b), 500)
+    corr = np.nan_to_num(np.corrcoef(a.astype(np.float32).T, b.astype(np.float32).T)[:7, 7:])
+    np.testing.assert_allclose(got.rho_F, corr.max(1), atol=1e-6)
+    live = [f for f in range(7) if f != 3]
+    np.testing.assert_array_equal(got.latent_F[live], corr.argmax(1)[live])
+    assert got.rho_F[3] == 0

@@ -79,15 +79,20 @@ class Standardised(NamedTuple):
     scale: float
 
 
-def standardise(x_ND: np.ndarray | Tensor, fit_rows: np.ndarray | None = None) -> Standardised:
-    x = torch.as_tensor(np.asarray(x_ND, dtype=np.float64))
-    fit = x if fit_rows is None else x[torch.as_tensor(fit_rows)]
-    mean_D = fit.mean(0)
-    total = float((fit - mean_D).pow(2).sum(1).mean())
+def standardise(x_ND: np.ndarray | Tensor, fit_rows: np.ndarray | None = None, chunk: int = 16384) -> Standardised:
+    """Statistics in float64 over chunks of the fit rows, the result in float32: memory is the output's."""
+    x = np.asarray(x_ND)
+    fit = np.arange(len(x)) if fit_rows is None else np.asarray(fit_rows)
+    chunks = [torch.as_tensor(x[fit[i:i + chunk]], dtype=torch.float64) for i in range(0, len(fit), chunk)]
+    mean_D = sum(c.sum(0) for c in chunks) / len(fit)
+    total = float(sum((c - mean_D).pow(2).sum() for c in chunks)) / len(fit)
     if not total > 0:
         raise UserError("a stream is constant over the samples: nothing to reconstruct")
     scale = math.sqrt(total)
-    return Standardised(((x - mean_D) / scale).float(), mean_D.float(), scale)
+    out = torch.empty(x.shape, dtype=torch.float32)
+    for i in range(0, len(x), chunk):
+        out[i:i + chunk] = (torch.as_tensor(x[i:i + chunk], dtype=torch.float64) - mean_D) / scale
+    return Standardised(out, mean_D.float(), scale)
 
 
 class Codes(NamedTuple):

@@ -110,15 +110,19 @@ class Matches(NamedTuple):
 @torch.no_grad()
 def match(codes_chunks, joint_chunks, n: int) -> Matches:
     """Pearson correlation of every feature with every latent from float64 sums over paired chunks of
-    [rows, F_A] and [rows, F_J] codes; the best latent per feature."""
-    sx = sxx = sy = syy = sxy = 0
+    [rows, F_A] and [rows, F_J] codes; the best latent per feature. One [F_A, F_J] float64 matrix, updated
+    in place."""
+    sx = sxx = sy = syy = sxy = None
     for a, b in zip(codes_chunks, joint_chunks):
         a, b = a.double(), b.double()
+        if sxy is None:
+            sx, sxx, sy, syy = a.sum(0), a.square().sum(0), b.sum(0), b.square().sum(0)
+            sxy = a.T @ b
+            continue
         sx, sxx, sy, syy = sx + a.sum(0), sxx + a.square().sum(0), sy + b.sum(0), syy + b.square().sum(0)
-        sxy = sxy + a.T @ b
-    cov = sxy - sx[:, None] * sy[None, :] / n
+        sxy.addmm_(a.T, b)
+    cov = sxy.sub_(torch.outer(sx, sy).div_(n))  # in place: the matrix is the largest thing here
     sd_a, sd_b = (sxx - sx.square() / n).clamp_min(0).sqrt(), (syy - sy.square() / n).clamp_min(0).sqrt()
-    denom = sd_a[:, None] * sd_b[None, :]
-    corr = torch.where(denom > 0, cov / denom.clamp_min(1e-300), torch.zeros_like(cov))
-    rho, latent = corr.max(1)
+    cov.div_(torch.where(sd_a > 0, sd_a, torch.inf)[:, None]).div_(torch.where(sd_b > 0, sd_b, torch.inf)[None, :])
+    rho, latent = cov.max(1)
     return Matches(latent.cpu().numpy(), rho.cpu().numpy())
