@@ -270,6 +270,9 @@ def follow_up(cfg: DemoConfig) -> list[str]:
              f"uv run wmppc.py --source {IMAGE} --target {TEXT} --ci --calibrate --root {root}",
              f"uv run comp_sharedness.py --source {IMAGE} --min_group {TEXT} --max_group {NULL} --root {root}",
              f"uv run similarity.py --runs {IMAGE} {TEXT} {NULL} --root {root}"]
+    if cfg.joint:
+        lines.append(f"uv run joint.py --runs {IMAGE} {TEXT} --expansion_factor {SMALL['expansion_factor']} "
+                     f"--top_k {SMALL['top_k']} --root {root}")
     if cfg.probes:
         lines += [f"uv run probe.py --run {IMAGE} --test_run {IMAGE}_test --root {root}",
                   f"uv run ood.py --id {IMAGE}_ood_id --ood {IMAGE}_ood_stars --root {root}"]

@@ -220,8 +220,21 @@ def test_match_is_the_best_pearson_correlation_in_float64():
     a[:, 3] = 0  # a constant feature matches with 0
     chunks = lambda m: (torch.as_tensor(m[i:i + 128], dtype=torch.float32) for i in range(0, 500, 128))  # noqa: E731
     got = match(chunks(a), chunks(b), 500)
-    corr = np.nan_to_num(np.corrcoef(a.astype(np.float32).T, b.astype(np.float32).T)[:7, 7:])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.nan_to_num(np.corrcoef(a.astype(np.float32).T, b.astype(np.float32).T)[:7, 7:])
     np.testing.assert_allclose(got.rho_F, corr.max(1), atol=1e-6)
     live = [f for f in range(7) if f != 3]
     np.testing.assert_array_equal(got.latent_F[live], corr.argmax(1)[live])
     assert got.rho_F[3] == 0
+
+
+def test_three_runs_of_three_widths(root, tmp_path, capsys):
+    _, b = planted_acts()
+    make_run(root, "C", {0: b[:, :16] + 0.01}, {0: random_sae_state(16, 32, seed=2)})
+    out = tmp_path / "three.json"
+    joint.main(["--runs", "A", "B", "C", "--root", str(root), "--device", "cpu", "--method", "crosscoder",
+                "--expansion_factor", "1", "--top_k", "4", "--max_epochs", "2", "--no_match", "--json", str(out)])
+    got = json.loads(out.read_text())
+    assert np.shape(got["jaccard"]) == np.shape(got["floor"]["cross_r2"]) == (3, 3) and len(got["fvu"]) == 3
+    assert np.shape(got["share"]) == (3, 32) and "match" not in got
+    assert "cross R2 C->A" in capsys.readouterr().out
