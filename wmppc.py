@@ -195,8 +195,8 @@ def decoder_geometry(run_a: Run, run_b: Run, engine: Correlator, args: WmppcArgs
     out = []
     for a, b in progress(cells, desc="geometry", unit="layer pair", leave=False):
         pairs = paired(stats[a, b], args.geometry_min_rho, args.one_to_one)
-        got = geometry(run_a.sae(a).W_dec.detach().numpy(), run_b.sae(b).W_dec.detach().numpy(), pairs)
-        out.append(GeometryScores(a, b, *got))
+        out.append(geometry(run_a.sae(a).W_dec.detach().numpy(), run_b.sae(b).W_dec.detach().numpy(), pairs,
+                            (a, b)))
     return out
 
 

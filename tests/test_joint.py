@@ -60,6 +60,15 @@ def test_planted_shared_part_is_found_and_the_floor_has_none(report):
     assert report.n_measured == 800 and max(report.fvu) < 0.3
 
 
+def _with_biases(model: JointSAE) -> JointSAE:
+    """A fresh dictionary's biases are 0: random ones so that the tests see them (torch seeded here)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for b in (*model.b_enc, *model.b_dec):
+            b.normal_(0, 0.1)
+    return model
+
+
 def _brute(model: JointSAE, xs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Jaccard and cross R^2 in float64 from the weights: each stream's own top-k of the ReLU of its
     pre-activations, decoded densely into every stream."""
@@ -85,11 +94,7 @@ def _brute(model: JointSAE, xs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarra
 
 @pytest.mark.parametrize("method", ["sparc", "crosscoder"])
 def test_jaccard_and_cross_r2_against_float64(method):
-    torch.manual_seed(0)
-    model = JointSAE([D_A, D_B], 20, 3, method, seed=3)
-    with torch.no_grad():
-        for b in (*model.b_enc, *model.b_dec):
-            b.normal_(0, 0.1)
+    model = _with_biases(JointSAE([D_A, D_B], 20, 3, method, seed=3))
     xs = [torch.randn(300, D_A), torch.randn(300, D_B) + 0.3]
     got = measure(model, xs)
     jac, r2 = _brute(model, [x.double().numpy() for x in xs])
@@ -196,11 +201,7 @@ def _dense_loss(model: JointSAE, xs: list[torch.Tensor], cross_weight: float) ->
 
 @pytest.mark.parametrize("method", ["sparc", "crosscoder"])
 def test_sparse_training_step_equals_dense_autograd(method):
-    torch.manual_seed(0)
-    model = JointSAE([D_A, D_B], 40, 5, method, seed=2)
-    with torch.no_grad():
-        for b in (*model.b_enc, *model.b_dec):
-            b.normal_(0, 0.1)
+    model = _with_biases(JointSAE([D_A, D_B], 40, 5, method, seed=2))
     xs = [torch.randn(64, D_A), torch.randn(64, D_B)]
     loss, _ = model.loss(xs, 0.5)
     grads = torch.autograd.grad(loss, list(model.parameters()))

@@ -272,8 +272,11 @@ class GeometryScores:
     n_pairs: int
     svcca: float
     svcca_null: float
+    """Mean over the shuffled pairings."""
     svcca_p: float
+    """(1 + shuffles scoring at least as high) / (1 + shuffles)."""
     rsa: float
+    """Pearson correlation of the two sides' cosine-similarity matrices (above the diagonal)."""
     rsa_null: float
     rsa_p: float
 

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 
 from saeshare.disk.cache import PairStats
+from saeshare.disk.results import GeometryScores
+from saeshare.engine.measures import principal_components, side_stats
 
 SHUFFLES = 100
 """Shuffled pairings behind each null and p-value."""
@@ -38,8 +40,6 @@ def _whitened(rows_PD: np.ndarray, variance: float = 0.99) -> torch.Tensor:
     """The centred rows in the whitened basis of their principal components explaining `variance` (as the
     project's SVCCA keeps them): SVCCA is then the mean singular value of x_w^T y_w, and shuffling the rows of
     one side changes only that product."""
-    from similarity import principal_components, side_stats
-
     x = torch.as_tensor(rows_PD, dtype=torch.float64)
     stats = side_stats(lambda: iter([x]), len(x))
     val, vec = principal_components(stats.gram_DD, variance)
@@ -66,26 +66,13 @@ def _pearson(u: np.ndarray, v: np.ndarray) -> float:
     return float(u @ v / denom) if denom > 0 else 0.0
 
 
-class Geometry(NamedTuple):
-    n_pairs: int
-    svcca: float
-    svcca_null: float
-    """Mean over the shuffled pairings."""
-    svcca_p: float
-    """(1 + shuffles scoring at least as high) / (1 + shuffles)."""
-    rsa: float
-    """Pearson correlation of the two sides' cosine-similarity matrices (above the diagonal)."""
-    rsa_null: float
-    rsa_p: float
-
-
-def geometry(W_dec_a: np.ndarray, W_dec_b: np.ndarray, pairs: Paired, shuffles: int = SHUFFLES,
-             seed: int = 0) -> Geometry:
-    """SVCCA and RSA of the paired decoder rows, each with its shuffled-pairing null."""
+def geometry(W_dec_a: np.ndarray, W_dec_b: np.ndarray, pairs: Paired, layers: tuple[int, int] = (0, 0),
+             shuffles: int = SHUFFLES, seed: int = 0) -> GeometryScores:
+    """SVCCA and RSA of the paired decoder rows (of `layers`), each with its shuffled-pairing null."""
     x, y = np.asarray(W_dec_a, np.float64)[pairs.a], np.asarray(W_dec_b, np.float64)[pairs.b]
     p = len(x)
     if p < 3:
-        return Geometry(p, *(float("nan"),) * 6)
+        return GeometryScores(*layers, p, *(float("nan"),) * 6)
     rng = np.random.default_rng(seed)
     perms = [rng.permutation(p) for _ in range(shuffles)]
     sub = np.sort(rng.choice(p, RSA_MAX, replace=False)) if p > RSA_MAX else np.arange(p)
@@ -104,5 +91,5 @@ def geometry(W_dec_a: np.ndarray, W_dec_b: np.ndarray, pairs: Paired, shuffles: 
     def p_value(null: np.ndarray, value: float) -> float:
         return float((1 + (null >= value).sum()) / (1 + len(null)))
 
-    return Geometry(p, svcca, float(null_svcca.mean()), p_value(null_svcca, svcca), rsa, float(null_rsa.mean()),
-                    p_value(null_rsa, rsa))
+    return GeometryScores(*layers, p, svcca, float(null_svcca.mean()), p_value(null_svcca, svcca), rsa,
+                          float(null_rsa.mean()), p_value(null_rsa, rsa))
