@@ -211,6 +211,35 @@ def test_cache_hit_and_invalidation(tmp_path, runs, data, monkeypatch):
     assert not np.allclose(fresh[5, 3].rho_F, first[5, 3].rho_F)
 
 
+def test_topk_codes_are_computed_once_and_read_back(tmp_path, runs, data, monkeypatch):
+    """The sparse path keeps each layer's top-k codes on disk: another engine (another process) with the pair
+    results gone reads them instead of encoding every sample again, to the same numbers; a rewritten run
+    encodes again."""
+    from saeshare.engine import sparse
+
+    run_a, run_b = runs
+    calls = []
+    encode = sparse.topk_table
+    monkeypatch.setattr(sparse, "topk_table", lambda *a: calls.append(1) or encode(*a))
+    first = engine("topk").pair_stats(run_a, run_b)
+    n_layers = len(run_a.layers) + len(run_b.layers)
+    codes = sorted((tmp_path / ".cache").glob("*-topk-codes.npz"))
+    assert len(calls) == len(codes) == n_layers
+    with np.load(codes[0]) as z:
+        assert z["idx_NK"].dtype == np.int32 and z["vals_NK"].shape == (N, K)
+    for f in (tmp_path / ".cache").glob("*-topk.npz"):  # the pairs' results: gone
+        f.unlink()
+    again = engine("topk").pair_stats(run_a, run_b)
+    assert len(calls) == n_layers  # no encoding
+    for p in first:
+        np.testing.assert_array_equal(first[p].rho_F, again[p].rho_F)
+        np.testing.assert_array_equal(first[p].match_F, again[p].match_F)
+    (_, _), (acts_b, st_b) = data
+    run_b2 = make_run(tmp_path, "B", {b: acts_b[b][::-1].copy() for b in acts_b}, st_b, K, overwrite=True)
+    check_stats(engine("topk").pair_stats(run_a, run_b2, [(5, 3)])[5, 3], *ref_pair(run_a, run_b2, 5, 3, "topk"))
+    assert len(calls) == n_layers + 1  # B's layer 3 anew; A's from disk
+
+
 def test_cache_separates_codes(runs):
     run_a, run_b = runs
     relu = engine("relu").pair_stats(run_a, run_b, [(5, 3)])[5, 3]

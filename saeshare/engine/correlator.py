@@ -240,22 +240,38 @@ class DensePath(_Path):
             yield chunks[0][0], out.sub_(mean_f)
 
 
+TOPK_CODES = "topk-codes"
+"""The cache entry of a layer's top-k codes (int32 feature ids, float32 values: N*k*8 bytes)."""
+
+
 class SparsePath(_Path):
     """Top-k codes only: products of the k active codes of each sample, cost ~N*k*k per layer pair."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, use_cache: bool = True):
         super().__init__(*args)
         self._topk: dict[tuple[str, int], sparse.TopkTable] = {}
+        self.use_cache = use_cache
+        """Keep each layer's top-k codes on disk too (<root>/.cache, keyed by the run's key), so that a later
+        process or another pair reads them instead of the encoder product over every sample."""
 
     def keep_only(self, keys: tuple[str, ...]) -> None:
         self._topk = {k: v for k, v in self._topk.items() if k[0] in keys}
 
     def _topk_table(self, run: Run, layer: int) -> sparse.TopkTable:
         if (run.key, layer) not in self._topk:
-            sae = run.sae(layer, self.device)
-            chunks = (x for _, x in self._acts_chunks(run, layer))
-            scratch = self._scratch(run, sae.n_features)
-            self._topk[run.key, layer] = sparse.topk_table(chunks, sae, run.n_samples, scratch)
+            cache, key = pair_cache(run, run, self.use_cache), PairKey(run.key, run.key, layer, layer, TOPK_CODES)
+            shape = (run.n_samples, run.top_k)
+            found = cache.load(key, {"vals_NK": shape, "idx_NK": shape})
+            if found is not None:
+                table = sparse.TopkTable(torch.from_numpy(found["vals_NK"]).to(self.device),
+                                         torch.from_numpy(found["idx_NK"]).long().to(self.device))
+            else:
+                sae = run.sae(layer, self.device)
+                chunks = (x for _, x in self._acts_chunks(run, layer))
+                table = sparse.topk_table(chunks, sae, run.n_samples, self._scratch(run, sae.n_features))
+                cache.save(key, {"vals_NK": table.vals_NK.cpu().numpy(),
+                                 "idx_NK": table.idx_NK.to(torch.int32).cpu().numpy()})
+            self._topk[run.key, layer] = table
         return self._topk[run.key, layer]
 
     def _compute_moments(self, run: Run, layer: int) -> LayerMoments:
@@ -302,7 +318,7 @@ class Correlator:
         common = (self.codes, self.n_blocks, opts.torch_device, opts.chunk_size, max(1, int(opts.mem_gb * 2**30)),
                   progress or _no_progress)
         self.path: _Path = (DensePath(*common, precision=opts.precision) if self.method == "dense"
-                            else SparsePath(*common))
+                            else SparsePath(*common, use_cache=self.use_cache))
 
     def pair_stats(self, run_a: Run, run_b: Run,
                    pairs: Iterable[tuple[int, int]] | None = None) -> dict[tuple[int, int], PairStats]:
