@@ -21,7 +21,7 @@ from saeshare.core.options import OutputOptions, parse
 from saeshare.disk.results import JointMatch, JointReport, JointScores
 from saeshare.disk.runs import Run, open_runs
 from saeshare.engine.options import AnalysisOptions
-from saeshare.joint.dictionary import JointConfig, standardise, train_joint
+from saeshare.joint.dictionary import JointConfig, Trained, standardise, train_joint
 from saeshare.joint.measures import CHUNK, JointMeasures, match, measure
 from saeshare.render.figures import pyplot, save
 
@@ -48,9 +48,9 @@ class JointArgs(OutputOptions, AnalysisOptions, JointConfig):
         return JointConfig(**{f: getattr(self, f) for f in JointConfig.__dataclass_fields__})
 
 
-def _scores(m: JointMeasures, epochs: int) -> JointScores:
+def _scores(m: JointMeasures, trained: Trained) -> JointScores:
     return JointScores(m.shared_fraction, m.private_fraction, m.shared_latents, m.private_latents, int(m.live_F.sum()),
-                       m.jaccard_SS, m.cross_r2_SS, [float(v) for v in m.fvu_S], epochs)
+                       m.jaccard_SS, m.cross_r2_SS, [float(v) for v in m.fvu_S], trained.epochs, trained.loss_E)
 
 
 def _match(run: Run, layer: int, codes: str, model, xs: list[torch.Tensor], rows: np.ndarray, share: JointMeasures,
@@ -101,9 +101,9 @@ def joint_report(runs: list[Run], layers: list[int], cfg: JointConfig, device="c
     del null_train
     floor = measure(null.model, null_test, device)
     matched = _match(runs[0], layers[0], codes, trained.model, test_xs, measured, got, device) if with_match else None
-    return JointReport(**vars(_scores(got, trained.epochs)), runs=[r.name for r in runs], layers=layers,
+    return JointReport(**vars(_scores(got, trained)), runs=[r.name for r in runs], layers=layers,
                        method=cfg.method, n_latents=trained.model.n_latents, top_k=cfg.top_k,
-                       n_samples=runs[0].n_samples, n_measured=len(measured), floor=_scores(floor, null.epochs),
+                       n_samples=runs[0].n_samples, n_measured=len(measured), floor=_scores(floor, null),
                        match=matched, share=got.share_SF, floor_share=floor.share_SF)
 
 

@@ -58,6 +58,7 @@ def test_planted_shared_part_is_found_and_the_floor_has_none(report):
     assert min(report.cross_r2[0][1], report.cross_r2[1][0]) > 0.1 > max(report.floor.cross_r2[0][1],
                                                                          report.floor.cross_r2[1][0])
     assert report.n_measured == 800 and max(report.fvu) < 0.3
+    assert len(report.loss) == report.epochs and report.loss[-1] < report.loss[0]
 
 
 def _with_biases(model: JointSAE) -> JointSAE:
@@ -129,7 +130,7 @@ def test_bad_input_is_one_line(root, error_line):
 
 # ---- wmppc.py --geometry (Lan et al.) ---------------------------------------------------------------------
 def test_svcca_and_rsa_against_float64_formulas():
-    from saeshare.joint.geometry import _cosines, _pearson, svcca_rows
+    from saeshare.joint.geometry import _cosines, _pearson, _svcca, _whitened
 
     rng = np.random.default_rng(0)
     z = rng.normal(size=(500, 6))
@@ -142,7 +143,7 @@ def test_svcca_and_rsa_against_float64_formulas():
         return u[:, :keep]
 
     cca = np.linalg.svd(reduced(x).T @ reduced(y), compute_uv=False)
-    assert svcca_rows(x, y) == pytest.approx(np.clip(cca, 0, 1).mean(), abs=1e-9)
+    assert _svcca(_whitened(x), _whitened(y)) == pytest.approx(np.clip(cca, 0, 1).mean(), abs=1e-9)
     cx, cy = (m / np.linalg.norm(m, axis=1, keepdims=True) for m in (x, y))
     iu = np.triu_indices(500, 1)
     expected = np.corrcoef((cx @ cx.T)[iu], (cy @ cy.T)[iu])[0, 1]

@@ -449,6 +449,8 @@ class JointScores:
     fvu: list[float]
     """Per run, FVU under the joint code."""
     epochs: int
+    loss: list[float]
+    """Mean training loss of each epoch (training stops when an epoch lowers it by less than --min_gain)."""
 
 
 @dataclass

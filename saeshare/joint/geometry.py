@@ -50,11 +50,6 @@ def _svcca(xw: torch.Tensor, yw: torch.Tensor) -> float:
     return float(torch.linalg.svdvals(xw.T @ yw).clamp(max=1).mean())
 
 
-def svcca_rows(x_PD: np.ndarray, y_PE: np.ndarray) -> float:
-    """SVCCA of two sets of paired rows, 99% of the variance kept on each side."""
-    return _svcca(_whitened(x_PD), _whitened(y_PE))
-
-
 def _cosines(rows_PD: np.ndarray) -> np.ndarray:
     unit = rows_PD / np.maximum(np.linalg.norm(rows_PD, axis=1, keepdims=True), 1e-300)
     return unit @ unit.T
