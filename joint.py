@@ -50,7 +50,8 @@ class JointArgs(OutputOptions, AnalysisOptions, JointConfig):
 
 def _scores(m: JointMeasures, trained: Trained) -> JointScores:
     return JointScores(m.shared_fraction, m.private_fraction, m.shared_latents, m.private_latents, int(m.live_F.sum()),
-                       m.jaccard_SS, m.cross_r2_SS, [float(v) for v in m.fvu_S], trained.epochs, trained.loss_E)
+                       m.jaccard_SS, m.cross_r2_SS, [float(v) for v in m.fvu_S], len(trained.loss_E),
+                       trained.loss_E)
 
 
 def _match(run: Run, layer: int, codes: str, model, xs: list[torch.Tensor], rows: np.ndarray, share: JointMeasures,
@@ -87,16 +88,17 @@ def joint_report(runs: list[Run], layers: list[int], cfg: JointConfig, device="c
     rows, and measure both on the held-out rows."""
     fit, measured = cfg.split(runs[0].n_samples)
 
-    def streams(rs: list[Run]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        xs = [standardise(r.read_acts(layer, slice(None)), fit).x_ND for r, layer in zip(rs, layers)]
-        return [x[fit] for x in xs], [x[measured] for x in xs]
+    def stream(run: Run, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = standardise(run.read_acts(layer, slice(None)), fit).x_ND
+        return x[fit], x[measured]
 
     names = ", ".join(f"{r.name}@{layer}" for r, layer in zip(runs, layers))
-    train_xs, test_xs = streams(runs)
+    first = stream(runs[0], layers[0])  # the same in the runs and their floor
+    train_xs, test_xs = map(list, zip(first, *(stream(r, la) for r, la in zip(runs[1:], layers[1:]))))
     trained = train_joint(train_xs, cfg, device, desc=f"{cfg.method} {names}")
     del train_xs  # the floor's streams take their place
     got = measure(trained.model, test_xs, device)
-    null_train, null_test = streams([runs[0], *(r.permuted() for r in runs[1:])])
+    null_train, null_test = map(list, zip(first, *(stream(r.permuted(), la) for r, la in zip(runs[1:], layers[1:]))))
     null = train_joint(null_train, cfg, device, desc=f"{cfg.method} floor")
     del null_train
     floor = measure(null.model, null_test, device)

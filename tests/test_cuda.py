@@ -53,8 +53,8 @@ def test_sparse_and_dense_paths_on_cuda_equal_the_cpu(tmp_path):
 def test_joint_loss_on_cuda_equals_the_cpu():
     model = JointSAE([32, 24], 64, 4, "sparc", seed=1)
     xs = [torch.randn(128, 32), torch.randn(128, 24)]
-    cpu, _ = model.loss(xs, 1.0)
-    gpu, _ = model.cuda().loss([x.cuda() for x in xs], 1.0)
+    cpu = model.loss(xs, 1.0)
+    gpu = model.cuda().loss([x.cuda() for x in xs], 1.0)
     assert float(gpu.detach()) == pytest.approx(float(cpu.detach()), rel=1e-5)
 
 

@@ -169,8 +169,8 @@ class JointSAE(nn.Module):
     def _decode(self, t: int, vals_NK: Tensor, pattern: tuple) -> Tensor:
         return _SparseDecode.apply(vals_NK, self.W_dec[t], *pattern) + self.b_dec[t]
 
-    def loss(self, xs: list[Tensor], cross_weight: float) -> tuple[Tensor, Tensor]:
-        """(training loss, [S] per-stream squared error per sample): the streams' errors summed; sparc adds the
+    def loss(self, xs: list[Tensor], cross_weight: float) -> Tensor:
+        """The training loss: the streams' squared errors per sample summed; sparc adds the
         mean cross-reconstruction error of every ordered pair of streams, times `cross_weight`. A stream's own
         and cross reconstructions go through one decoder product (one dense gradient of its decoder)."""
         codes, pattern = self._encode(xs)
@@ -188,9 +188,8 @@ class JointSAE(nn.Module):
             err_sN = err_sN.pow(2).sum(1).view(S, n).mean(1)
             err_S.append(err_sN[0])
             cross_err.append(err_sN[1:])
-        err = torch.stack(err_S)
-        total = err.sum() + (cross_weight * torch.cat(cross_err).mean() if cross else 0)
-        return total, err.detach()
+        total = torch.stack(err_S).sum()
+        return total + cross_weight * torch.cat(cross_err).mean() if cross else total
 
     def state(self) -> dict[str, Tensor]:
         out = {}
@@ -202,9 +201,8 @@ class JointSAE(nn.Module):
 
 class Trained(NamedTuple):
     model: JointSAE
-    epochs: int
     loss_E: list[float]
-    """Mean training loss of each epoch."""
+    """Mean training loss of each epoch (one entry an epoch run)."""
 
 
 def train_joint(xs: list[Tensor], cfg: JointConfig, device: str | torch.device = "cpu", desc: str = "joint") -> Trained:
@@ -219,7 +217,7 @@ def train_joint(xs: list[Tensor], cfg: JointConfig, device: str | torch.device =
         total, order = torch.zeros((), device=device), torch.randperm(n, generator=gen)
         for start in range(0, n, cfg.batch_size):
             rows = order[start:start + cfg.batch_size]
-            loss, _ = model.loss([x[rows].to(device) for x in xs], cfg.cross_weight)
+            loss = model.loss([x[rows].to(device) for x in xs], cfg.cross_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -228,4 +226,4 @@ def train_joint(xs: list[Tensor], cfg: JointConfig, device: str | torch.device =
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if len(losses) > 1 and losses[-1] > min(losses[:-1]) * (1 - cfg.min_gain):
             break
-    return Trained(model.eval(), len(losses), losses)
+    return Trained(model.eval(), losses)

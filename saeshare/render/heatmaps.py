@@ -20,8 +20,8 @@ ALPHA = 0.55
 """Opacity of the heat at the feature's largest activation on a tile (0 where it does not fire)."""
 
 
-class TokenMaps:
-    """Per shown sample, the SAE codes of every spatial token of one layer: [g, g, F] (cached)."""
+class _SampleMaps:
+    """The run's encoder, dataset and layer SAE, and each shown sample's codes, computed once (cached)."""
 
     def __init__(self, run: Run, layer: int, device: torch.device | str = "cpu"):
         self.run, self.layer, self.device = run, layer, device
@@ -29,6 +29,13 @@ class TokenMaps:
         self.ds = data.from_description(run.meta.dataset)
         self.sae = run.sae(layer, device)
         self.codes = functools.lru_cache(maxsize=128)(self._codes)
+
+    def _codes(self, n: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class TokenMaps(_SampleMaps):
+    """Per shown sample, the SAE codes of every spatial token of one layer: [g, g, F]."""
 
     def _codes(self, n: int) -> np.ndarray:
         inputs = self.encoder.collate([self.encoder.transform(self.ds.image(n))])
@@ -58,25 +65,18 @@ def word_positions(ids_T: list[int], words_ids: list[list[int]]) -> list[list[in
     return out
 
 
-class CaptionMaps:
-    """Per shown caption, every word's SAE codes: the largest over its tokens, [W, F] (cached)."""
-
-    def __init__(self, run: Run, layer: int, device: torch.device | str = "cpu"):
-        self.layer, self.device = layer, device
-        self.encoder = build_encoder(EncoderSpec.of_run(run.meta), device)
-        self.ds = data.from_description(run.meta.dataset)
-        self.sae = run.sae(layer, device)
-        self.codes = functools.lru_cache(maxsize=128)(self._codes)
+class CaptionMaps(_SampleMaps):
+    """Per shown caption, every word's SAE codes: the largest over its tokens, [W, F]."""
 
     def _codes(self, n: int) -> np.ndarray:
-        words = self.ds.caption(n).split()
-        inputs = self.encoder.collate([self.ds.caption(n)])
+        caption = self.ds.caption(n)
+        inputs = self.encoder.collate([caption])
         keep_T = inputs["token_mask"][0].bool()
         ids_T = inputs[self.encoder.ids_key][0][keep_T].tolist()
         tokens_TD = self.encoder.record(inputs, [self.layer])[self.layer][0][keep_T.to(self.device)].float()
         with torch.no_grad():
             codes_TF = self.sae.pre_acts(tokens_TD.to(self.device)).cpu().numpy()
-        where = word_positions(ids_T, [self.encoder.word_ids(w) for w in words])
+        where = word_positions(ids_T, [self.encoder.word_ids(w) for w in caption.split()])
         return np.stack([codes_TF[p].max(0) if p else np.zeros(codes_TF.shape[1], codes_TF.dtype) for p in where])
 
     def heat(self, n: int, feature: int) -> np.ndarray:
