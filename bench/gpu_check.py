@@ -127,10 +127,9 @@ def families(device: str, root: Path, only: list[str] | None) -> None:
         runs = {}
         for dev in ("cpu", device):
             name = f"{family}-{dev.replace(':', '')}"
-            timed(lambda: main(["--model", family, flag, ckpt, "--runname", name, "--root", str(root / "fam"),
-                                "--max_samples", "24", "--batch_size", "8", "--layers", "0", "--device", dev,
-                                *(["--image_size", "32"] if family == "EfficientNetLite" else []),
-                                "--overwrite"]), dev)
+            main(["--model", family, flag, ckpt, "--runname", name, "--root", str(root / "fam"), "--max_samples",
+                  "24", "--batch_size", "8", "--layers", "0", "--device", dev,
+                  *(["--image_size", "32"] if family == "EfficientNetLite" else []), "--overwrite"])
             runs[dev] = Run.open(root / "fam", name)
         a, b = (np.asarray(runs[dev].acts(0), dtype=np.float64) for dev in ("cpu", device))
         report(f"{family}: recorded activations", float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12)), 1e-3)
