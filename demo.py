@@ -168,10 +168,7 @@ def feature_attributes(run: Run, features: list[int], names: list[str],
                        attrs_NA: np.ndarray) -> list[tuple[str, float]]:
     """Best-correlated ground-truth attribute (name, Pearson r) of each given feature of the run's last layer."""
     f_NK = np.concatenate([codes[:, features].double().numpy() for _, codes in run.iter_codes(-1, "relu")])
-    a_NA = attrs_NA.astype(np.float64)
-    fc, ac = f_NK - f_NK.mean(0), a_NA - a_NA.mean(0)
-    denom = np.sqrt((fc ** 2).sum(0))[:, None] * np.sqrt((ac ** 2).sum(0))[None, :]
-    r_KA = np.divide(fc.T @ ac, denom, out=np.zeros((len(features), a_NA.shape[1])), where=denom > 0)
+    r_KA = labels.column_correlation(f_NK, attrs_NA).T
     return [(names[a], float(r_KA[k, a])) for k, a in enumerate(r_KA.argmax(1))]
 
 
