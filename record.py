@@ -26,7 +26,7 @@ from saeshare.disk.runs import Run, RunMeta, RunsOptions, RunWriter, SaeSettings
 from saeshare.exchange import formats
 from saeshare.training.steps import EncoderPass, EncoderSpec, build_encoder, encoder_pass, layer_width, save_layer
 from saeshare.training.train import DEFAULT_BATCH
-from wrappedmodels import ENCODERS, get_encoder_class
+from wrappedmodels import ENCODERS, add_checkpoint_flags, get_encoder_class
 
 
 @dataclass(kw_only=True)
@@ -156,12 +156,10 @@ def main(argv=None):
     p = ArgumentParser(description="Apply a run's encoder and SAEs (or another library's SAE) to other samples, "
                                    "without training")
     add_options(p, RecordArgs, skip=("checkpoint",))
-    for flag in sorted({c.checkpoint_flag for c in ENCODERS.values()}):
-        p.add_argument(flag, default=None, help="with --sae_file: the checkpoint (hub id or local folder) of "
-                       + ", ".join(n for n, c in ENCODERS.items() if c.checkpoint_flag == flag))
+    add_checkpoint_flags(p, list(ENCODERS), "with --sae_file: the checkpoint (hub id or local folder)")
     ns = p.parse_args(argv)
     family = ENCODERS.get(ns.model) if ns.model else None
-    args = options_from(RecordArgs, ns, checkpoint=getattr(ns, family.checkpoint_flag.lstrip("-")) if family else None)
+    args = options_from(RecordArgs, ns, checkpoint=family.checkpoint_from(ns) if family else None)
     if args.sae_file is not None:
         if family is None:
             raise UserError(f"unknown --model {args.model!r}; choose from {', '.join(ENCODERS)}")

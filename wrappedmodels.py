@@ -64,6 +64,15 @@ def _load_error(family: str, flag: str, checkpoint: str, err: BaseException) -> 
         f"Hugging Face hub, which needs network; offline, pass a local directory to {flag} or run `uv run demo.py`")
 
 
+def add_checkpoint_flags(parser, families: list[str], what: str = "checkpoint (hub id or local folder)") -> None:
+    """Each family's checkpoint flag (one flag may serve several families) and its other flags."""
+    for flag in sorted({ENCODERS[f].checkpoint_flag for f in families}):
+        owners = [f for f in families if ENCODERS[f].checkpoint_flag == flag]
+        parser.add_argument(flag, default=None, help=f"{what} for {', '.join(owners)}")
+    for f in families:
+        ENCODERS[f].extra_flags(parser)
+
+
 def layer_ids(layers: list[int] | None, n_layers: int, what: str) -> list[int]:
     """Sorted unique block ids of a model of `n_layers` blocks; negative ids count from the last block;
     None = every block."""
@@ -109,7 +118,7 @@ class Encoder:
         if self.token == "cls" and not self.cls_token:
             raise UserError(f"--token cls: {type(self).__name__} has no CLS token (its position 0 is "
                             f"{self.first_position}); use --token first to read that position, or mean")
-        if self.checkpoint.startswith(("/", "./", "../", "~")) and not _is_local(self.checkpoint):
+        if self.checkpoint.startswith(("/", "./", "../", "~")) and not _is_local(self.hf_id()):
             raise UserError(f"{self.checkpoint_flag} {self.checkpoint}: no such checkpoint folder")
         try:
             self.model = self.load().eval().requires_grad_(False).to(self.device)
@@ -120,6 +129,15 @@ class Encoder:
         self.blocks: list[nn.Module] = list(self.find_blocks())
 
     # --- per family -------------------------------------------------------------------------------
+    @classmethod
+    def extra_flags(cls, parser) -> None:
+        """Command-line flags of this family beyond its checkpoint flag (none by default)."""
+
+    @classmethod
+    def checkpoint_from(cls, ns) -> str | None:
+        """The checkpoint parsed command-line flags ask for (None: the family's default)."""
+        return getattr(ns, cls.checkpoint_flag.lstrip("-"))
+
     @classmethod
     def token_for(cls, checkpoint: str | None) -> str:
         """The token recorded when --token is not given: the family's own (docs/design.md#pooled-token)."""
@@ -499,6 +517,70 @@ class SiglipText(_Siglip, _HFText):
         # position is recorded, so it is among the SAE's training tokens too
         mask_BT[:, -1] = True
         return {"input_ids": ids_BT, "token_mask": mask_BT}
+
+
+# --- diffusion pipelines' text encoders ---------------------------------------------------------------
+SD_TOWERS = {1: ("text_encoder", "tokenizer"), 2: ("text_encoder_2", "tokenizer_2")}
+"""The text encoders of a diffusers pipeline folder: (model subfolder, tokenizer subfolder); SDXL has two."""
+
+
+def sd_checkpoint(pipeline: str, tower: int = 1) -> str:
+    """How a run names the text encoder it was made on: the pipeline, and `#2` for SDXL's second tower."""
+    return pipeline if tower == 1 else f"{pipeline}#{tower}"
+
+
+def split_sd_checkpoint(checkpoint: str) -> tuple[str, int]:
+    """(pipeline, tower) of an SDText checkpoint."""
+    pipeline, sep, tower = checkpoint.rpartition("#")
+    if not sep:
+        return checkpoint, 1
+    if tower not in ("1", "2"):
+        raise UserError(f"--sd_model_name {checkpoint!r}: a pipeline's text encoder is #1 or #2 (SDXL's second)")
+    return pipeline, int(tower)
+
+
+@register
+class SDText(_HFText):
+    """The CLIP text encoder of a diffusers text-to-image pipeline (Stable Diffusion 1.x/2.x, SDXL's two
+    towers): the model the pipeline conditions on, read from its `text_encoder` and `tokenizer` subfolders."""
+
+    checkpoint_flag = "--sd_model_name"
+    default_checkpoint = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    default_token = "eot"
+    cls_token = False
+    first_position = "the start token"
+    block_paths = ("text_model.encoder.layers", "encoder.layers")  # transformers 4.x, 5.x
+    max_length = 77
+
+    @classmethod
+    def extra_flags(cls, parser) -> None:
+        parser.add_argument("--sd_text_encoder", type=int, choices=sorted(SD_TOWERS), default=1,
+                            help="SDText: which of the pipeline's text encoders (2 = SDXL's text_encoder_2)")
+
+    @classmethod
+    def checkpoint_from(cls, ns) -> str | None:
+        pipeline = super().checkpoint_from(ns)
+        tower = getattr(ns, "sd_text_encoder", 1)
+        if tower != 1 and pipeline is None:
+            raise UserError("--sd_text_encoder 2 needs --sd_model_name (the pipeline whose second text encoder to read)")
+        return pipeline if pipeline is None else sd_checkpoint(pipeline, tower)
+
+    @classmethod
+    def folder(cls, checkpoint: str) -> Path | None:
+        return None  # a pipeline has no sentence-transformers pooling file
+
+    def hf_id(self) -> str:
+        pipeline, _ = split_sd_checkpoint(self.checkpoint)
+        return str(Path(pipeline).expanduser()) if _is_local(pipeline) else pipeline
+
+    def load(self):
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        model_dir, tokenizer_dir = SD_TOWERS[split_sd_checkpoint(self.checkpoint)[1]]
+        self.tokenizer = CLIPTokenizer.from_pretrained(self.hf_id(), subfolder=tokenizer_dir)
+        # SDXL's second tower carries a projection; the hooked blocks are the same either way
+        cls = CLIPTextModelWithProjection if model_dir == "text_encoder_2" else CLIPTextModel
+        return cls.from_pretrained(self.hf_id(), subfolder=model_dir)
 
 
 # --- EfficientNet-Lite (offline real CNN) -------------------------------------------------------------

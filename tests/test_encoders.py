@@ -27,12 +27,12 @@ def build(family, ckpt_dir, **kw):
     return enc, enc.collate([enc.transform(s) for s in samples])
 
 
-def test_registry_has_the_nine_families():
+def test_registry_has_the_ten_families():
     assert set(ENCODERS) == {"ClipVision", "SigLIP2Vision", "ViT", "DinoV2", "ClipText", "SiglipText", "Bert",
-                             "Deberta", "EfficientNetLite"}
+                             "Deberta", "EfficientNetLite", "SDText"}
     assert {c.checkpoint_flag for c in ENCODERS.values()} == {
         "--clip_model_name", "--siglip2_model_name", "--vit_model_name", "--dino_model_name", "--bert_model_name",
-        "--deberta_model_name", "--effnet_model_name"}
+        "--deberta_model_name", "--effnet_model_name", "--sd_model_name"}
 
 
 def test_unknown_family_and_wrong_modality():

@@ -27,7 +27,7 @@ FAMILY_ARGS = {
     "ClipVision": "--clip_model_name", "SigLIP2Vision": "--siglip2_model_name", "ViT": "--vit_model_name",
     "DinoV2": "--dino_model_name", "EfficientNetLite": "--effnet_model_name",
     "ClipText": "--clip_model_name", "SiglipText": "--siglip2_model_name", "Bert": "--bert_model_name",
-    "Deberta": "--deberta_model_name",
+    "Deberta": "--deberta_model_name", "SDText": "--sd_model_name",
 }
 
 

@@ -71,8 +71,50 @@ def hf_dir(family: str, out: Path) -> Path:
     return out
 
 
+def clip_tokenizer(out: Path):
+    """A CLIPTokenizer over open_clip's real BPE vocabulary (the same one SD's tokenizers carry), built offline;
+    open_clip spells the special tokens <start_of_text> / <end_of_text>, which keeps their ids 49406 / 49407."""
+    import open_clip
+    from transformers import CLIPTokenizer
+
+    bpe = open_clip.tokenizer.SimpleTokenizer()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps(bpe.encoder))
+    merges = [" ".join(pair) for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda kv: kv[1])]
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), bos_token="<start_of_text>",
+                         eos_token="<end_of_text>", pad_token="<end_of_text>", unk_token="<end_of_text>",
+                         model_max_length=77)
+
+
+def sd_pipeline_dir(out: Path, n_layers: int = 4) -> Path:
+    """A tiny random Stable Diffusion pipeline folder (64x64 images in 2 steps in well under a second)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer(out / "bpe")
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=2, vocab_size=49408,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=16)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(clip_sample=False), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out / "pipeline")
+    return out / "pipeline"
+
+
 def checkpoint_for(family: str, tmp: Path) -> str:
     """A local checkpoint for `family` (EfficientNetLite: its packaged real weights)."""
+    if family == "SDText":
+        return str(sd_pipeline_dir(tmp / "sd"))
     if family in ("ClipVision", "ClipText"):
         return str(open_clip_dir(tmp / "open_clip"))
     if family == "EfficientNetLite":

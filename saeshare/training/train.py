@@ -35,7 +35,7 @@ from saeshare.training.steps import (
     save_layer,
     train_steps,
 )
-from wrappedmodels import ENCODERS, TOKENS, get_encoder_class, layer_ids
+from wrappedmodels import ENCODERS, TOKENS, add_checkpoint_flags, get_encoder_class, layer_ids
 
 DEFAULT_BATCH = {"image": 16, "text": 256}
 """Encoder batch of the paper's code: 16 images or 256 captions (one SAE step per batch)."""
@@ -213,9 +213,7 @@ def build_parser(modality: str) -> ArgumentParser:
                     f"activations of every sample into sae_features/<runname>/.")
     skip = ("checkpoint", "image_size" if modality == "text" else "shuffle_captions")
     add_options(p, TrainConfig, skip=skip, model=f"({', '.join(families)})", token=f"({', '.join(TOKENS)})")
-    for flag in sorted({ENCODERS[f].checkpoint_flag for f in families}):
-        owners = [f for f in families if ENCODERS[f].checkpoint_flag == flag]
-        p.add_argument(flag, default=None, help=f"checkpoint (hub id or local folder) for {', '.join(owners)}")
+    add_checkpoint_flags(p, families)
     add_options(p, SaeConfig)
     return p
 
@@ -223,7 +221,7 @@ def build_parser(modality: str) -> ArgumentParser:
 def main_for(modality: str, argv=None) -> TrainResult:
     args = build_parser(modality).parse_args(argv)
     cls = get_encoder_class(args.model, modality)
-    cfg = options_from(TrainConfig, args, checkpoint=getattr(args, cls.checkpoint_flag.lstrip("-")))
+    cfg = options_from(TrainConfig, args, checkpoint=cls.checkpoint_from(args))
     sae_cfg = options_from(SaeConfig, args)
     distributed.init(resolve_device(cfg.device))
     torch.manual_seed(cfg.seed)
