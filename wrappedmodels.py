@@ -562,7 +562,8 @@ class SDText(_HFText):
         pipeline = super().checkpoint_from(ns)
         tower = getattr(ns, "sd_text_encoder", 1)
         if tower != 1 and pipeline is None:
-            raise UserError("--sd_text_encoder 2 needs --sd_model_name (the pipeline whose second text encoder to read)")
+            raise UserError("--sd_text_encoder 2 needs --sd_model_name (the pipeline whose second text encoder "
+                            "to read)")
         return pipeline if pipeline is None else sd_checkpoint(pipeline, tower)
 
     @classmethod
