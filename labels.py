@@ -23,6 +23,7 @@ import torch
 import data
 from errors import UserError, check_positive, cli
 from probe import column_auroc
+from saeshare.core.clip import ClipEmbedder
 from saeshare.core.options import OutputOptions, parse
 from saeshare.core.progress import progress
 from saeshare.disk.results import FeatureLabel, LabelAgreement, Labels
@@ -178,23 +179,14 @@ def zero_shot_similarity(ds: data.PairedDataset, modality: str, clip_model_name:
                          batch_size: int = 64) -> np.ndarray:
     """[N, T] cosine of every sample's CLIP embedding (its image, or for a text run its caption) with every
     term's text embedding (the term as it is, no prompt template)."""
-    from wrappedmodels import ClipText
-
-    clip = ClipText(clip_model_name, device=device)
-
-    def unit(x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(x.float(), dim=1)
-
-    with torch.no_grad():
-        terms_TD = unit(clip.model.encode_text(clip.tokenizer([term_text(t) for t in terms]).to(clip.device)))
-        out = []
-        for start in progress(range(0, len(ds), batch_size), desc=f"CLIP {clip_model_name}", unit="batch"):
-            rows = range(start, min(len(ds), start + batch_size))
-            if modality == "image":
-                emb = clip.model.encode_image(torch.stack([clip.preprocess(ds.image(n)) for n in rows]).to(clip.device))
-            else:
-                emb = clip.model.encode_text(clip.tokenizer([ds.caption(n) for n in rows]).to(clip.device))
-            out.append((unit(emb) @ terms_TD.T).double().cpu())
+    clip = ClipEmbedder(clip_model_name, device)
+    terms_TD = clip.texts([term_text(t) for t in terms])
+    out = []
+    for start in progress(range(0, len(ds), batch_size), desc=f"CLIP {clip_model_name}", unit="batch"):
+        rows = range(start, min(len(ds), start + batch_size))
+        emb = (clip.images([ds.image(n) for n in rows]) if modality == "image"
+               else clip.texts([ds.caption(n) for n in rows]))
+        out.append((emb @ terms_TD.T).double().cpu())
     return torch.cat(out).numpy()
 
 

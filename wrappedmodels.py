@@ -228,16 +228,21 @@ class Encoder:
 
     def pool(self, acts_BTD: Tensor, mask_BT: Tensor) -> Tensor:
         """The recorded token per sample, [B, D] (docs/design.md#pooled-token)."""
-        if self.token in ("first", "cls"):
-            return acts_BTD[:, 0]
-        if self.token == "last":
-            return acts_BTD[:, -1]
-        if self.token == "eot":
-            pos = torch.arange(mask_BT.shape[1], device=mask_BT.device)
-            idx = (mask_BT * pos).argmax(1)  # last real token
-            return acts_BTD[torch.arange(acts_BTD.shape[0], device=acts_BTD.device), idx]
-        m = mask_BT[:, self.n_prefix_tokens:, None].to(acts_BTD.dtype)
-        return (acts_BTD[:, self.n_prefix_tokens:] * m).sum(1) / m.sum(1).clamp_min(1)
+        return pool_tokens(acts_BTD, mask_BT, self.token, self.n_prefix_tokens)
+
+
+def pool_tokens(acts_BTD: Tensor, mask_BT: Tensor, token: str, n_prefix_tokens: int = 0) -> Tensor:
+    """One of TOKENS per sample, [B, D]; mask_BT: True for real (non-padding) tokens."""
+    if token in ("first", "cls"):
+        return acts_BTD[:, 0]
+    if token == "last":
+        return acts_BTD[:, -1]
+    if token == "eot":
+        pos = torch.arange(mask_BT.shape[1], device=mask_BT.device)
+        idx = (mask_BT * pos).argmax(1)  # last real token
+        return acts_BTD[torch.arange(acts_BTD.shape[0], device=acts_BTD.device), idx]
+    m = mask_BT[:, n_prefix_tokens:, None].to(acts_BTD.dtype)
+    return (acts_BTD[:, n_prefix_tokens:] * m).sum(1) / m.sum(1).clamp_min(1)
 
 
 def _is_local(checkpoint: str) -> bool:
