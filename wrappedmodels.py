@@ -582,7 +582,10 @@ class SDText(_HFText):
     def load(self):
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        model_dir, tokenizer_dir = SD_TOWERS[split_sd_checkpoint(self.checkpoint)[1]]
+        tower = split_sd_checkpoint(self.checkpoint)[1]
+        model_dir, tokenizer_dir = SD_TOWERS[tower]
+        if _is_local(self.hf_id()) and not (Path(self.hf_id()) / model_dir).is_dir():
+            raise UserError(f"pipeline {self.hf_id()!r} has no {model_dir} folder: it has no text encoder #{tower}")
         self.tokenizer = CLIPTokenizer.from_pretrained(self.hf_id(), subfolder=tokenizer_dir)
         # SDXL's second tower carries a projection; the hooked blocks are the same either way
         cls = CLIPTextModelWithProjection if model_dir == "text_encoder_2" else CLIPTextModel

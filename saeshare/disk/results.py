@@ -484,3 +484,103 @@ class JointReport(JointScores, Record):
     share: np.ndarray | None = None
     """[S, F] each latent's weight in each run over its largest run's (0: dead)."""
     floor_share: np.ndarray | None = None
+
+
+@dataclass
+class SteeredImage:
+    """One image steer.py generated (steer.json's `images`)."""
+    feature: int | None
+    """The steered feature; None for the unsteered pipeline (alpha 0, shared by every feature)."""
+    alpha: float
+    """In units of the feature's typical activation (its mean top-k code where it fires on the run's samples)."""
+    prompt: str
+    seed: int
+    file: str
+    """Relative to the output folder."""
+    text_change: float
+    """||steered - plain|| / ||plain|| of the text encoder's output for the prompt (0 at alpha 0)."""
+    direction: str = "feature"
+    """"feature", or "random N": the N-th random direction of the feature's norm (the floor)."""
+
+
+@dataclass
+class SteerName:
+    """What a steered feature raises most in the images, by one scorer."""
+    scorer: str
+    name: str
+    """The label, or the vision feature ("RUN #12"), that rises most."""
+    rise: float
+    """Its mean rise from the unsteered images (CLIP cosine; a vision feature in standard deviations over its
+    run's samples)."""
+    floor: float
+    """The largest rise of any label (vision feature) under random directions of the same norm."""
+
+
+@dataclass
+class CausalMatch:
+    """A text feature steered, and its wMPPC match in a vision run measured on the images (steer.py --match)."""
+    feature: int
+    rho: float
+    vision_feature: int
+    rise: float
+    """The vision feature's mean rise (in its standard deviations) from the unsteered images."""
+    floor: float
+    """The largest rise of that vision feature under random directions of the same norm."""
+    ratio: float
+    """rise / floor (nan when the floor is not positive)."""
+
+
+@dataclass
+class SteeredFeature:
+    feature: int
+    typical: float
+    """Its mean top-k code where it fires on the run's samples: alpha's unit."""
+    norm: float
+    """||W_dec[f]|| x typical: the length of the vector added at alpha 1."""
+    top_captions: list[str] = field(default_factory=list)
+    """The run's captions it fires on most, best first."""
+    names: list[SteerName] = field(default_factory=list)
+    """With --discover, --score_run or --labels: per scorer, what it raises most."""
+
+
+@dataclass
+class SteerReport(Record):
+    """steer.py's steer.json: the settings, every image made, and what the scorers measured."""
+    KIND = "steer"
+    SCHEMA = 1
+
+    pipeline: str
+    run: str
+    layer: int
+    positions: str
+    both_branches: bool
+    alphas: list[float]
+    prompts: list[str]
+    seeds: list[int]
+    steps: int
+    guidance: float
+    height: int | None
+    width: int | None
+    dtype: str
+    features: list[SteeredFeature] = field(default_factory=list)
+    images: list[SteeredImage] = field(default_factory=list)
+    measured_alpha: float | None = None
+    """The alpha whose images the scorers compare with alpha 0's (the largest given)."""
+    n_random: int = 0
+    matches: list[CausalMatch] | None = None
+    match_target: str | None = None
+    """With --match: the vision run and layer whose matched features are measured."""
+
+
+@dataclass
+class DiscoverReport(Record):
+    """steer.py --discover's discover.json: each steered feature named by what rises most in its images."""
+    KIND = "steer_discover"
+    SCHEMA = 1
+
+    run: str
+    layer: int
+    measured_alpha: float
+    n_random: int
+    prompts: list[str]
+    features: list[SteeredFeature] = field(default_factory=list)

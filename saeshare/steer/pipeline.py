@@ -45,15 +45,23 @@ def load_pipeline(name: str, device: torch.device, dtype: torch.dtype):
     if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
         raise UserError(f"--pipeline {name}: no such pipeline folder")
     path = str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
     logging.disable(logging.WARNING)  # diffusers warns about every optional component it does not find
+    bars = [diffusers_logging, transformers_logging]  # a bar per component and per weight file: ours is the one
+    for lib in bars:
+        lib.disable_progress_bar()
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype)
     except Exception as e:
         if not is_network_error(e):
             raise
         raise _load_error("pipeline", "--pipeline", name, e) from None
     finally:
         logging.disable(logging.NOTSET)
+        for lib in bars:
+            lib.enable_progress_bar()
     if not hasattr(pipe, "encode_prompt") or getattr(pipe, "text_encoder", None) is None:
         raise UserError(f"--pipeline {name}: a {type(pipe).__name__} has no CLIP text encoder to steer")
     pipe.set_progress_bar_config(disable=True)
