@@ -149,7 +149,7 @@ def test_discover_names_features_as_the_images_rescored_say(world, tmp_path, cap
 
     plain = scorer(images(None))
     for feat in report.features:
-        assert [n.scorer for n in feat.names] == ["clip layer 1", f"labels ({world['clip']})"]
+        assert [n.scorer for n in feat.names] == ["clip layer 1", f"labels ({Path(world['clip']).name})"]
         rise_C = rise(scorer(images(feat.feature)), plain)
         randoms = [rise(scorer(images(feat.feature, f"random {r}")), plain) for r in range(2)]
         name = feat.names[0]

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import torch
 
-from wrappedmodels import minilm_path
-
 HIDDEN = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
 BERT_VOCAB = 30522  # the MiniLM package's real BERT vocabulary
 
 
 def _bert_tokenizer(out: Path) -> None:
     from transformers import BertTokenizer
+
+    from wrappedmodels import minilm_path
 
     BertTokenizer(vocab_file=str(Path(minilm_path()) / "vocab.txt")).save_pretrained(out)
 
@@ -120,3 +120,9 @@ def checkpoint_for(family: str, tmp: Path) -> str:
     if family == "EfficientNetLite":
         return "efficientnet-lite0"
     return str(hf_dir(family, tmp / family))
+
+
+if __name__ == "__main__":  # uv run python tests/tiny_models.py FAMILY OUT: a tiny random checkpoint to try commands on
+    import sys
+
+    print(checkpoint_for(sys.argv[1], Path(sys.argv[2])))

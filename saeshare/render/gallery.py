@@ -50,7 +50,7 @@ def fmt(x: float) -> str:
     return f"{x:,.4g}" if abs(x) < 1e4 else f"{x:,.0f}"
 
 
-def _chips(chips: list[tuple[str, str]]) -> str:
+def chips_html(chips: list[tuple[str, str]]) -> str:
     return "".join(f'<span class="chip"><b>{escape(k)}</b> {escape(v)}</span>' for k, v in chips)
 
 
@@ -73,7 +73,7 @@ def _card(card: Card, lazy: bool, item: bool) -> str:
              f'data-mass="{card.mass!r}" data-active="{card.n_active}"') if item else \
         f' class="card{" " + card.tone if card.tone else ""}"'
     return (f"<article{attrs}><div class=\"head\"><h2>{escape(card.title)}</h2>"
-            f'<div class="chips">{_chips(chips)}</div></div>'
+            f'<div class="chips">{chips_html(chips)}</div></div>'
             f'<a class="grid" href="{src}" target="_blank" title="open the grid full size">'
             f'<img src="{src}" width="{w}" height="{h}" alt="top samples of {escape(card.title)}"'
             f'{loading}></a>'
@@ -83,7 +83,7 @@ def _card(card: Card, lazy: bool, item: bool) -> str:
 def _group(group: Group, lazy: bool) -> str:
     sort = "".join(f' data-{k}="{v!r}"' for k, v in group.sort.items())
     return (f'<section class="group item" data-feature="{group.feature}"{sort}>'
-            f'<div class="ghead"><h2>{escape(group.title)}</h2><div class="chips">{_chips(group.chips)}</div></div>'
+            f'<div class="ghead"><h2>{escape(group.title)}</h2><div class="chips">{chips_html(group.chips)}</div></div>'
             f'<div class="cards">{"".join(_card(c, lazy, item=False) for c in group.cards)}</div></section>')
 
 
@@ -158,7 +158,16 @@ details summary{cursor:pointer;color:var(--muted);font-size:12px}
 footer{color:var(--muted);font-size:12px;text-align:center;padding:0 0 24px}
 """
 
-JS = """
+LOAD_CHECK = """
+window.addEventListener('load', () => {  // a self-check, read by the browser tests
+  const imgs = [...document.images];
+  document.body.dataset.imagesTotal = imgs.length;
+  document.body.dataset.imagesLoaded = imgs.filter(im => im.complete && im.naturalWidth > 0).length;
+});
+"""
+"""How many of the page's images decoded, as attributes of <body>."""
+
+JS = LOAD_CHECK + """
 const box = document.getElementById('cards'), items = [...box.children], q = document.getElementById('q');
 const sel = document.getElementById('sort'), count = document.getElementById('count');
 const text = items.map(el => el.textContent.toLowerCase());
@@ -185,11 +194,6 @@ q.addEventListener('input', () => {
 sel.addEventListener('change', sortBy);
 document.addEventListener('keydown', e => {
   if (e.key === '/' && document.activeElement !== q) { e.preventDefault(); q.focus(); }
-});
-window.addEventListener('load', () => {  // a self-check, read by tests/test_show.py's browser test
-  const imgs = [...document.images];
-  document.body.dataset.imagesTotal = imgs.length;
-  document.body.dataset.imagesLoaded = imgs.filter(im => im.complete && im.naturalWidth > 0).length;
 });
 if (location.hash.startsWith('#q=')) q.value = decodeURIComponent(location.hash.slice(3));  // a shareable filter
 update();

@@ -7,7 +7,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from saeshare.disk.results import SteeredImage, SteerReport
-from saeshare.render.gallery import CSS, fmt
+from saeshare.render.gallery import CSS, LOAD_CHECK, chips_html, fmt
 
 STEER_CSS = """
 .feature{background:var(--card);border:1px solid var(--line);border-radius:12px;box-shadow:var(--shadow);
@@ -22,17 +22,6 @@ table.steer td{padding:4px;vertical-align:top}
 .zero img{outline:2px solid var(--accent);outline-offset:-2px}
 ol.caps{margin:6px 0 0 18px;padding:0;font-size:13px}
 """
-
-LOAD_CHECK = """window.addEventListener('load', () => {  // read by the browser test
-  const imgs = [...document.images];
-  document.body.dataset.imagesTotal = imgs.length;
-  document.body.dataset.imagesLoaded = imgs.filter(im => im.complete && im.naturalWidth > 0).length;
-});"""
-
-
-def _chips(chips: list[tuple[str, str]]) -> str:
-    return "".join(f'<span class="chip"><b>{escape(k)}</b> {escape(v)}</span>' for k, v in chips)
-
 
 def _cell(images: list[SteeredImage], zero: bool) -> str:
     figs = "".join(f'<figure><a href="{escape(quote(im.file))}" target="_blank"><img src="{escape(quote(im.file))}" '
@@ -49,7 +38,8 @@ def _section(report: SteerReport, i: int) -> str:
     match = next((m for m in report.matches or [] if m.feature == feat.feature), None)
     if match is not None:
         chips.append((f"match in {report.match_target}", f"#{match.vision_feature} rho {match.rho:+.3f}: "
-                      f"rise {fmt(match.rise)}, floor {fmt(match.floor)}"))
+                      f"rise {fmt(match.rise)}, floor {fmt(match.floor)}"
+                      f"{'' if match.rise > match.floor else ': not above chance'}"))
     by = {}
     for im in report.images:
         if im.direction == "feature" and (im.feature == feat.feature or im.feature is None):
@@ -60,7 +50,7 @@ def _section(report: SteerReport, i: int) -> str:
                    for p in report.prompts)
     caps = "".join(f"<li>{escape(c)}</li>" for c in feat.top_captions) or "<li>none</li>"
     return (f'<section class="feature" data-feature="{feat.feature}"><h2>feature {feat.feature}</h2>'
-            f'<div class="chips">{_chips(chips)}</div><ol class="caps">{caps}</ol>'
+            f'<div class="chips">{chips_html(chips)}</div><ol class="caps">{caps}</ol>'
             f'<table class="steer"><tr><th></th>{head}</tr>{rows}</table></section>')
 
 

@@ -2,6 +2,7 @@
 much more than random directions of the same norm change it."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -59,7 +60,7 @@ class ZeroShotLabels:
     def __init__(self, labels: list[str], clip_model_name: str, device):
         self.clip = ClipEmbedder(clip_model_name, device)
         self.labels_LE = self.clip.texts(labels)
-        self.name = f"labels ({clip_model_name})"
+        self.name = f"labels ({Path(clip_model_name).name or clip_model_name})"
         self.columns = list(labels)
 
     def __call__(self, images: list[Image.Image]) -> np.ndarray:
