@@ -592,6 +592,80 @@ class SDText(_HFText):
         return cls.from_pretrained(self.hf_id(), subfolder=model_dir)
 
 
+# --- multimodal LLMs ----------------------------------------------------------------------------------
+@register
+class Llava(Encoder):
+    """A LLaVA-style multimodal LLM (transformers `LlavaForConditionalGeneration`, the `llava-hf`
+    checkpoints): an (image, caption) sample goes through one prompt, and the language model's decoder layers
+    are hooked. Each position is an image token (the processor's expansion of `<image>`), a caption token
+    (by character offsets in the prompt), or neither (the template, padding)."""
+
+    modality = "mllm"
+    checkpoint_flag = "--llava_model_name"
+    default_checkpoint = "llava-hf/llava-1.5-7b-hf"
+    default_token = "mean"
+    cls_token = False
+    first_position = "the first token of the prompt"
+    template = "USER: {image}\n{caption} ASSISTANT:"
+    """LLaVA-1.5's conversation format, the caption as the user's words."""
+
+    def load(self):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(self.hf_id())
+        except ValueError as e:  # transformers' "Unrecognized configuration class": another kind of model
+            raise UserError(f"--llava_model_name {self.checkpoint!r} is not an image-text model "
+                            f"({str(e).splitlines()[0][:160]})") from None
+        self.processor = AutoProcessor.from_pretrained(self.hf_id())
+        self.image_token = getattr(self.processor, "image_token", None) or getattr(
+            self.processor.tokenizer, "image_token", None)
+        self.image_token_id = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
+        if self.image_token is None or self.image_token_id is None:
+            raise UserError(f"--llava_model_name {self.checkpoint!r}: {type(model).__name__} has no image token "
+                            "(not an image-text model whose prompts carry one)")
+        return model
+
+    def find_blocks(self):
+        return _first_attr(self.model, ("model.language_model.layers", "language_model.model.layers",
+                                        "language_model.layers"))
+
+    def transform(self, sample):
+        image, caption = sample
+        return image.convert("RGB"), caption
+
+    def collate(self, items):
+        images, captions = [i for i, _ in items], [c for _, c in items]
+        prompts = [self.template.format(image=self.image_token, caption=c) for c in captions]
+        enc = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        ids_BT = enc["input_ids"]
+        image_BT = ids_BT == self.image_token_id
+        # the prompt as the processor tokenised it (each <image> expanded), read again for character offsets
+        expanded = [p.replace(self.image_token, self.image_token * int(n), 1) for p, n in zip(prompts, image_BT.sum(1))]
+        again = self.processor.tokenizer(expanded, return_tensors="pt", padding=True, return_offsets_mapping=True)
+        if not torch.equal(again["input_ids"], ids_BT):
+            raise UserError(f"{self.checkpoint!r}: its processor tokenises the prompt unlike its tokenizer; the "
+                            "caption's tokens cannot be told apart")
+        prefix = self.template.split("{caption}")[0]
+        start_B = torch.tensor([len(prefix.format(image=self.image_token * int(n))) for n in image_BT.sum(1)])
+        end_B = start_B + torch.tensor([len(c) for c in captions])
+        lo_BT, hi_BT = again["offset_mapping"].unbind(-1)
+        caption_BT = ((lo_BT >= start_B[:, None]) & (hi_BT <= end_B[:, None]) & (hi_BT > lo_BT)
+                      & enc["attention_mask"].bool() & ~image_BT)
+        return {**enc, "image_mask": image_BT, "caption_mask": caption_BT, "token_mask": image_BT | caption_BT}
+
+    def forward(self, inputs):
+        return self.model(**{k: v for k, v in inputs.items() if k not in ("image_mask", "caption_mask")})
+
+    pools = {"image": "mean", "text": "mean"}
+    """Per modality, the row each sample stores: `mean` of its positions of that modality, or the `last` one."""
+
+    def pool_modalities(self, acts_BTD: Tensor, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """{"image": [B, D], "text": [B, D]}: each sample's image-token row and caption-token row."""
+        return {m: pool_tokens(acts_BTD, inputs[key].to(acts_BTD.device), "eot" if self.pools[m] == "last" else "mean")
+                for m, key in (("image", "image_mask"), ("text", "caption_mask"))}
+
+
 # --- EfficientNet-Lite (offline real CNN) -------------------------------------------------------------
 @register
 class EfficientNetLite(Encoder):

@@ -113,6 +113,7 @@ def families(device: str, root: Path, only: list[str] | None) -> None:
     """A tiny model of every family, trained on the device and on the CPU: the recorded pooled tokens agree
     (the encoders are the same; the SAEs train alike up to float rounding)."""
     import train_image
+    import train_mllm
     import train_text
     from saeshare.disk.runs import Run
     from tiny_models import checkpoint_for
@@ -122,7 +123,7 @@ def families(device: str, root: Path, only: list[str] | None) -> None:
         if only and family not in only:
             continue
         ckpt = checkpoint_for(family, root / "ckpt")
-        main = train_image.main if cls.modality == "image" else train_text.main
+        main = {"image": train_image.main, "text": train_text.main, "mllm": train_mllm.main}[cls.modality]
         flag = cls.checkpoint_flag
         runs = {}
         for dev in ("cpu", device):
@@ -130,7 +131,7 @@ def families(device: str, root: Path, only: list[str] | None) -> None:
             main(["--model", family, flag, ckpt, "--runname", name, "--root", str(root / "fam"), "--max_samples",
                   "24", "--batch_size", "8", "--layers", "0", "--device", dev,
                   *(["--image_size", "32"] if family == "EfficientNetLite" else []), "--overwrite"])
-            runs[dev] = Run.open(root / "fam", name)
+            runs[dev] = Run.open(root / "fam", name + ("_image" if cls.modality == "mllm" else ""))
         a, b = (np.asarray(runs[dev].acts(0), dtype=np.float64) for dev in ("cpu", device))
         report(f"{family}: recorded activations", float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12)), 1e-3)
 

@@ -23,16 +23,16 @@ def build(family, ckpt_dir, **kw):
     enc = ENCODERS[family](checkpoint_for(family, ckpt_dir), **kw)
     if family == "EfficientNetLite":
         enc.image_size = 64
-    samples = IMAGES if enc.modality == "image" else CAPTIONS
+    samples = {"image": IMAGES, "text": CAPTIONS, "mllm": list(zip(IMAGES, CAPTIONS))}[enc.modality]
     return enc, enc.collate([enc.transform(s) for s in samples])
 
 
-def test_registry_has_the_ten_families():
+def test_registry_has_the_eleven_families():
     assert set(ENCODERS) == {"ClipVision", "SigLIP2Vision", "ViT", "DinoV2", "ClipText", "SiglipText", "Bert",
-                             "Deberta", "EfficientNetLite", "SDText"}
+                             "Deberta", "EfficientNetLite", "SDText", "Llava"}
     assert {c.checkpoint_flag for c in ENCODERS.values()} == {
         "--clip_model_name", "--siglip2_model_name", "--vit_model_name", "--dino_model_name", "--bert_model_name",
-        "--deberta_model_name", "--effnet_model_name", "--sd_model_name"}
+        "--deberta_model_name", "--effnet_model_name", "--sd_model_name", "--llava_model_name"}
 
 
 def test_unknown_family_and_wrong_modality():
@@ -42,18 +42,27 @@ def test_unknown_family_and_wrong_modality():
         get_encoder_class("Bert", "image")
 
 
+def _reference_block_outputs(enc, x):
+    outs = []
+    handles = [b.register_forward_hook(lambda m, a, o: outs.append(o)) for b in enc.blocks]
+    enc.forward(x)
+    for h in handles:
+        h.remove()
+    return [enc.as_tokens(o).clone() for o in outs]
+
+
 def _reference_hidden(enc, inputs):
     """Every block's output from the model's own API, without our hooks: [layer] -> [B, T, D]."""
     x = {k: v for k, v in inputs.items() if k != "token_mask"}
     if type(enc).__name__ in ("ClipVision", "ClipText", "EfficientNetLite"):
-        outs = []
-        handles = [b.register_forward_hook(lambda m, a, o: outs.append(o)) for b in enc.blocks]
-        enc.forward(x)
-        for h in handles:
-            h.remove()
-        return [enc.as_tokens(o).clone() for o in outs]
+        return _reference_block_outputs(enc, x)
+    if type(enc).__name__ == "Llava":
+        x = {k: v for k, v in x.items() if k not in ("image_mask", "caption_mask")}
     out = enc.model(**x, output_hidden_states=True)
-    return list(out.hidden_states[1:])
+    hidden = list(out.hidden_states[1:])
+    if type(enc).__name__ == "Llava":  # Llama gives its last hidden state after the final norm
+        hidden[-1] = _reference_block_outputs(enc, x)[-1]
+    return hidden
 
 
 @pytest.mark.parametrize("family", FAMILIES)

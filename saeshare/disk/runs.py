@@ -37,6 +37,11 @@ def sae_file(layer: int, seed: int | None = None) -> str:
     return f"layer{layer:02d}.sae.safetensors" if seed is None else f"layer{layer:02d}.seed{seed}.sae.safetensors"
 
 
+def modality_file(layer: int) -> str:
+    """[F] float32: per feature of an MLLM layer's SAE, the share of its activation mass on image tokens."""
+    return f"layer{layer:02d}.modality.npy"
+
+
 def acts_file(layer: int) -> str:
     return f"layer{layer:02d}.acts.npy"
 
@@ -102,6 +107,24 @@ class SeedInfo:
 
 
 @dataclass
+class ModalityShares:
+    """An MLLM layer's SAE features by the tokens they fire on (train_mllm.py), counted with the trained SAE
+    (its first seed, top-k codes) over every image and caption token of the first `n_samples` samples."""
+    image_only: float
+    """Share of the features firing on at least `min_fires` tokens of one modality that do so on image
+    tokens only."""
+    text_only: float
+    both: float
+    n_features: int
+    """Features firing at least `min_fires` times on one modality or the other (the shares' denominator)."""
+    min_fires: int
+    n_samples: int
+    image_mass: float
+    """Share of all activation mass on image tokens (the mean of the per-feature modality scores, weighted
+    by mass); per feature in layerLL.modality.npy."""
+
+
+@dataclass
 class RunMeta(Record):
     """run.json. Schema 2 adds "kind" and writes every field; schema-1 files (which may lack the
     optional fields) are read with their defaults."""
@@ -132,6 +155,9 @@ class RunMeta(Record):
     """The run_id of that run when recorded: once it is trained again, this recording is stale."""
     sae_file: str | None = None
     """Made by record.py --sae_file: "<format>:<path>" of the SAE imported from another library."""
+    modality_shares: dict[int, ModalityShares] | None = None
+    """Made by train_mllm.py: per layer, which modality's tokens its SAE features fire on (both runs of the
+    pair carry the same)."""
     versions: dict[str, str] = field(default_factory=dict)
     device: str | None = None
     run_id: str = ""

@@ -89,7 +89,9 @@ class Samples(Dataset):
         return len(self.ds)
 
     def __getitem__(self, i):
-        sample = self.ds.image(i) if self.encoder.modality == "image" else self.ds.caption(i)
+        modality = self.encoder.modality
+        sample = (self.ds.image(i) if modality == "image" else self.ds.caption(i) if modality == "text"
+                  else (self.ds.image(i), self.ds.caption(i)))
         return i, self.encoder.transform(sample)
 
 

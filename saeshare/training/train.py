@@ -37,8 +37,8 @@ from saeshare.training.steps import (
 )
 from wrappedmodels import ENCODERS, TOKENS, add_checkpoint_flags, get_encoder_class, layer_ids
 
-DEFAULT_BATCH = {"image": 16, "text": 256}
-"""Encoder batch of the paper's code: 16 images or 256 captions (one SAE step per batch)."""
+DEFAULT_BATCH = {"image": 16, "text": 256, "mllm": 8}
+"""Encoder batch of the paper's code: 16 images or 256 captions (one SAE step per batch); 8 prompts of an MLLM."""
 
 
 @dataclass(kw_only=True)
@@ -211,7 +211,8 @@ def build_parser(modality: str) -> ArgumentParser:
     p = ArgumentParser(
         description=f"Train a top-k SAE on every requested layer of a {modality} encoder and record the pooled "
                     f"activations of every sample into sae_features/<runname>/.")
-    skip = ("checkpoint", "image_size" if modality == "text" else "shuffle_captions")
+    skip = ("checkpoint", *(("image_size",) if modality != "image" else ()),
+            *(("shuffle_captions",) if modality == "image" else ()))
     add_options(p, TrainConfig, skip=skip, model=f"({', '.join(families)})", token=f"({', '.join(TOKENS)})")
     add_checkpoint_flags(p, families)
     add_options(p, SaeConfig)
