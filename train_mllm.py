@@ -36,7 +36,7 @@ def plot_shares(shares: dict[int, ModalityShares], path: str, title: str) -> Non
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for key, label in (("image_only", "image tokens only"), ("text_only", "caption tokens only"), ("both", "both")):
         ax.plot(layers, [getattr(shares[la], key) for la in layers], marker="o", label=label)
-    ax.set(xlabel="layer", ylabel="share of firing features", ylim=(0, 1), title=title)
+    ax.set(xlabel="layer", ylabel="share of firing features", ylim=(0, 1), title=title, xticks=layers)
     ax.legend(frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
