@@ -95,7 +95,7 @@ def record(args: RecordArgs) -> Run:
     with RunWriter(args.root, args.runname, args.overwrite) as writer:
         plan = EncoderPass(ds, encoder, meta.layers, meta.sae, meta.acts_dtype, args.torch_device,
                            f"{args.runname}: {len(meta.layers)} layers (from {source.name})", args.num_workers)
-        acts = encoder_pass(plan, writer)
+        acts = encoder_pass(plan, {encoder.modality: writer})[encoder.modality]
         layer_info = {layer: save_layer(layer, [(source.with_seed(seed).sae(layer), None) for seed in meta.sae.seeds],
                                         meta.sae.seeds, acts[layer], writer, args.torch_device)
                       for layer in meta.layers}
@@ -138,7 +138,7 @@ def record_imported(args: RecordArgs) -> Run:
         if width != sae.d_model:
             raise UserError(f"--sae_file {args.sae_file}: the SAE reads width {sae.d_model}, layer {layer} of "
                             f"{args.model} {encoder.checkpoint} outputs width {width}")
-        acts = encoder_pass(plan, writer)
+        acts = encoder_pass(plan, {modality: writer})[modality]
         info = {layer: save_layer(layer, [(sae, None)], settings.seeds, acts[layer], writer, args.torch_device)}
         fmt = args.sae_format if args.sae_format != "auto" else formats.detect(Path(args.sae_file)).name
         writer.finish(RunMeta(

@@ -11,6 +11,7 @@ import torch
 from errors import UserError, cli
 from sae import SaeConfig
 from saeshare.core import distributed
+from saeshare.core.distributed import resolve_device
 from saeshare.core.options import check_output, options_from
 from saeshare.disk.runs import ModalityShares
 from saeshare.training.mllm import check_pools, train_mllm
@@ -61,9 +62,8 @@ def main(argv=None):
     check_output(args.plot, "--plot")
     cfg = options_from(TrainConfig, args, checkpoint=cls.checkpoint_from(args))
     pools = check_pools({"image": args.image_token, "text": args.text_token})
+    distributed.init(resolve_device(cfg.device))
     torch.manual_seed(cfg.seed)
-    if distributed.world_size() > 1:
-        raise UserError("train_mllm.py runs on one process (torchrun is not supported yet)")
     result = train_mllm(cfg, options_from(SaeConfig, args), pools, args.min_fires)
     for m, meta in result.metas.items():
         last = meta.layer_info[meta.layers[-1]]
@@ -72,7 +72,7 @@ def main(argv=None):
     print(f"SAE features by the tokens they fire on (at least {args.min_fires} times; "
           f"first {next(iter(result.shares.values())).n_samples} samples):")
     print(format_shares(result.shares))
-    if args.plot:
+    if args.plot and distributed.rank() == 0:
         plot_shares(result.shares, args.plot, f"{cfg.runname}: where its SAE features fire")
     print(f"{result.seconds:.1f} s")
     return result

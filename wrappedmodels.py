@@ -109,9 +109,12 @@ class Encoder:
     ids_key: ClassVar[str] = "input_ids"
     """Text families: where `collate` puts the token ids."""
 
-    def __init__(self, checkpoint: str | None = None, device: str | torch.device = "cpu", token: str | None = None):
+    def __init__(self, checkpoint: str | None = None, device: str | torch.device = "cpu", token: str | None = None,
+                 dtype: str = "float32"):
         self.checkpoint = checkpoint or self.default_checkpoint
         self.device = torch.device(device)
+        self.dtype: torch.dtype = getattr(torch, dtype)
+        """The weights' dtype (--encoder_dtype); float inputs are cast to it, recorded outputs come out in it."""
         self.token = token or self.token_for(self.checkpoint)
         if self.token not in TOKENS:
             raise UserError(f"unknown --token {self.token!r}; choose from {', '.join(TOKENS)}")
@@ -121,7 +124,7 @@ class Encoder:
         if self.checkpoint.startswith(("/", "./", "../", "~")) and not _is_local(self.hf_id()):
             raise UserError(f"{self.checkpoint_flag} {self.checkpoint}: no such checkpoint folder")
         try:
-            self.model = self.load().eval().requires_grad_(False).to(self.device)
+            self.model = self.load().eval().requires_grad_(False).to(self.device, self.dtype)
         except Exception as e:
             if not is_network_error(e):
                 raise  # a bug or a bad local file: the traceback is the report
@@ -198,7 +201,8 @@ class Encoder:
     def record(self, inputs: dict[str, Tensor], layers: list[int]) -> dict[int, Tensor]:
         """One forward pass; returns each requested block's output as [B, T, D]. Hooks return None, so the
         model's outputs are unchanged; the pass stops after the deepest requested block."""
-        inputs = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in inputs.items() if k != "token_mask"}
+        inputs = {k: v.to(self.device, self.dtype if v.is_floating_point() else None) if isinstance(v, Tensor) else v
+                  for k, v in inputs.items() if k != "token_mask"}
         recorded: dict[int, Tensor] = {}
         last = max(layers)
 
@@ -229,6 +233,19 @@ class Encoder:
     def pool(self, acts_BTD: Tensor, mask_BT: Tensor) -> Tensor:
         """The recorded token per sample, [B, D] (docs/design.md#pooled-token)."""
         return pool_tokens(acts_BTD, mask_BT, self.token, self.n_prefix_tokens)
+
+    @classmethod
+    def row_sets(cls) -> tuple[str, ...]:
+        """The runs one pass writes, by the modality of their rows: one, the family's own, for most families."""
+        return (cls.modality,)
+
+    def token_of(self, row_set: str) -> str:
+        """The token a row set's run records (its run.json `token`)."""
+        return self.token
+
+    def pooled_rows(self, acts_BTD: Tensor, inputs: dict[str, Tensor], mask_BT: Tensor) -> dict[str, Tensor]:
+        """Each row set's row of every sample, [B, D]."""
+        return {self.modality: self.pool(acts_BTD, mask_BT)}
 
 
 def pool_tokens(acts_BTD: Tensor, mask_BT: Tensor, token: str, n_prefix_tokens: int = 0) -> Tensor:
@@ -371,7 +388,7 @@ class _HFImage(Encoder):
         from transformers import AutoImageProcessor, AutoModel
 
         self.processor = AutoImageProcessor.from_pretrained(self.hf_id())
-        return AutoModel.from_pretrained(self.hf_id())
+        return AutoModel.from_pretrained(self.hf_id(), dtype=self.dtype)
 
     def find_blocks(self):
         return _first_attr(self.model, self.block_paths)
@@ -460,7 +477,7 @@ class _HFText(Encoder):
         from transformers import AutoModel, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.hf_id())
-        return AutoModel.from_pretrained(self.hf_id())
+        return AutoModel.from_pretrained(self.hf_id(), dtype=self.dtype)
 
     def find_blocks(self):
         return _first_attr(self.model, self.block_paths)
@@ -589,7 +606,7 @@ class SDText(_HFText):
         self.tokenizer = CLIPTokenizer.from_pretrained(self.hf_id(), subfolder=tokenizer_dir)
         # SDXL's second tower carries a projection; the hooked blocks are the same either way
         cls = CLIPTextModelWithProjection if model_dir == "text_encoder_2" else CLIPTextModel
-        return cls.from_pretrained(self.hf_id(), subfolder=model_dir)
+        return cls.from_pretrained(self.hf_id(), subfolder=model_dir, dtype=self.dtype)
 
 
 # --- multimodal LLMs ----------------------------------------------------------------------------------
@@ -613,7 +630,7 @@ class Llava(Encoder):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         try:
-            model = AutoModelForImageTextToText.from_pretrained(self.hf_id())
+            model = AutoModelForImageTextToText.from_pretrained(self.hf_id(), dtype=self.dtype)
         except ValueError as e:  # transformers' "Unrecognized configuration class": another kind of model
             raise UserError(f"--llava_model_name {self.checkpoint!r} is not an image-text model "
                             f"({str(e).splitlines()[0][:160]})") from None
@@ -659,8 +676,14 @@ class Llava(Encoder):
 
     pools = {"image": "mean", "text": "mean"}
     """Per modality, the row each sample stores: `mean` of its positions of that modality, or the `last` one."""
+    @classmethod
+    def row_sets(cls) -> tuple[str, ...]:
+        return ("image", "text")
 
-    def pool_modalities(self, acts_BTD: Tensor, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    def token_of(self, row_set: str) -> str:
+        return self.pools[row_set]
+
+    def pooled_rows(self, acts_BTD: Tensor, inputs: dict[str, Tensor], mask_BT: Tensor) -> dict[str, Tensor]:
         """{"image": [B, D], "text": [B, D]}: each sample's image-token row and caption-token row."""
         return {m: pool_tokens(acts_BTD, inputs[key].to(acts_BTD.device), "eot" if self.pools[m] == "last" else "mean")
                 for m, key in (("image", "image_mask"), ("text", "caption_mask"))}

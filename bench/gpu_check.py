@@ -124,16 +124,22 @@ def families(device: str, root: Path, only: list[str] | None) -> None:
             continue
         ckpt = checkpoint_for(family, root / "ckpt")
         main = {"image": train_image.main, "text": train_text.main, "mllm": train_mllm.main}[cls.modality]
-        flag = cls.checkpoint_flag
-        runs = {}
-        for dev in ("cpu", device):
-            name = f"{family}-{dev.replace(':', '')}"
-            main(["--model", family, flag, ckpt, "--runname", name, "--root", str(root / "fam"), "--max_samples",
-                  "24", "--batch_size", "8", "--layers", "0", "--device", dev,
-                  *(["--image_size", "32"] if family == "EfficientNetLite" else []), "--overwrite"])
-            runs[dev] = Run.open(root / "fam", name + ("_image" if cls.modality == "mllm" else ""))
-        a, b = (np.asarray(runs[dev].acts(0), dtype=np.float64) for dev in ("cpu", device))
-        report(f"{family}: recorded activations", float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12)), 1e-3)
+        sets = ("image", "text") if cls.modality == "mllm" else (None,)
+
+        def trained(dev: str, dtype: str, name: str, family=family, ckpt=ckpt, main=main, sets=sets) -> list[Run]:
+            main(["--model", family, cls.checkpoint_flag, ckpt, "--runname", name, "--root", str(root / "fam"),
+                  "--max_samples", "24", "--batch_size", "8", "--layers", "0", "--device", dev, "--encoder_dtype",
+                  dtype, *(["--image_size", "32"] if family == "EfficientNetLite" else []), "--overwrite"])
+            return [Run.open(root / "fam", f"{name}_{m}" if m else name) for m in sets]
+
+        ref = trained("cpu", "float32", f"{family}-ref")
+        # an MLLM also runs in bfloat16, as its README commands do
+        for dtype in ("float32", "bfloat16") if cls.modality == "mllm" else ("float32",):
+            for a_run, b_run in zip(ref, trained(device, dtype, f"{family}-{dtype}")):
+                a, b = (np.asarray(r.acts(0), dtype=np.float64) for r in (a_run, b_run))
+                rows = f" {a_run.meta.modality} rows" if cls.modality == "mllm" else ""
+                report(f"{family}{rows}: recorded activations, {dtype} on {device}",
+                       float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12)), 1e-3 if dtype == "float32" else 1e-2)
 
 
 def joint_dictionary(device: str, root: Path) -> None:

@@ -127,3 +127,64 @@ def test_plot_and_bad_input(llava, tmp_path, error_line, capsys):
     assert "is not an image-text model" in msg
     assert "choose mean or last" in error_line(train_mllm.main, [*base, "--runname", "r", "--image_token", "cls"])
     assert not list(tmp_path.glob("r_*")) and not list(tmp_path.glob(".r_*"))
+
+
+def test_seeds_random_init_and_bfloat16(llava, runs, tmp_path):
+    """--seeds: one SAE per seed, the same in both runs; --random_init: a floor of the same shape;
+    --encoder_dtype bfloat16: the rows of the float32 pass within 1e-2 of their scale."""
+    root, img, _ = runs
+    base = ["--model", "Llava", "--llava_model_name", llava, "--root", str(tmp_path), "--min_fires", "2", *ARGS]
+    train_mllm.main([*base, "--runname", "s", "--seeds", "0", "3", "--random_init"])
+    a, b = Run.open(tmp_path, "s_image"), Run.open(tmp_path, "s_text")
+    assert a.meta.random_init and a.meta.sae.seeds == [0, 3] and set(a.meta.layer_info[0].per_seed) == {0, 3}
+    for layer in a.layers:
+        w0, w3 = (a.with_seed(s).sae(layer).state()["W_dec"] for s in (0, 3))
+        assert not torch.equal(torch.as_tensor(w0), torch.as_tensor(w3))
+        for s in (0, 3):
+            assert all(torch.equal(torch.as_tensor(x), torch.as_tensor(y)) for x, y in
+                       zip(a.with_seed(s).sae(layer).state().values(), b.with_seed(s).sae(layer).state().values()))
+    assert np.abs(np.asarray(a.acts(1)) - np.asarray(img.acts(1))).max() > 0.1  # random weights, other rows
+    train_mllm.main([*base, "--runname", "h", "--encoder_dtype", "bfloat16"])
+    for m in ("image", "text"):
+        half, full = np.asarray(Run.open(tmp_path, f"h_{m}").acts(2)), np.asarray(Run.open(root, f"ll_{m}").acts(2))
+        assert Run.open(tmp_path, f"h_{m}").meta.encoder_dtype == "bfloat16"
+        assert 0 < np.abs(half - full).max() <= 1e-2 * np.abs(full).max()
+
+
+def test_two_ranks_write_the_pair_one_process_writes(llava, runs, tmp_path):
+    """torchrun: each batch's prompts split across two ranks, each layer's SAE on one: the same two runs."""
+    from test_distributed import _launch
+
+    root, img, txt = runs
+    two = _launch("train_mllm.py", ["--model", "Llava", "--llava_model_name", llava, "--runname", "ll",
+                                    "--root", str(tmp_path), "--min_fires", "2", *ARGS], 2)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("wrote") == 2 and "image only" in two.stdout  # rank 0 alone reports
+    for one in (img, txt):
+        got = Run.open(tmp_path, one.name)
+        assert got.fingerprint == one.fingerprint and got.meta.modality_shares.keys() == one.meta.modality_shares.keys()
+        for layer in one.layers:
+            np.testing.assert_allclose(got.acts(layer), one.acts(layer), rtol=1e-4, atol=1e-5)
+            for k, w in one.sae(layer).state().items():
+                np.testing.assert_allclose(got.sae(layer).state()[k], w, rtol=1e-3, atol=1e-4)
+            assert got.meta.layer_info[layer].tokens_seen == one.meta.layer_info[layer].tokens_seen
+            assert got.meta.modality_shares[layer].n_features == pytest.approx(
+                one.meta.modality_shares[layer].n_features, rel=0.05)
+
+
+def test_other_commands_on_the_pair(runs, error_line, tmp_path):
+    """show.py's gallery reads the pair as any run; what would run the model on one side alone says why not."""
+    import record
+    import show
+
+    root, img, _ = runs
+    msg = error_line(record.main, ["--run", "ll_image", "--runname", "x", "--root", str(root), "--dataset", "shapes",
+                                   "--max_samples", "8"])
+    assert "one half of an MLLM pair" in msg and not (root / "x").exists()
+    for run in ("ll_image", "ll_text"):
+        show.main(["--run", run, "--root", str(root), "--out", str(tmp_path / run), "--device", "cpu",
+                   "--min_active", "1"])
+        assert (tmp_path / run / "index.html").exists() and list((tmp_path / run).glob("feat*.jpg"))
+        msg = error_line(show.main, ["--run", run, "--root", str(root), "--out", str(tmp_path / "h"), "--heatmaps",
+                                     "--device", "cpu"])
+        assert "one half of an MLLM pair" in msg and not (tmp_path / "h").exists()

@@ -149,6 +149,8 @@ class RunMeta(Record):
     image_size: int | None = None
     random_init: bool = False
     """The encoder's weights were re-initialised (a floor), not the checkpoint's."""
+    encoder_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of the encoder's weights during the pass (--encoder_dtype)."""
     sae_from: str | None = None
     """Made by record.py: the run whose encoder and SAEs (copied here) were applied to these samples."""
     sae_from_id: str | None = None

@@ -3,31 +3,18 @@ SAEs train on its image and caption tokens together; each sample stores an image
 as two complete runs (`<runname>_image`, `<runname>_text`) over the same samples and the same SAEs."""
 from __future__ import annotations
 
-import contextlib
-import time
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from errors import UserError
-from sae import SaeConfig, SaeTrainer
-from saeshare.core.distributed import resolve_device
-from saeshare.core.progress import progress
+from sae import SaeConfig, TopKSAE
 from saeshare.disk.runs import ModalityShares, RunMeta, RunWriter, modality_file
-from saeshare.training.steps import (
-    EncoderPass,
-    _check_finite,
-    build_encoder,
-    check_informative,
-    new_trainers,
-    sample_order,
-    save_layer,
-    train_steps,
-)
-from saeshare.training.train import TrainConfig, _settings, _versions
+from saeshare.training.steps import EncoderPass
+from saeshare.training.train import TrainConfig, train_runs
+from wrappedmodels import Encoder
 
-MODALITIES = ("image", "text")
 COUNT_SAMPLES = 256
 """Samples whose tokens the modality shares are counted on, after training."""
 
@@ -37,10 +24,6 @@ class MllmResult(NamedTuple):
     """"image" / "text" -> the run written."""
     shares: dict[int, ModalityShares]
     seconds: float
-
-
-def run_names(runname: str) -> dict[str, str]:
-    return {m: f"{runname}_{m}" for m in MODALITIES}
 
 
 @torch.no_grad()
@@ -79,57 +62,36 @@ def shares_of(counts_4F: np.ndarray, min_fires: int, n_samples: int) -> tuple[Mo
                           min_fires, n_samples, float(counts_4F[2].sum() / max(mass.sum(), 1e-300))), score_F
 
 
-def _pass(plan: EncoderPass, writers: dict[str, RunWriter]) -> tuple[dict, dict[int, list[SaeTrainer]]]:
-    n = len(plan.ds)
-    loader = plan.loader(batch_size=plan.settings.batch_size, sampler=sample_order(plan.settings, n).tolist())
-    acts: dict[str, dict[int, np.ndarray]] = {m: {} for m in MODALITIES}
-    trainers: dict[int, list[SaeTrainer]] = {}
-    for rows, inputs in progress(loader, desc=plan.desc, unit="batch"):
-        recorded = plan.encoder.record(inputs, plan.layers)
+class ModalityCount:
+    """train_mllm.py's part of the training pass: each sample's row per modality as asked (mean or last), then
+    the layers' modality shares, counted with the trained SAEs, for both runs' metadata."""
+
+    def __init__(self, pools: dict[str, str], min_fires: int):
+        self.pools, self.min_fires = check_pools(pools), min_fires
+        self.shares: dict[int, ModalityShares] = {}
+
+    def prepare(self, encoder: Encoder) -> None:
+        if not hasattr(encoder, "pools"):
+            raise UserError(f"train_mllm.py: --model {type(encoder).__name__} is not a multimodal LLM")
+        encoder.pools = self.pools
+
+    def finish(self, plan: EncoderPass, saes: dict[int, TopKSAE], writers: dict[str, RunWriter]) -> dict:
+        counts = modality_counts(plan, saes, COUNT_SAMPLES)
+        n = min(COUNT_SAMPLES, len(plan.ds))
         for layer in plan.layers:
-            acts_BTD = recorded[layer].float()
-            _check_finite(acts_BTD, layer, rows, plan.ds)
-            tokens_ND = acts_BTD[inputs["token_mask"].to(acts_BTD.device)]
-            if layer not in trainers:
-                trainers[layer] = new_trainers(tokens_ND.shape[-1], layer, plan.settings, plan.device)
-            train_steps(trainers[layer], tokens_ND)
-            for m, rows_BD in plan.encoder.pool_modalities(acts_BTD, inputs).items():
-                if layer not in acts[m]:
-                    acts[m][layer] = writers[m].acts(layer, n, rows_BD.shape[-1], plan.acts_dtype)
-                acts[m][layer][rows] = rows_BD.cpu().numpy()
-    return acts, trainers
+            self.shares[layer], score_F = shares_of(counts[layer], self.min_fires, n)
+            for writer in writers.values():
+                np.save(writer.tmp / modality_file(layer), score_F)
+        return {"modality_shares": self.shares}
 
 
 def train_mllm(cfg: TrainConfig, sae_cfg: SaeConfig, pools: dict[str, str], min_fires: int = 5) -> MllmResult:
-    t0 = time.perf_counter()
-    names = run_names(cfg.runname)
-    with contextlib.ExitStack() as stack:
-        writers = {m: stack.enter_context(RunWriter(cfg.root, names[m], cfg.overwrite)) for m in MODALITIES}
-        device = resolve_device(cfg.device)
-        ds = cfg.load(cfg.shuffle_captions)
-        encoder = build_encoder(cfg.encoder_spec("mllm"), device)
-        encoder.pools = pools
-        layers = encoder.resolve_layers(cfg.layers)
-        settings = _settings(cfg, sae_cfg, "mllm")
-        plan = EncoderPass(ds, encoder, layers, settings, cfg.acts_dtype, device,
-                           f"{cfg.runname}: {len(layers)} layers", cfg.num_workers)
-        acts, trainers = _pass(plan, writers)
-        counts = modality_counts(plan, {layer: t[0].sae for layer, t in trainers.items()}, COUNT_SAMPLES)
-        scored = {layer: shares_of(counts[layer], min_fires, min(COUNT_SAMPLES, len(ds))) for layer in layers}
-        shares = {layer: s for layer, (s, _) in scored.items()}
-        metas = {}
-        for m, writer in writers.items():
-            for layer in layers:
-                check_informative(layer, acts[m][layer], f"{pools[m]} of the {m} tokens")
-                np.save(writer.tmp / modality_file(layer), scored[layer][1])
-            info = {layer: save_layer(layer, [(t.sae, t.metrics()) for t in trainers[layer]], settings.seeds,
-                                      acts[m][layer], writer, device) for layer in layers}
-            metas[m] = writer.finish(RunMeta(
-                runname=names[m], modality=m, model=cfg.model, checkpoint=encoder.checkpoint,
-                token=pools[m], dataset=ds.describe(), sae=settings, layers=layers, layer_info=info,
-                n_layers_model=encoder.n_layers, acts_dtype=cfg.acts_dtype, random_init=cfg.random_init,
-                versions=_versions(), device=str(device), modality_shares=shares))
-    return MllmResult(metas, shares, time.perf_counter() - t0)
+    if cfg.sae_tokens != "all":
+        raise UserError("train_mllm.py trains each SAE on the image and caption tokens (--sae_tokens all)")
+    count = ModalityCount(pools, min_fires)
+    results = train_runs(cfg, sae_cfg, "mllm", count)
+    return MllmResult({m: r.meta for m, r in results.items()}, results["image"].meta.modality_shares,
+                      results["image"].seconds)
 
 
 def check_pools(pools: dict[str, str]) -> dict[str, str]:
@@ -138,4 +100,3 @@ def check_pools(pools: dict[str, str]) -> dict[str, str]:
         m, p = next(iter(bad.items()))
         raise UserError(f"--{m}_token {p!r}: choose mean or last")
     return dict(pools)
-

@@ -35,16 +35,22 @@ class EncoderSpec(NamedTuple):
     random_init: bool = False
     """Re-initialise the weights with `seed` (a floor)."""
     seed: int = 0
+    dtype: str = "float32"
+    """The weights' dtype."""
 
     @classmethod
     def of_run(cls, meta: RunMeta) -> EncoderSpec:
+        if meta.modality_shares is not None:
+            raise UserError(f"run {meta.runname!r} is one half of an MLLM pair (train_mllm.py): its model reads an "
+                            "image and a caption together, so it cannot be run again on one side alone")
         return cls(meta.model, meta.modality, meta.checkpoint, meta.token, meta.image_size, meta.random_init,
-                   meta.sae.seed)
+                   meta.sae.seed, meta.encoder_dtype)
 
 
 def build_encoder(spec: EncoderSpec, device: torch.device | str) -> Encoder:
     """The encoder of `spec`: its checkpoint, token, input size, and random weights for a floor."""
-    encoder = get_encoder_class(spec.model, spec.modality)(spec.checkpoint, device=device, token=spec.token)
+    encoder = get_encoder_class(spec.model, spec.modality)(spec.checkpoint, device=device, token=spec.token,
+                                                           dtype=spec.dtype)
     if spec.random_init:
         encoder.reinitialise(spec.seed)
     if spec.image_size is not None:
@@ -115,8 +121,8 @@ def sample_order(settings: SaeSettings, n: int) -> np.ndarray:
 class LayerBatch(NamedTuple):
     tokens_ND: Tensor
     """Training tokens of the batch (padding excluded unless settings.train_on_padding)."""
-    pooled_BD: np.ndarray
-    """The pooled row of every sample of the batch."""
+    pooled: dict[str, np.ndarray]
+    """Per row set (Encoder.row_sets), the [B, D] row of every sample of the batch."""
 
 
 def layer_outputs(plan: EncoderPass, inputs: dict, recorded_BTD: Tensor, layer: int, rows: np.ndarray) -> LayerBatch:
@@ -125,10 +131,18 @@ def layer_outputs(plan: EncoderPass, inputs: dict, recorded_BTD: Tensor, layer: 
     _check_finite(acts_BTD, layer, rows, plan.ds)
     mask_BT = plan.encoder.token_mask(inputs, acts_BTD)
     tokens_ND = acts_BTD.reshape(-1, acts_BTD.shape[-1]) if plan.settings.train_on_padding else acts_BTD[mask_BT]
-    pooled_BD = plan.encoder.pool(acts_BTD, mask_BT).cpu().numpy()
-    if plan.acts_dtype == "float16" and np.abs(pooled_BD).max() > FLOAT16_MAX:
+    pooled = {m: rows_BD.cpu().numpy() for m, rows_BD in plan.encoder.pooled_rows(acts_BTD, inputs, mask_BT).items()}
+    if plan.acts_dtype == "float16" and max(np.abs(p).max() for p in pooled.values()) > FLOAT16_MAX:
         raise UserError(f"layer {layer}: pooled activations exceed the float16 range; use --acts_dtype float32")
-    return LayerBatch(tokens_ND, pooled_BD)
+    return LayerBatch(tokens_ND, pooled)
+
+
+class TrainedLayers(NamedTuple):
+    """What a training pass leaves for the runs to be written from."""
+    acts: dict[str, dict[int, np.ndarray]]
+    """Per row set and layer, the pooled rows [N, d] already in that run's writer."""
+    saes: dict[int, list[tuple[TopKSAE, SaeMetrics]]]
+    """Per layer, each seed's trained SAE with its training metrics."""
 
 
 def _check_finite(acts_BTD: Tensor, layer: int, rows: np.ndarray, ds: data.PairedDataset) -> None:
@@ -146,25 +160,27 @@ def layer_width(plan: EncoderPass, layer: int) -> int:
     return int(plan.encoder.record(inputs, [layer])[layer].shape[-1])
 
 
-def encoder_pass(plan: EncoderPass, writer: RunWriter, on_tokens: Callable[[int, Tensor], None] | None = None,
-                 postfix: Callable[[], str] | None = None) -> dict[int, np.ndarray]:
-    """The pass on one process, in the order training uses: every layer's pooled token written at its
-    sample's row of the run's [N, d] arrays (returned); on_tokens(layer, tokens_ND) gets each batch's
-    training tokens."""
+def encoder_pass(plan: EncoderPass, writers: dict[str, RunWriter],
+                 on_tokens: Callable[[int, Tensor], None] | None = None,
+                 postfix: Callable[[], str] | None = None) -> dict[str, dict[int, np.ndarray]]:
+    """The pass on one process, in the order training uses: every layer's pooled rows written at their
+    sample's row of each row set's run (its [N, d] arrays, returned by row set and layer);
+    on_tokens(layer, tokens_ND) gets each batch's training tokens."""
     n = len(plan.ds)
     loader = plan.loader(batch_size=plan.settings.batch_size, sampler=sample_order(plan.settings, n).tolist())
-    acts: dict[int, np.ndarray] = {}
+    acts: dict[str, dict[int, np.ndarray]] = {m: {} for m in writers}
     done = 0
     bar = progress(loader, desc=plan.desc, unit="batch")
     for rows, inputs in bar:
         recorded = plan.encoder.record(inputs, plan.layers)
         for layer in plan.layers:
             out = layer_outputs(plan, inputs, recorded[layer], layer, rows)
-            if layer not in acts:
-                acts[layer] = writer.acts(layer, n, out.pooled_BD.shape[-1], plan.acts_dtype)
             if on_tokens is not None:
                 on_tokens(layer, out.tokens_ND)
-            acts[layer][rows] = out.pooled_BD
+            for m, rows_BD in out.pooled.items():
+                if layer not in acts[m]:
+                    acts[m][layer] = writers[m].acts(layer, n, rows_BD.shape[-1], plan.acts_dtype)
+                acts[m][layer][rows] = rows_BD
         done += len(rows)
         if postfix is not None and bar.n % PROGRESS_EVERY == 0:  # a metric read syncs the device
             bar.set_postfix_str(postfix())

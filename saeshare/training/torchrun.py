@@ -20,14 +20,13 @@ from errors import UserError
 from sae import SaeTrainer, TopKSAE
 from saeshare.core import distributed
 from saeshare.core.progress import progress
-from saeshare.disk.runs import LayerInfo, RunWriter
+from saeshare.disk.runs import RunWriter
 from saeshare.training.steps import (
     EncoderPass,
-    check_informative,
+    TrainedLayers,
     layer_outputs,
     new_trainers,
     sample_order,
-    save_layer,
     train_steps,
 )
 
@@ -62,61 +61,68 @@ def _exchange(tokens: dict[int, torch.Tensor], owner: dict[int, int], dims: dict
     return {layer: torch.cat(parts) for layer, parts in got.items()}
 
 
-def _gather_rows(rows: list[int], pooled: dict[int, np.ndarray]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+Rows = dict[int, dict[str, np.ndarray]]
+"""Per layer and row set, pooled rows [B, d]."""
+
+
+def _gather_rows(rows: list[int], pooled: Rows) -> tuple[np.ndarray, Rows]:
     """On rank 0: the sample rows and pooled vectors of the whole batch (every rank's slice)."""
     objs = [None] * distributed.world_size() if distributed.rank() == 0 else None
     dist.gather_object((rows, pooled), objs, dst=0)
     if objs is None:
         return np.empty(0, dtype=np.int64), {}
     all_rows = np.concatenate([np.asarray(r, dtype=np.int64) for r, _ in objs])
-    return all_rows, {layer: np.concatenate([p[layer] for _, p in objs if len(p[layer])]) for layer in pooled}
+    return all_rows, {layer: {m: np.concatenate([p[layer][m] for _, p in objs if len(p[layer][m])]) for m in sets}
+                      for layer, sets in pooled.items()}
 
 
 class RankPass(NamedTuple):
     """What the distributed pass leaves on this rank."""
-    acts: dict[int, np.ndarray]
-    """Every layer's pooled rows [N, d] (rank 0 only; empty elsewhere)."""
+    acts: dict[str, dict[int, np.ndarray]]
+    """Per row set, every layer's pooled rows [N, d] (rank 0 only; empty elsewhere)."""
     trainers: dict[int, list[SaeTrainer]]
     """The SAE trainers of the layers this rank owns."""
 
 
-def encoder_pass(plan: EncoderPass, writer: RunWriter | None) -> RankPass:
-    """The pass split across ranks (see the module's docstring)."""
+def encoder_pass(plan: EncoderPass, writers: dict[str, RunWriter]) -> RankPass:
+    """The pass split across ranks (see the module's docstring); `writers` on rank 0 only."""
     n, layers, settings, device = len(plan.ds), plan.layers, plan.settings, plan.device
     slices = _slices(sample_order(settings, n), settings.batch_size)
     loader = iter(plan.loader(batch_sampler=[s for s in slices if s]))
-    acts: dict[int, np.ndarray] = {}
+    acts: dict[str, dict[int, np.ndarray]] = {m: {} for m in writers}
     trainers: dict[int, list[SaeTrainer]] = {}
     owner: dict[int, int] | None = None
     dims: dict[int, int] = {}
     for rows_list in progress(slices, desc=plan.desc, unit="batch", disable=distributed.rank() != 0):
-        tokens, pooled = {}, {}
+        tokens: dict[int, torch.Tensor] = {}
+        pooled: Rows = {}
         if rows_list:
             rows, inputs = next(loader)
             recorded = plan.encoder.record(inputs, layers)
             for layer in layers:
                 tokens[layer], pooled[layer] = layer_outputs(plan, inputs, recorded[layer], layer, rows)
-                dims[layer] = pooled[layer].shape[-1]
+                dims[layer] = tokens[layer].shape[-1]
         if owner is None:  # every rank has a non-empty slice of the first batch (batch_size >= world size)
             owner = dict(zip(layers, distributed.assign([dims[layer] ** 2 for layer in layers])))
         for layer in layers:
             tokens.setdefault(layer, torch.empty(0, dims[layer], device=device))
-            pooled.setdefault(layer, np.empty((0, dims[layer]), dtype=np.float32))
+            pooled.setdefault(layer, {m: np.empty((0, dims[layer]), dtype=np.float32)
+                                      for m in plan.encoder.row_sets()})
         for layer, x in _exchange(tokens, owner, dims).items():
             if layer not in trainers:
                 trainers[layer] = new_trainers(dims[layer], layer, settings, device)
             train_steps(trainers[layer], x)
         all_rows, all_pooled = _gather_rows(rows_list, pooled)
-        if writer is not None:
+        for m, writer in writers.items():
             for layer in layers:
-                if layer not in acts:
-                    acts[layer] = writer.acts(layer, n, dims[layer], plan.acts_dtype)
-                acts[layer][all_rows] = all_pooled[layer]
+                if layer not in acts[m]:
+                    acts[m][layer] = writer.acts(layer, n, dims[layer], plan.acts_dtype)
+                acts[m][layer][all_rows] = all_pooled[layer][m]
     return RankPass(acts, trainers)
 
 
-def train_pass(plan: EncoderPass, writer: RunWriter | None) -> dict[int, LayerInfo] | None:
-    """The one-process training pass for several ranks: the layer infos on rank 0, None elsewhere."""
+def train_pass(plan: EncoderPass, writers: dict[str, RunWriter]) -> TrainedLayers | None:
+    """The one-process training pass for several ranks: what it trained on rank 0, None elsewhere."""
     settings = plan.settings
     if settings.sae_tokens != "all":
         raise UserError("training under torchrun takes --sae_tokens all (pooled tokens train on one device)")
@@ -124,15 +130,11 @@ def train_pass(plan: EncoderPass, writer: RunWriter | None) -> dict[int, LayerIn
         raise UserError(f"a batch of {min(settings.batch_size, len(plan.ds))} samples cannot be split across "
                         f"{distributed.world_size()} ranks: raise --batch_size (or use fewer ranks)")
     plan = dataclasses.replace(plan, desc=f"{plan.desc} on {distributed.world_size()} ranks")
-    acts, trainers = encoder_pass(plan, writer)
+    acts, trainers = encoder_pass(plan, writers)
     mine = {layer: [(t.sae.state(), t.metrics()) for t in ts] for layer, ts in trainers.items()}
     objs = [None] * distributed.world_size() if distributed.rank() == 0 else None
     dist.gather_object(mine, objs, dst=0)
     if objs is None:
         return None
-    received = {layer: [(TopKSAE.from_state(state, settings.top_k).to(plan.device), m) for state, m in saes]
-                for part in objs for layer, saes in part.items()}
-    for layer in plan.layers:
-        check_informative(layer, acts[layer], plan.encoder.token)
-    return {layer: save_layer(layer, received[layer], settings.seeds, acts[layer], writer, plan.device)
-            for layer in plan.layers}
+    return TrainedLayers(acts, {layer: [(TopKSAE.from_state(state, settings.top_k).to(plan.device), m)
+                                        for state, m in saes] for part in objs for layer, saes in part.items()})

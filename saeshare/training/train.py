@@ -10,7 +10,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from torch import Tensor
 
 import data
 from errors import ArgumentParser, OptionError, UserError, check_choices, check_positive
-from sae import SaeConfig, SaeTrainer
+from sae import SaeConfig, SaeTrainer, TopKSAE
 from saeshare.core import distributed
 from saeshare.core.distributed import resolve_device
 from saeshare.core.options import add_options, options_from
@@ -28,6 +28,7 @@ from saeshare.training import torchrun
 from saeshare.training.steps import (
     EncoderPass,
     EncoderSpec,
+    TrainedLayers,
     build_encoder,
     check_informative,
     encoder_pass,
@@ -35,7 +36,7 @@ from saeshare.training.steps import (
     save_layer,
     train_steps,
 )
-from wrappedmodels import ENCODERS, TOKENS, add_checkpoint_flags, get_encoder_class, layer_ids
+from wrappedmodels import ENCODERS, TOKENS, Encoder, add_checkpoint_flags, get_encoder_class, layer_ids
 
 DEFAULT_BATCH = {"image": 16, "text": 256, "mllm": 8}
 """Encoder batch of the paper's code: 16 images or 256 captions (one SAE step per batch); 8 prompts of an MLLM."""
@@ -79,6 +80,9 @@ class TrainConfig(data.DataOptions):
     """Also train on padding positions of captions (the paper's code does)."""
     acts_dtype: Literal["float32", "float16"] = "float32"
     """dtype of the stored pooled activations (float16 is checked for overflow)."""
+    encoder_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of the encoder's weights: bfloat16 halves a large model's memory (the SAEs train in float32 on
+    its outputs)."""
     num_workers: int | None = None
     """DataLoader workers for decoding/preprocessing; default: a few on GPU, 0 on CPU."""
     image_size: int | None = None
@@ -100,13 +104,29 @@ class TrainConfig(data.DataOptions):
 
     def encoder_spec(self, modality: str) -> EncoderSpec:
         return EncoderSpec(self.model, modality, self.checkpoint, self.token, self.image_size, self.random_init,
-                           self.seed)
+                           self.seed, self.encoder_dtype)
 
 
 class TrainResult(NamedTuple):
     run_dir: Path
     meta: RunMeta
     seconds: float
+
+
+class PassExtension(Protocol):
+    """What a command adds to the training pass (train_mllm.py's modality counts)."""
+
+    def prepare(self, encoder: Encoder) -> None:
+        """Set up the encoder once it is built, before the pass."""
+
+    def finish(self, plan: EncoderPass, saes: dict[int, TopKSAE], writers: dict[str, RunWriter]) -> dict:
+        """After training, with each layer's first-seed SAE: files for the runs' folders, and the fields it
+        returns for every run's meta."""
+
+
+def run_names(runname: str, row_sets: tuple[str, ...]) -> dict[str, str]:
+    """The runs of a pass by row set: the name itself, or `<runname>_<modality>` where a pass writes several."""
+    return {m: runname if len(row_sets) == 1 else f"{runname}_{m}" for m in row_sets}
 
 
 def _settings(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> SaeSettings:
@@ -128,7 +148,7 @@ def trained_run(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str,
     same = (meta.model == cfg.model and meta.checkpoint == (cfg.checkpoint or cls.default_checkpoint)
             and meta.token == (cfg.token or cls.token_for(cfg.checkpoint)) and meta.image_size == cfg.image_size
             and meta.acts_dtype == cfg.acts_dtype and meta.sae == _settings(cfg, sae_cfg, modality)
-            and meta.random_init == cfg.random_init
+            and meta.random_init == cfg.random_init and meta.encoder_dtype == cfg.encoder_dtype
             and meta.n_layers_model is not None
             and meta.layers == layer_ids(cfg.layers, meta.n_layers_model, f"run {run.name!r}"))
     describe = dataset or (lambda: cfg.load(cfg.shuffle_captions).describe())
@@ -136,31 +156,59 @@ def trained_run(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str,
 
 
 def train(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> TrainResult:
+    (result,) = train_runs(cfg, sae_cfg, modality).values()
+    return result
+
+
+def train_runs(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str,
+               extension: PassExtension | None = None) -> dict[str, TrainResult]:
+    """One encoder pass that trains every layer's SAEs and writes one run per row set of the encoder
+    (Encoder.row_sets), all with the same SAEs."""
     t0 = time.perf_counter()
-    main = distributed.rank() == 0  # under torchrun, rank 0 writes the run
-    # refuses an existing run before any work
-    with RunWriter(cfg.root, cfg.runname, cfg.overwrite) if main else contextlib.nullcontext() as writer:
+    main = distributed.rank() == 0  # under torchrun, rank 0 writes the runs
+    names = run_names(cfg.runname, get_encoder_class(cfg.model, modality).row_sets())
+    with contextlib.ExitStack() as stack:
+        # refuses an existing run before any work
+        writers = ({m: stack.enter_context(RunWriter(cfg.root, name, cfg.overwrite)) for m, name in names.items()}
+                   if main else {})
         device = resolve_device(cfg.device)
         ds = cfg.load(cfg.shuffle_captions)
         encoder = build_encoder(cfg.encoder_spec(modality), device)
+        if extension is not None:
+            extension.prepare(encoder)
         layers = encoder.resolve_layers(cfg.layers)
         settings = _settings(cfg, sae_cfg, modality)
         plan = EncoderPass(ds, encoder, layers, settings, cfg.acts_dtype, device,
                            f"{cfg.runname}: {len(layers)} layers", cfg.num_workers)
-        layer_info = (torchrun.train_pass(plan, writer) if distributed.world_size() > 1 else _train_pass(plan, writer))
-        meta = None if not main else writer.finish(RunMeta(
-            runname=cfg.runname, modality=encoder.modality, model=cfg.model, checkpoint=encoder.checkpoint,
-            token=encoder.token, dataset=ds.describe(), sae=settings, layers=layers, layer_info=layer_info,
-            n_layers_model=encoder.n_layers, acts_dtype=cfg.acts_dtype, image_size=getattr(encoder, "image_size", None),
-            random_init=cfg.random_init,
-            versions=_versions(), device=str(device)))
-    final = writer.final if main else None
+        trained = torchrun.train_pass(plan, writers) if distributed.world_size() > 1 else _train_pass(plan, writers)
+        metas = None
+        if main:
+            extra = ({} if extension is None else
+                     extension.finish(plan, {layer: saes[0][0] for layer, saes in trained.saes.items()}, writers))
+            infos = {m: _layer_infos(plan, trained, m, writer) for m, writer in writers.items()}
+            metas = {m: writer.finish(RunMeta(
+                runname=names[m], modality=m, model=cfg.model, checkpoint=encoder.checkpoint,
+                token=encoder.token_of(m), dataset=ds.describe(), sae=settings, layers=layers,
+                layer_info=infos[m], n_layers_model=encoder.n_layers,
+                acts_dtype=cfg.acts_dtype, image_size=getattr(encoder, "image_size", None),
+                random_init=cfg.random_init, encoder_dtype=cfg.encoder_dtype, versions=_versions(),
+                device=str(device), **extra)) for m, writer in writers.items()}
+    finals = {m: w.final for m, w in writers.items()}
     if distributed.world_size() > 1:
-        meta, final = distributed.from_rank0(meta, final)
-    return TrainResult(final, meta, time.perf_counter() - t0)
+        metas, finals = distributed.from_rank0(metas, finals)
+    seconds = time.perf_counter() - t0
+    return {m: TrainResult(finals[m], metas[m], seconds) for m in names}
 
 
-def _train_pass(plan: EncoderPass, writer: RunWriter) -> dict[int, LayerInfo]:
+def _layer_infos(plan: EncoderPass, trained: TrainedLayers, row_set: str, writer: RunWriter) -> dict[int, LayerInfo]:
+    acts = trained.acts[row_set]
+    for layer in plan.layers:
+        check_informative(layer, acts[layer], plan.encoder.token_of(row_set))
+    return {layer: save_layer(layer, trained.saes[layer], plan.settings.seeds, acts[layer], writer, plan.device)
+            for layer in plan.layers}
+
+
+def _train_pass(plan: EncoderPass, writers: dict[str, RunWriter]) -> TrainedLayers:
     """The encoder pass that trains every layer's SAEs (one per seed, same batches) on its tokens."""
     settings, layers = plan.settings, plan.layers
     if settings.sae_tokens == "pooled" and len(plan.ds) < 2:
@@ -176,13 +224,11 @@ def _train_pass(plan: EncoderPass, writer: RunWriter) -> dict[int, LayerInfo]:
     def postfix() -> str:
         return f"fvu={trainers[layers[-1]][0].fvu.value():.3f}" if settings.sae_tokens == "all" else ""
 
-    acts = encoder_pass(plan, writer, train_on, postfix)
+    acts = encoder_pass(plan, writers, train_on, postfix)
     if settings.sae_tokens == "pooled":
-        _train_on_pooled(trainers, acts, settings, plan.device)
-    for layer in layers:
-        check_informative(layer, acts[layer], plan.encoder.token)
-    return {layer: save_layer(layer, [(t.sae, t.metrics()) for t in trainers[layer]], settings.seeds, acts[layer],
-                              writer, plan.device) for layer in layers}
+        (pooled,) = acts.values()  # one row set: train_mllm.py refuses --sae_tokens pooled
+        _train_on_pooled(trainers, pooled, settings, plan.device)
+    return TrainedLayers(acts, {layer: [(t.sae, t.metrics()) for t in ts] for layer, ts in trainers.items()})
 
 
 def _train_on_pooled(trainers: dict[int, list[SaeTrainer]], acts: dict[int, np.ndarray], settings: SaeSettings,
