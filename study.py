@@ -39,8 +39,9 @@ from saeshare.engine.correlator import Correlator, tqdm_progress
 from saeshare.engine.options import DEFAULT_MEM_GB, EngineOptions, Precision
 from saeshare.joint.dictionary import JointConfig
 from saeshare.render import study_report
+from saeshare.training.mllm import MllmOptions, ModalityCount, train_mllm
 from saeshare.training.steps import build_encoder
-from saeshare.training.train import TrainConfig, train, trained_run
+from saeshare.training.train import TrainConfig, run_names, train, trained_runs
 from show import GalleryOptions, sharedness_gallery
 from similarity import SimilarityEngine
 from wmppc import pair_scores, table_of
@@ -92,8 +93,9 @@ class Study:
     """SAE seeds of every run (two or more give each run its ceiling)."""
     device: str = "auto"
     encoders: list[dict[str, typing.Any]]
-    """One table per run: `modality` (image or text) and TrainConfig fields (runname, model, checkpoint,
-    layers, token, batch_size, image_size, random_init, shuffle_captions, ...)."""
+    """One table per encoder: `modality` (image, text or mllm) and TrainConfig fields (runname, model,
+    checkpoint, layers, token, batch_size, image_size, random_init, shuffle_captions, ...); an mllm also takes
+    image_token, text_token and min_fires, and makes two runs, <runname>_image and <runname>_text."""
     analyses: Analyses = field(default_factory=Analyses)
 
     @property
@@ -108,8 +110,21 @@ def _known_keys(table: dict, tp: type, where: str) -> None:
         raise UserError(f"{where}: unknown field {unknown[0]!r} (fields: {', '.join(sorted(names))})")
 
 
-def load_study(path: str) -> tuple[Study, list[tuple[str, TrainConfig]]]:
-    """The study and (modality, TrainConfig) of every encoder, all checked before any work."""
+class Entry(typing.NamedTuple):
+    """One encoder of a study, checked."""
+    modality: str
+    cfg: TrainConfig
+    mllm: MllmOptions | None = None
+    """An MLLM's options (modality "mllm")."""
+
+    @property
+    def runs(self) -> list[str]:
+        """The runs its training writes."""
+        return list(run_names(self.cfg.runname, get_encoder_class(self.cfg.model, self.modality).row_sets()).values())
+
+
+def load_study(path: str) -> tuple[Study, list[Entry]]:
+    """The study and every encoder's entry, all checked before any work."""
     try:
         raw = tomllib.loads(Path(path).read_text())
     except OSError as e:
@@ -127,10 +142,10 @@ def load_study(path: str) -> tuple[Study, list[tuple[str, TrainConfig]]]:
     except (ValueError, TypeError) as e:
         raise UserError(f"{path}: {e}") from None
     encoders = [_encoder(study, table, f"{path}: encoders[{i}]") for i, table in enumerate(study.encoders)]
-    names = [cfg.runname for _, cfg in encoders]
+    names = [name for entry in encoders for name in entry.runs]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise UserError(f"{path}: two encoders are named {twice[0]!r}")
+        raise UserError(f"{path}: two runs are named {twice[0]!r}")
     for i, g in enumerate(study.analyses.groups):
         unknown = [n for n in (g.source, *g.shared, *g.not_shared) if n not in names]
         if unknown:
@@ -142,33 +157,45 @@ def load_study(path: str) -> tuple[Study, list[tuple[str, TrainConfig]]]:
     return study, encoders
 
 
-def _encoder(study: Study, table: dict, where: str) -> tuple[str, TrainConfig]:
+def _encoder(study: Study, table: dict, where: str) -> Entry:
     table = dict(table)
     modality = table.pop("modality", None)
-    if modality not in ("image", "text"):
-        raise UserError(f"{where}: `modality` must be \"image\" or \"text\", got {modality!r}")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(STUDY_OWNED)
+    if modality not in ("image", "text", "mllm"):
+        raise UserError(f"{where}: `modality` must be \"image\", \"text\" or \"mllm\", got {modality!r}")
+    mllm_fields = {f.name for f in dataclasses.fields(MllmOptions)} if modality == "mllm" else set()
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(STUDY_OWNED) | mllm_fields
     unknown = sorted(set(table) - fields)
     if unknown:
         raise UserError(f"{where}: unknown field {unknown[0]!r} (fields: modality, {', '.join(sorted(fields))})")
+    mllm_table = {k: table.pop(k) for k in mllm_fields & set(table)}
+    if mllm_fields and "token" in table:
+        raise UserError(f"{where}: an mllm's rows are chosen by image_token and text_token, not token")
     for required in ("runname", "model"):
         if required not in table:
             raise UserError(f"{where}: missing field {required!r}")
     get_encoder_class(table["model"], modality)
     try:  # typed as run.json is: a wrong type names its field
-        return modality, from_jsonable(TrainConfig, {**table, **dataclasses.asdict(study.data), "root": str(study.root),
-                                                     "device": study.device, "seeds": study.seeds}, "")
+        cfg = from_jsonable(TrainConfig, {**table, **dataclasses.asdict(study.data), "root": str(study.root),
+                                          "device": study.device, "seeds": study.seeds}, "")
+        return Entry(modality, cfg, from_jsonable(MllmOptions, mllm_table, "") if modality == "mllm" else None)
     except (ValueError, TypeError) as e:
         raise UserError(f"{where}: {e}") from None
 
 
 class Step(typing.NamedTuple):
-    cfg: TrainConfig
-    modality: str
+    entry: Entry
     reuse: bool
 
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.entry.cfg
 
-def plan(study: Study, encoders: list[tuple[str, TrainConfig]], overwrite: bool) -> list[Step]:
+    @property
+    def modality(self) -> str:
+        return self.entry.modality
+
+
+def plan(study: Study, encoders: list[Entry], overwrite: bool) -> list[Step]:
     """Reuse or train, per encoder; a run with other settings is refused unless `overwrite`."""
     steps, described = [], {}
 
@@ -177,13 +204,15 @@ def plan(study: Study, encoders: list[tuple[str, TrainConfig]], overwrite: bool)
             described[cfg.shuffle_captions] = cfg.load(cfg.shuffle_captions).describe()
         return described[cfg.shuffle_captions]
 
-    for modality, cfg in encoders:
-        reuse = trained_run(cfg, study.sae, modality, lambda cfg=cfg: dataset(cfg)) is not None
-        exists = (study.root / cfg.runname).exists()
+    for entry in encoders:
+        cfg = entry.cfg
+        count = ModalityCount(entry.mllm) if entry.mllm is not None else None
+        reuse = trained_runs(cfg, study.sae, entry.modality, lambda cfg=cfg: dataset(cfg), count) is not None
+        exists = [name for name in entry.runs if (study.root / name).exists()]
         if exists and not reuse and not overwrite:
-            raise UserError(f"run {cfg.runname!r} exists in {study.root} with other settings (or incomplete "
+            raise UserError(f"run {exists[0]!r} exists in {study.root} with other settings (or incomplete "
                             "settings of an earlier version): pass --overwrite to train it again")
-        steps.append(Step(dataclasses.replace(cfg, overwrite=exists and not reuse), modality, reuse))
+        steps.append(Step(entry._replace(cfg=dataclasses.replace(cfg, overwrite=bool(exists) and not reuse)), reuse))
     return steps
 
 
@@ -198,7 +227,7 @@ def _size(study: Study, step: Step) -> Size:
     samples, else (a model that cannot be loaded here) from its published size when costs.py has it."""
     cfg = step.cfg
     if step.reuse:
-        meta = Run.open(study.root, cfg.runname).meta
+        meta = Run.open(study.root, step.entry.runs[0]).meta
         info = [meta.layer_info[layer] for layer in meta.layers]
         return Size(costs.EncoderSize([i.d_model for i in info], [i.tokens_seen / meta.dataset.n_samples for i in info],
                                       0.0), "from the run")
@@ -232,23 +261,29 @@ def dry_run(study: Study, steps: list[Step]) -> str:
         cfg = step.cfg
         size, how = sizes[cfg.runname] = _size(study, step)
         what = f"{len(size.widths)} layers of d {max(size.widths)} ({how})" if size else how
-        lines.append(f"  {'reuse' if step.reuse else 'train'} {cfg.runname}: {step.modality} {cfg.model} "
-                     f"{cfg.checkpoint or get_encoder_class(cfg.model, step.modality).default_checkpoint}; {what}")
+        lines.append(f"  {'reuse' if step.reuse else 'train'} {' and '.join(step.entry.runs)}: {step.modality} "
+                     f"{cfg.model} {cfg.checkpoint or get_encoder_class(cfg.model, step.modality).default_checkpoint}"
+                     f"{'' if cfg.encoder_dtype == 'float32' else ' in ' + cfg.encoder_dtype}; {what}")
     a = study.analyses
-    lines.append(f"  analyses: wMPPC of {len(steps) * (len(steps) - 1)} ordered pairs ({a.codes} codes"
+    n_runs = sum(len(st.entry.runs) for st in steps)
+    lines.append(f"  analyses: wMPPC of {n_runs * (n_runs - 1)} ordered pairs ({a.codes} codes"
                  + (", floors and ceilings" if a.calibrate else "") + (", intervals" if a.ci else "") + ")"
                  + (", classic measures" if a.similarity else "") + f", {len(a.groups)} sharedness groups")
-    known = [s.size for s in sizes.values() if s.size is not None]
-    if len(known) < len(sizes):
+    if any(s.size is None for s in sizes.values()):
         return "\n".join([*lines, "  cost: unknown until every run's size is (see above)"])
+    known = [sizes[st.cfg.runname].size for st in steps for _ in st.entry.runs]  # an MLLM's two runs, one size
     n, e = _n_samples(study), study.sae.expansion_factor
-    todo = [costs.training_flops(sizes[st.cfg.runname].size, n, e, len(study.seeds)) for st in steps if not st.reuse]
-    enc, sae = sum(t[0] for t in todo), sum(t[1] for t in todo)
+    todo = [(st.cfg.encoder_dtype, *costs.training_flops(sizes[st.cfg.runname].size, n, e, len(study.seeds)))
+            for st in steps if not st.reuse]
+    enc = {half: sum(t[1] for t in todo if (t[0] != "float32") == half) for half in (False, True)}
+    sae = sum(t[2] for t in todo)
+    enc_hours = costs.hours(enc[False], "fp32") + costs.hours(enc[True], "bf16")
     matrix = costs.matrix_flops(known, n, e, a.mem_gb, a.calibrate, len(study.seeds))
-    training = {"fp32": costs.hours(enc + sae, "fp32"), "tf32": None,
-                "bf16": costs.hours(enc, "fp32") + costs.hours(sae, "bf16")}
+    training = {"fp32": enc_hours + costs.hours(sae, "fp32"), "tf32": None,
+                "bf16": enc_hours + costs.hours(sae, "bf16")}
     table = costs.table([
-        ("training what is missing (encoders fp32; SAE steps fp32 or --sae_dtype bfloat16)", enc + sae, training),
+        ("training what is missing (encoders in their --encoder_dtype; SAE steps fp32 or --sae_dtype bfloat16)",
+         enc[False] + enc[True] + sae, training),
         (f"all-layers wMPPC matrix, {a.codes} codes", matrix, {k: costs.hours(matrix, k) for k in costs.PEAK_TFLOPS})])
     lines.append(f"  estimated cost on one H100 at {costs.EFFICIENCY:.0%} of peak (divide by the GPUs):\n{table}")
     return "\n".join(lines)
@@ -276,7 +311,7 @@ def analyse(study: Study, runs: list[Run]) -> StudyResults:
                         table=table, sharedness=reports, joint=joints)
 
 
-def run_study(study: Study, encoders: list[tuple[str, TrainConfig]], overwrite: bool, dry: bool,
+def run_study(study: Study, encoders: list[Entry], overwrite: bool, dry: bool,
               train_index: int | None = None) -> StudyResults | None:
     if train_index is not None:
         if not 0 <= train_index < len(encoders):
@@ -289,13 +324,15 @@ def run_study(study: Study, encoders: list[tuple[str, TrainConfig]], overwrite: 
     study.root.mkdir(parents=True, exist_ok=True)
     for step in steps:  # under torchrun every rank takes part in the training (training.torchrun)
         if step.reuse:
-            print(f"reusing {study.root / step.cfg.runname} (same settings)")
+            print(f"reusing {' and '.join(str(study.root / name) for name in step.entry.runs)} (same settings)")
+        elif step.entry.mllm is not None:
+            train_mllm(step.cfg, study.sae, step.entry.mllm)
         else:
             train(step.cfg, study.sae, step.modality)
     distributed.barrier()
     if train_index is not None:
         return None
-    runs = open_runs(study.root, [cfg.runname for _, cfg in encoders])
+    runs = open_runs(study.root, [name for entry in encoders for name in entry.runs])
     res = analyse(study, runs)
     res.config = to_jsonable(study)
     if distributed.rank() == 0:
@@ -327,15 +364,16 @@ def _flags(obj, skip: tuple[str, ...] = ()) -> list[str]:
     return out
 
 
-def commands(study: Study, encoders: list[tuple[str, TrainConfig]]) -> list[str]:
+def commands(study: Study, encoders: list[Entry]) -> list[str]:
     """The study as the command lines that run it step by step: a training per encoder, then its
     Comparative Sharedness groups (what a cluster script or a reader of the paper wants)."""
     root = ["--root", str(study.root)]
     lines = []
-    for modality, cfg in encoders:
+    for modality, cfg, mllm in encoders:
         flag = get_encoder_class(cfg.model, modality).checkpoint_flag
         train = ["--model", cfg.model, *([flag, cfg.checkpoint] if cfg.checkpoint else []), "--runname", cfg.runname,
                  *_flags(study.data), *_flags(cfg, ("model", "checkpoint", "runname", *STUDY_OWNED)),
+                 *(_flags(mllm) if mllm is not None else []),
                  *(["--seeds", *map(str, study.seeds)] if study.seeds != [0] else []), *_flags(study.sae), *root]
         lines.append(shlex.join(["uv", "run", f"train_{modality}.py", *train]))
     for g in study.analyses.groups:

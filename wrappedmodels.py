@@ -153,6 +153,11 @@ class Encoder:
     def find_blocks(self) -> nn.ModuleList:
         raise NotImplementedError
 
+    def sample_of(self, ds, i: int) -> Any:
+        """The side of paired sample i this encoder reads: its image, its caption, or both (an MLLM)."""
+        return ds.image(i) if self.modality == "image" else ds.caption(i) if self.modality == "text" else (
+            ds.image(i), ds.caption(i))
+
     def transform(self, sample: Any) -> Any:
         """Per-sample preprocessing (runs in DataLoader workers)."""
         return sample

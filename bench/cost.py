@@ -8,6 +8,7 @@ COCO (N = 118,287 samples, F = 8d, 2 SAE seeds), training and the all-layers mat
 for `topk` codes on the sparse path: N k^2 products per layer pair (a scatter-add, memory-bound: counted at
 --scatter_gbs of 16-byte updates), in blocks of corr_sparse.SCATTER_BLOCK products, each a few kernel
 launches (--launch_us).
+Then each LLaVA-1.5 of train_mllm.py: its training on COCO, and the wMPPC of its image rows to its caption rows.
 Hours are FLOPs / (peak x --efficiency); these are estimates from the code's counts, not GPU timings.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from saeshare.engine import sparse as corr_sparse  # noqa: E402
 
 N = 118_287
 EXPANSION, TOP_K, SEEDS = 8, 32, 2
-ENCODERS = costs.PUBLISHED
+ENCODERS = costs.PAPER
 
 
 def topk_cost(scatter_gbs: float, launch_us: float) -> tuple[float, float]:
@@ -62,6 +63,17 @@ def main() -> None:
           f"{launches:.2f} h of kernel launches with {corr_sparse.SCATTER_BLOCK['cuda']:,} products per block "
           f"({launches * corr_sparse.SCATTER_BLOCK['cuda'] / corr_sparse.SCATTER_BLOCK['cpu']:.0f} h with the CPU's "
           f"{corr_sparse.SCATTER_BLOCK['cpu']:,})")
+    for (model, checkpoint), (d, layers, tokens, params) in costs.MLLMS.items():
+        size = costs.EncoderSize([d] * layers, [tokens] * layers, params)
+        enc, sae = costs.training_flops(size, N, EXPANSION, 1)
+        pair = costs.pair_flops(size, size, N, EXPANSION, args.mem_gb)
+        print(f"\n{model} {checkpoint} (train_mllm.py, {layers} layers of d {d}, {tokens} tokens a sample, one seed):")
+        print(costs.table([
+            ("training: the model in bf16 (`--encoder_dtype bfloat16`), SAE steps fp32 or bf16", enc + sae,
+             {"fp32": hours(enc, "bf16") + hours(sae, "fp32"), "tf32": None,
+              "bf16": hours(enc, "bf16") + hours(sae, "bf16")}),
+            ("wMPPC image rows -> caption rows, all layer pairs, relu, no floor", pair,
+             {k: hours(pair, k) for k in costs.PEAK_TFLOPS})]))
 
 
 if __name__ == "__main__":

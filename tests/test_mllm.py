@@ -125,7 +125,7 @@ def test_plot_and_bad_input(llava, tmp_path, error_line, capsys):
     bert = hf_dir("Bert", tmp_path / "bert")
     msg = error_line(train_mllm.main, [*base, "--runname", "r", "--llava_model_name", str(bert)])
     assert "is not an image-text model" in msg
-    assert "choose mean or last" in error_line(train_mllm.main, [*base, "--runname", "r", "--image_token", "cls"])
+    assert "choose from mean, last" in error_line(train_mllm.main, [*base, "--runname", "r", "--image_token", "cls"])
     assert not list(tmp_path.glob("r_*")) and not list(tmp_path.glob(".r_*"))
 
 

@@ -85,7 +85,7 @@ def test_interrupted_study_resumes_without_retraining(tmp_path, bert, monkeypatc
 @pytest.mark.parametrize("change,needle", [
     (lambda s: s.replace('model = "Bert"', 'model = "Bart"', 1), "unknown --model 'Bart'"),
     (lambda s: s.replace('model = "Bert"\n', '', 1), "encoders[0]: missing field 'model'"),
-    (lambda s: s.replace('runname = "b"', 'runname = "a"'), "two encoders are named 'a'"),
+    (lambda s: s.replace('runname = "b"', 'runname = "a"'), "two runs are named 'a'"),
     (lambda s: s + '[[analyses.groups]]\nsource = "a"\nshared = ["zz"]\nnot_shared = ["b"]\n',
      "analyses.groups[0] names 'zz', not a run of the study"),
     (lambda s: s.replace("top_k = 4", "topk = 4"), "sae: unknown field 'topk'"),
@@ -121,3 +121,48 @@ def test_readme_paper_encoders_are_the_study_file(capsys):
             if pair[0] not in {m for m, _ in known} or pair[1].startswith("/"):
                 continue  # a family beyond the paper's (SDText), or an offline example's local folder
             assert pair in known or pair[1] == "all-MiniLM-L6-v2", example
+
+
+def test_a_study_with_an_mllm(tmp_path, bert, capsys, error_line):
+    """`modality = "mllm"` makes both runs of the pair, compared with the others; the report has the MLLM's
+    modality shares beside each layer's image -> caption wMPPC; a rerun reuses the pair; other MLLM settings
+    are refused without --overwrite."""
+    from saeshare.disk.results import StudyResults
+
+    llava = checkpoint_for("Llava", tmp_path / "llava")
+    path = tmp_path / "s.toml"
+    config = _config(tmp_path / "out", bert).replace('[[encoders]]\nrunname = "c"', f'''[[encoders]]
+runname = "ll"
+modality = "mllm"
+model = "Llava"
+checkpoint = "{llava}"
+layers = [0, 2]
+batch_size = 8
+min_fires = 2
+
+[[encoders]]
+runname = "c"''')
+    path.write_text(config)
+    study.main([str(path), "--commands"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if "train_mllm.py" in x)
+    assert "--runname ll" in line and "--min_fires 2" in line
+    study.main([str(path), "--dry_run"])
+    assert "train ll_image and ll_text: mllm Llava" in capsys.readouterr().out
+    study.main([str(path)])
+    res = StudyResults.load(tmp_path / "out" / "results.json")
+    assert {"ll_image->ll_text", "ll_image->a", "a->ll_text"} <= set(res.wmppc)
+    w, shares = res.wmppc["ll_image->ll_text"], res.runs["ll_image"].modality_shares
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## MLLM ll: image tokens and caption tokens" in report and (tmp_path / "out" / "modality_ll.png").is_file()
+    for i, layer in enumerate((0, 2)):
+        s = shares[layer]
+        row = (f"| {layer} | {s.image_only:.3f} | {s.text_only:.3f} | {s.both:.3f} | {s.n_features} | "
+               f"{s.image_mass:.3f} | {w.layer_matrix[i, i]:.3f} |")
+        assert row in report
+    capsys.readouterr()
+    study.main([str(path)])
+    assert re.search(r"reusing \S+/ll_image and \S+/ll_text \(same settings\)", capsys.readouterr().out)
+    path.write_text(config.replace("min_fires = 2", "min_fires = 3"))
+    assert "'ll_image' exists" in error_line(study.main, [str(path)])
+    path.write_text(config.replace("min_fires = 2", 'token = "mean"'))
+    assert "not token" in error_line(study.main, [str(path)])

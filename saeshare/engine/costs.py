@@ -34,7 +34,7 @@ class EncoderSize(NamedTuple):
 
 CAPTION_TOKENS = 14
 """Mean tokens of a COCO caption with its special tokens, padding excluded (the SAEs skip padding)."""
-PUBLISHED = {  # (family, checkpoint): (d, layers, tokens per sample, parameters), from the model cards
+PAPER = {  # (family, checkpoint): (d, layers, tokens per sample, parameters), from the model cards
     ("ClipVision", "ViT-B/16-quickgelu"): (768, 12, 197, 86e6),
     ("ClipVision", "ViT-L/14-quickgelu"): (1024, 24, 257, 304e6),
     ("ClipText", "ViT-B/16-quickgelu"): (512, 12, CAPTION_TOKENS, 63e6),
@@ -56,8 +56,13 @@ PUBLISHED = {  # (family, checkpoint): (d, layers, tokens per sample, parameters
     ("Deberta", "microsoft/deberta-base"): (768, 12, CAPTION_TOKENS, 140e6),
     ("Deberta", "microsoft/deberta-large"): (1024, 24, CAPTION_TOKENS, 400e6),
 }
-"""The paper's 20 encoders (studies/paper_coco.toml), for costs without loading them (offline dry runs,
-bench/cost.py)."""
+"""The paper's 20 encoders (studies/paper_coco.toml)."""
+MLLMS = {  # the language model's layers; tokens: 576 image patches and the caption; parameters with the vision tower
+    ("Llava", "llava-hf/llava-1.5-7b-hf"): (4096, 32, 576 + CAPTION_TOKENS, 7.06e9),
+    ("Llava", "llava-hf/llava-1.5-13b-hf"): (5120, 40, 576 + CAPTION_TOKENS, 13.35e9),
+}
+PUBLISHED = {**PAPER, **MLLMS}
+"""Sizes for costs without loading the models (offline dry runs, bench/cost.py)."""
 
 
 DATASET_SIZES = {"coco": 118_287}
@@ -106,8 +111,7 @@ def hours(flops: float, precision: str, efficiency: float = EFFICIENCY) -> float
 @torch.no_grad()
 def measure(encoder, ds, layers: list[int], samples: int = 8) -> EncoderSize:
     """An encoder's size from one forward pass over a few samples: what it records, not a table."""
-    items = [encoder.transform(ds.image(i) if encoder.modality == "image" else ds.caption(i))
-             for i in range(min(samples, len(ds)))]
+    items = [encoder.transform(encoder.sample_of(ds, i)) for i in range(min(samples, len(ds)))]
     inputs = encoder.collate(items)
     recorded = encoder.record(inputs, layers)
     tokens = [float(encoder.token_mask(inputs, recorded[layer]).sum()) / len(items) for layer in layers]

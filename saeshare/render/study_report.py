@@ -7,6 +7,7 @@ from saeshare.disk.results import StudyResults
 from saeshare.render.calibration import calibration_figure, calibration_sections
 from saeshare.render.figures import plot_heatmap
 from saeshare.render.joint import joint_findings, joint_sections
+from saeshare.render.modality import mllm_sections
 from saeshare.render.sections import Grids, Heading, Images, Link, Section, Table, Text, write_report
 
 STUDY_RUN_HEAD = ["run", "model", "checkpoint", "modality", "token", "layers", "samples", "SAE seeds", "note"]
@@ -41,7 +42,7 @@ def _study_figures(res: StudyResults, out: Path) -> list[str]:
     return figs
 
 
-def sections(res: StudyResults, figures: list[str]) -> list[Section]:
+def sections(res: StudyResults, figures: list[str], folder: Path) -> list[Section]:
     names, t = list(res.runs), res.table
     wm_rows = [[a] + [f"{t.all_layers[i, j]:.3f} / {t.last_layer[i, j]:.3f}" if i != j else "–"
                       for j in range(len(names))] for i, a in enumerate(names)]
@@ -58,13 +59,13 @@ def sections(res: StudyResults, figures: list[str]) -> list[Section]:
                 Table(["feature", "Delta", "mass S", *(f"rho -> {n} (match)" for n in others)], rows),
                 Grids([(g, f"feature {r[0]}", f"feature {r[0]}") for r, g in zip(rows, grids)]),
                 Link(gallery, "open the gallery")]
-    return out + joint_sections(res.joint)
+    return out + mllm_sections(res.runs, res.wmppc, folder) + joint_sections(res.joint)
 
 
 def write(res: StudyResults, out: Path) -> None:
     """<out>/report.md and report.html of a study: runs, the wMPPC matrix, calibration, per-pair layer
     heatmaps, and each Comparative Sharedness group with its previews."""
-    write_report(out, f"saeshare study: {out.name}", sections(res, _study_figures(res, out)))
+    write_report(out, f"saeshare study: {out.name}", sections(res, _study_figures(res, out), out))
 
 
 def summary(res: StudyResults, out: Path) -> str:

@@ -3,12 +3,13 @@ SAEs train on its image and caption tokens together; each sample stores an image
 as two complete runs (`<runname>_image`, `<runname>_text`) over the same samples and the same SAEs."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 
-from errors import UserError
+from errors import UserError, check_choices, check_positive
 from sae import SaeConfig, TopKSAE
 from saeshare.disk.runs import ModalityShares, RunMeta, RunWriter, modality_file
 from saeshare.training.steps import EncoderPass
@@ -17,6 +18,25 @@ from wrappedmodels import Encoder
 
 COUNT_SAMPLES = 256
 """Samples whose tokens the modality shares are counted on, after training."""
+
+
+@dataclass(kw_only=True)
+class MllmOptions:
+    """What train_mllm.py adds to a training (and a study's `modality = "mllm"` entry)."""
+    image_token: Literal["mean", "last"] = "mean"
+    """Each sample's row of the image run: the mean over its image tokens, or the last of them."""
+    text_token: Literal["mean", "last"] = "mean"
+    """Each sample's row of the text run: the mean over its caption tokens, or the last of them."""
+    min_fires: int = 5
+    """Tokens of one modality a feature must fire on to count for it in the modality shares."""
+
+    def __post_init__(self):
+        check_choices(self)
+        check_positive("min_fires", self.min_fires)
+
+    @property
+    def pools(self) -> dict[str, str]:
+        return {"image": self.image_token, "text": self.text_token}
 
 
 class MllmResult(NamedTuple):
@@ -66,9 +86,13 @@ class ModalityCount:
     """train_mllm.py's part of the training pass: each sample's row per modality as asked (mean or last), then
     the layers' modality shares, counted with the trained SAEs, for both runs' metadata."""
 
-    def __init__(self, pools: dict[str, str], min_fires: int):
-        self.pools, self.min_fires = check_pools(pools), min_fires
-        self.shares: dict[int, ModalityShares] = {}
+    def __init__(self, opts: MllmOptions):
+        self.pools, self.min_fires = opts.pools, opts.min_fires
+
+    def matches(self, meta: RunMeta) -> bool:
+        shares = meta.modality_shares
+        return (shares is not None and meta.token == self.pools[meta.modality]
+                and all(s.min_fires == self.min_fires for s in shares.values()))
 
     def prepare(self, encoder: Encoder) -> None:
         if not hasattr(encoder, "pools"):
@@ -78,25 +102,17 @@ class ModalityCount:
     def finish(self, plan: EncoderPass, saes: dict[int, TopKSAE], writers: dict[str, RunWriter]) -> dict:
         counts = modality_counts(plan, saes, COUNT_SAMPLES)
         n = min(COUNT_SAMPLES, len(plan.ds))
+        shares = {}
         for layer in plan.layers:
-            self.shares[layer], score_F = shares_of(counts[layer], self.min_fires, n)
+            shares[layer], score_F = shares_of(counts[layer], self.min_fires, n)
             for writer in writers.values():
                 np.save(writer.tmp / modality_file(layer), score_F)
-        return {"modality_shares": self.shares}
+        return {"modality_shares": shares}
 
 
-def train_mllm(cfg: TrainConfig, sae_cfg: SaeConfig, pools: dict[str, str], min_fires: int = 5) -> MllmResult:
+def train_mllm(cfg: TrainConfig, sae_cfg: SaeConfig, opts: MllmOptions) -> MllmResult:
     if cfg.sae_tokens != "all":
         raise UserError("train_mllm.py trains each SAE on the image and caption tokens (--sae_tokens all)")
-    count = ModalityCount(pools, min_fires)
-    results = train_runs(cfg, sae_cfg, "mllm", count)
-    return MllmResult({m: r.meta for m, r in results.items()}, results["image"].meta.modality_shares,
-                      results["image"].seconds)
-
-
-def check_pools(pools: dict[str, str]) -> dict[str, str]:
-    bad = {m: p for m, p in pools.items() if p not in ("mean", "last")}
-    if bad:
-        m, p = next(iter(bad.items()))
-        raise UserError(f"--{m}_token {p!r}: choose mean or last")
-    return dict(pools)
+    results = train_runs(cfg, sae_cfg, "mllm", ModalityCount(opts))
+    image = results["image"].meta
+    return MllmResult({m: r.meta for m, r in results.items()}, image.modality_shares, results["image"].seconds)

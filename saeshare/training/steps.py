@@ -95,10 +95,7 @@ class Samples(Dataset):
         return len(self.ds)
 
     def __getitem__(self, i):
-        modality = self.encoder.modality
-        sample = (self.ds.image(i) if modality == "image" else self.ds.caption(i) if modality == "text"
-                  else (self.ds.image(i), self.ds.caption(i)))
-        return i, self.encoder.transform(sample)
+        return i, self.encoder.transform(self.encoder.sample_of(self.ds, i))
 
 
 class Collate:

@@ -123,6 +123,9 @@ class PassExtension(Protocol):
         """After training, with each layer's first-seed SAE: files for the runs' folders, and the fields it
         returns for every run's meta."""
 
+    def matches(self, meta: RunMeta) -> bool:
+        """An existing run was made with these settings (its token among them): training would remake it."""
+
 
 def run_names(runname: str, row_sets: tuple[str, ...]) -> dict[str, str]:
     """The runs of a pass by row set: the name itself, or `<runname>_<modality>` where a pass writes several."""
@@ -136,23 +139,40 @@ def _settings(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> SaeSetting
 
 
 def trained_run(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str,
-             dataset: Callable[[], data.DatasetInfo] | None = None) -> Run | None:
-    """The complete run cfg.runname if training `cfg` again would make the same run (same encoder,
-    layers, token, samples and SAE settings), else None. `dataset()` describes cfg's samples (default: load
-    them), called only when the run exists: a study loads a hub dataset once for all its runs."""
-    try:
-        run = Run.open(cfg.root, cfg.runname)
-    except UserError:
-        return None
-    meta, cls = run.meta, get_encoder_class(cfg.model, modality)
-    same = (meta.model == cfg.model and meta.checkpoint == (cfg.checkpoint or cls.default_checkpoint)
-            and meta.token == (cfg.token or cls.token_for(cfg.checkpoint)) and meta.image_size == cfg.image_size
-            and meta.acts_dtype == cfg.acts_dtype and meta.sae == _settings(cfg, sae_cfg, modality)
-            and meta.random_init == cfg.random_init and meta.encoder_dtype == cfg.encoder_dtype
-            and meta.n_layers_model is not None
-            and meta.layers == layer_ids(cfg.layers, meta.n_layers_model, f"run {run.name!r}"))
+                dataset: Callable[[], data.DatasetInfo] | None = None) -> Run | None:
+    """The one run of a one-row family's training, as trained_runs finds it."""
+    runs = trained_runs(cfg, sae_cfg, modality, dataset)
+    return None if runs is None else next(iter(runs.values()))
+
+
+def trained_runs(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str,
+                 dataset: Callable[[], data.DatasetInfo] | None = None,
+                 extension: PassExtension | None = None) -> dict[str, Run] | None:
+    """The complete runs of `cfg`, by row set, if training it again would make the same runs (same encoder,
+    layers, tokens, samples and SAE settings), else None. `dataset()` describes cfg's samples (default: load
+    them), called only when the runs exist: a study loads a hub dataset once for all its runs."""
+    cls = get_encoder_class(cfg.model, modality)
+    runs = {}
+    for m, name in run_names(cfg.runname, cls.row_sets()).items():
+        try:
+            run = Run.open(cfg.root, name)
+        except UserError:
+            return None
+        meta = run.meta
+        same = (meta.model == cfg.model and meta.checkpoint == (cfg.checkpoint or cls.default_checkpoint)
+                and (extension.matches(meta) if extension is not None
+                     else meta.token == (cfg.token or cls.token_for(cfg.checkpoint)))
+                and meta.image_size == cfg.image_size
+                and meta.acts_dtype == cfg.acts_dtype and meta.sae == _settings(cfg, sae_cfg, modality)
+                and meta.random_init == cfg.random_init and meta.encoder_dtype == cfg.encoder_dtype
+                and meta.n_layers_model is not None
+                and meta.layers == layer_ids(cfg.layers, meta.n_layers_model, f"run {run.name!r}"))
+        if not same:
+            return None
+        runs[m] = run
     describe = dataset or (lambda: cfg.load(cfg.shuffle_captions).describe())
-    return run if same and meta.dataset == describe() else None
+    found = describe()
+    return runs if all(r.meta.dataset == found for r in runs.values()) else None
 
 
 def train(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str) -> TrainResult:
