@@ -175,6 +175,43 @@ class _SparseDecode(torch.autograd.Function):
         return (g_vals, g_W, *(None,) * len(saved))
 
 
+class _StackedTopKEncode(torch.autograd.Function):
+    """_TopKEncode for S SAEs of one shape at once, on inputs [S, N, D]: one batched product, then the codes
+    of all S indexed as one block-diagonal [S*N, S*F] problem (SAE s's feature f is S's feature s*F + f), so
+    the decoder and every sparse product of the backward run once for all S. Values and gradients are
+    each SAE's own (the blocks never mix), up to the float rounding of the batched product."""
+
+    @staticmethod
+    def forward(ctx, x_SND, b_SD, W_SDF, k, dtype):
+        xc_SND = x_SND - b_SD[:, None]
+        pre_SNF = torch.bmm(xc_SND, W_SDF) if dtype == W_SDF.dtype else torch.bmm(xc_SND.to(dtype), W_SDF.to(dtype))
+        vals, idx = pre_SNF.relu_().topk(k, dim=-1, sorted=False)
+        S, N, _ = xc_SND.shape
+        n_features = W_SDF.shape[2]
+        offset = torch.arange(S, device=idx.device)[:, None, None] * n_features
+        pattern = _Pattern.of((idx + offset).reshape(S * N, k), S * n_features)
+        vals = vals.to(W_SDF.dtype).reshape(S * N, k)
+        ctx.save_for_backward(xc_SND, W_SDF, vals, *pattern)
+        ctx.mark_non_differentiable(*pattern)
+        return vals, *pattern
+
+    @staticmethod
+    def backward(ctx, g_vals, *_):
+        xc_SND, W_SDF, vals, *saved = ctx.saved_tensors
+        (S, N, D), n_features = xc_SND.shape, W_SDF.shape[2]
+        pattern = _Pattern(*saved)
+        g_NK = g_vals * (vals > 0)
+        g_b = g_W = None
+        if ctx.needs_input_grad[1]:
+            col = torch.zeros(S * n_features, dtype=g_NK.dtype, device=g_NK.device)
+            col.index_add_(0, pattern.idx_NK.reshape(-1), g_NK.reshape(-1))
+            g_b = -torch.bmm(W_SDF, col.view(S, n_features, 1)).squeeze(-1)
+        if ctx.needs_input_grad[2]:
+            g_FD = torch.sparse.mm(pattern.csr_t(g_NK, S * n_features), xc_SND.reshape(S * N, D))
+            g_W = g_FD.view(S, n_features, D).transpose(1, 2)
+        return None, g_b, g_W, None, None
+
+
 class TopKSAE(nn.Module):
     """z = TopK(ReLU((x - b_dec) @ W_enc + b_enc)), x_hat = z @ W_dec + b_dec. SAEs trained here have no
     encoder bias (b_enc None, as the paper's); SAEs imported from other libraries may, and a JumpReLU SAE
@@ -314,15 +351,18 @@ class SaeTrainer:
         self.opt.step()
         if cfg.normalize_decoder:
             self.sae.normalize_decoder_()
-        with torch.no_grad():
-            n = x_ND.shape[0]
-            self.tokens_seen += n
-            fired = out.top_acts > 0
-            self.last_fired_F[out.top_indices[fired]] = self.tokens_seen
-            self.l0_sum = self.l0_sum + fired.sum()
-            self._log_step(*self.fvu.update(x_ND, out.x_hat))
-        self.step += 1
+        self.record(x_ND, out.x_hat, out.top_acts, out.top_indices)
         return out.mse.detach()
+
+    @torch.no_grad()
+    def record(self, x_ND: Tensor, x_hat_ND: Tensor, top_acts_NK: Tensor, top_indices_NK: Tensor) -> None:
+        """The metrics' share of a step that has been taken (by this trainer or by a SeedStack)."""
+        self.tokens_seen += x_ND.shape[0]
+        fired = top_acts_NK > 0
+        self.last_fired_F[top_indices_NK[fired]] = self.tokens_seen
+        self.l0_sum = self.l0_sum + fired.sum()
+        self._log_step(*self.fvu.update(x_ND, x_hat_ND))
+        self.step += 1
 
     def _log_step(self, sq_err: Tensor, var: Tensor) -> None:
         if self.step == len(self._curve_S2):
@@ -348,3 +388,53 @@ class SaeTrainer:
             steps=self.step,
             fvu_fall=self.fvu_fall(),
         )
+
+
+class SeedStack:
+    """The SAE steps of a layer's seeds (trainers of one shape) in one batched step (_StackedTopKEncode): each
+    SAE's parameters become views of stacked ones, so the trainers' SAEs always hold the current weights, and
+    one Adam updates the stack. Adam is elementwise, so this is each trainer's own step, up to the float
+    rounding of the batched products. AuxK needs the dense codes of each SAE: its trainers step one by one."""
+
+    NAMES = ("W_enc", "W_dec", "b_dec")
+
+    def __init__(self, trainers: list[SaeTrainer]):
+        self.trainers, cfg = trainers, trainers[0].cfg
+        self.stacked = len(trainers) > 1 and cfg.auxk_alpha == 0
+        if not self.stacked:
+            return
+        self.params = {n: nn.Parameter(torch.stack([getattr(t.sae, n).detach() for t in trainers]))
+                       for n in self.NAMES}
+        for i, t in enumerate(trainers):
+            for n in self.NAMES:
+                setattr(t.sae, n, nn.Parameter(self.params[n].data[i], requires_grad=False))
+            t.opt = None  # the stack's Adam steps them
+        self.opt = torch.optim.Adam(self.params.values(), lr=cfg.lr)
+        self.cfg, self.dtype = cfg, trainers[0].sae.product_dtype
+
+    def train_step(self, x_ND: Tensor) -> None:
+        if not self.stacked:
+            for t in self.trainers:
+                t.train_step(x_ND)
+            return
+        cfg, (S, k) = self.cfg, (len(self.trainers), self.trainers[0].sae.top_k)
+        x_ND = x_ND.float()
+        step = self.trainers[0].step
+        if cfg.lr_warmup_steps:
+            for g in self.opt.param_groups:
+                g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup_steps)
+        W_enc, W_dec, b_dec = (self.params[n] for n in self.NAMES)
+        (N, D), n_features = x_ND.shape, W_enc.shape[2]
+        vals, *pattern = _StackedTopKEncode.apply(x_ND.expand(S, N, D), b_dec, W_enc, k, self.dtype)
+        x_hat_SND = _SparseDecode.apply(vals, W_dec.view(S * n_features, D), *pattern).view(S, N, D) + b_dec[:, None]
+        loss = sum((x_ND - x_hat_SND[i]).pow(2).mean() for i in range(S))  # each SAE's own loss, as it alone
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            if cfg.normalize_decoder:
+                W_dec.div_(W_dec.norm(dim=2, keepdim=True).clamp_min(1e-12))
+            offset = torch.arange(S, device=x_ND.device)[:, None, None] * n_features
+            idx_SNK = pattern[0].view(S, N, k) - offset
+            for i, t in enumerate(self.trainers):
+                t.record(x_ND, x_hat_SND[i], vals.view(S, N, k)[i], idx_SNK[i])

@@ -71,9 +71,23 @@ def child_train(root: str, n: str, *seeds: str) -> dict:
     import train_image
 
     t = time.perf_counter()
-    train_image.main(["--model", "EfficientNetLite", "--runname", f"seeds{len(seeds)}", "--root", root,
+    train_image.main(["--model", "EfficientNetLite", "--runname", f"seeds{'-'.join(seeds)}", "--root", root,
                       "--max_samples", n, "--image_size", "128", "--seeds", *seeds])
     return {"seconds": time.perf_counter() - t}
+
+
+def seed_difference(root: Path) -> float:
+    from saeshare.disk.runs import Run
+
+    three = Run.open(root, "seeds0-1-2")
+    worst = 0.0
+    for seed in (1, 2):
+        alone = Run.open(root, f"seeds{seed}")
+        for layer in three.layers:
+            for name, w in alone.sae(layer).state().items():
+                got = three.with_seed(seed).sae(layer).state()[name]
+                worst = max(worst, float((got - w).abs().max() / w.abs().max().clamp_min(1e-12)))
+    return worst
 
 
 def in_child(kind: str, *args: str) -> dict:
@@ -115,6 +129,10 @@ def main() -> None:
                   f"2 seeds {times[2]:.1f} s, 3 seeds {times[3]:.1f} s; {load()}")
             print(f"(c) cost per extra seed: x{times[2] / times[1]:.2f} (2 seeds / 1), "
                   f"x{1 + (times[3] / times[1] - 1) / 2:.2f} per seed (3 seeds / 1)   (target <= 1.3x per extra seed)")
+            for seed in (1, 2):  # a seed stepped with the others is the seed trained alone
+                in_child("train", str(Path(work) / "train"), str(train_n), str(seed))
+            print(f"(c) seeds 1 and 2 of the 3-seed run against each trained alone: largest relative weight "
+                  f"difference {seed_difference(Path(work) / 'train'):.1e} (target <= 1e-5)")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ line beside the CPU path's and a tolerance, `ok` or `FAILED`. Run by bench/gpu_c
     uv run bench/gpu_check.py --device cpu --small    # the script checking itself on the CPU (its test)
 
 Checks: the SAE step (fused fp32 and bf16 products against the CPU's fp32, and the paper's formulation's time
-over the fused one), wMPPC (dense fp32 / tf32 / bf16 with the exact re-check, and the sparse path, against the
-CPU's dense fp32), the classic measures (CKA, debiased CKA, SVCCA, mutual kNN), a tiny model of every encoder
-family trained on the device (its recorded activations against the CPU's), a joint dictionary, then
-`pytest -m cuda`. Exit status 1 when a check fails.
+over the fused one), three seeds in one batched step (their weights against the CPU's one-by-one steps, and
+the time of one by one over it), wMPPC (dense fp32 / tf32 / bf16 with the exact re-check, and the sparse
+path, against the CPU's dense fp32), the classic measures (CKA, debiased CKA, SVCCA, mutual kNN), a tiny
+model of every encoder family trained on the device (its recorded activations against the CPU's; an MLLM
+also in bfloat16), a joint dictionary, then `pytest -m cuda`. Exit status 1 when a check fails.
 """
 from __future__ import annotations
 
@@ -78,6 +79,39 @@ def sae_step(device: str, small: bool) -> None:
     # bf16 products may keep other features near the k-th largest: the loss, not each gradient entry, agrees
     _, t_bf16, loss = grads(fused_loss, device, torch.bfloat16)
     report("SAE step bf16 products, loss (relative)", abs(loss - ref_loss) / ref_loss, 1e-2, f"{1000 * t_bf16:.1f} ms")
+
+
+def seed_steps(device: str, small: bool) -> None:
+    """Three seeds of a layer in one batched step (SeedStack) against the three stepped one by one: the time
+    of 10 steps each way on the device, and the stacked weights against the CPU's one-by-one ones."""
+    from sae import SaeConfig, SaeTrainer, SeedStack
+
+    cfg = SaeConfig(lr=1e-3)
+    for d, t in ((24, 2048), (64, 256)) if small else ((24, 65536), (768, 4112)):
+        xs = [torch.randn(t, d, generator=torch.Generator().manual_seed(i)) for i in range(10)]
+
+        def trained(dev, stacked):
+            trainers = [SaeTrainer(d, cfg, device=dev, seed=s) for s in range(3)]
+            stack = SeedStack(trainers) if stacked else None
+
+            def steps():
+                for x in xs:
+                    x = x.to(dev)
+                    if stack is not None:
+                        stack.train_step(x)
+                    else:
+                        for tr in trainers:
+                            tr.train_step(x)
+            _, seconds = timed(steps, dev)
+            return [tr.sae.state() for tr in trainers], seconds
+
+        ref, _ = trained("cpu", False)
+        trained(device, True)  # warm-up
+        one_by_one, t_one = trained(device, False)
+        stacked, t_stacked = trained(device, True)
+        diff = max(float((a[n] - b[n]).abs().max() / b[n].abs().max()) for a, b in zip(stacked, ref) for n in b)
+        report(f"3 SAE seeds in one batched step (D={d}, T={t}), weights after 10 steps", diff, 1e-4,
+               f"{1000 * t_stacked / 10:.1f} ms a step for all three, one by one x{t_one / t_stacked:.2f}")
 
 
 def wmppc_paths(device: str, root: Path, small: bool) -> None:
@@ -171,8 +205,8 @@ def main() -> None:
     p.add_argument("--families", nargs="*", help="only these encoder families (default: all)")
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        for what in ("SAE step", "wMPPC dense and sparse", "classic measures", "tiny model per family",
-                     "joint dictionary", "pytest -m cuda"):
+        for what in ("SAE step", "SAE seeds stacked", "wMPPC dense and sparse", "classic measures",
+                     "tiny model per family", "joint dictionary", "pytest -m cuda"):
             print(f"skip   {what}: no CUDA device on this machine", flush=True)
         print("gpu_check: nothing checked here; run it on a GPU machine (--device cpu checks the script itself)")
         return
@@ -182,6 +216,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         sae_step(args.device, args.small)
+        seed_steps(args.device, args.small)
         wmppc_paths(args.device, root, args.small)
         measures(args.device, root)
         families(args.device, root, args.families)

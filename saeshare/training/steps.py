@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import data
 from errors import OptionError, UserError
-from sae import Fvu, SaeMetrics, SaeTrainer, TopKSAE
+from sae import Fvu, SaeMetrics, SaeTrainer, SeedStack, TopKSAE
 from saeshare.core.progress import progress
 from saeshare.disk.runs import FLOAT16_MAX, LayerInfo, RunMeta, RunWriter, SaeSettings, SeedInfo
 from wrappedmodels import TOKENS, Encoder, get_encoder_class
@@ -191,20 +191,19 @@ def _init_seed(seed: int, layer: int) -> int:
     return seed * 1_000_003 + layer
 
 
-def new_trainers(d_model: int, layer: int, settings: SaeSettings, device: torch.device) -> list[SaeTrainer]:
-    """One SAE trainer per seed of a layer."""
+def new_trainers(d_model: int, layer: int, settings: SaeSettings, device: torch.device) -> SeedStack:
+    """One SAE trainer per seed of a layer, stepped together."""
     if settings.top_k > settings.expansion_factor * d_model:
         raise OptionError("top_k", f"{{opt}} {settings.top_k} is more than the {settings.expansion_factor * d_model} "
                                    f"features of layer {layer}'s SAE (--expansion_factor {settings.expansion_factor} "
                                    f"x width {d_model})")
-    return [SaeTrainer(d_model, settings, device=device, seed=_init_seed(s, layer)) for s in settings.seeds]
+    return SeedStack([SaeTrainer(d_model, settings, device=device, seed=_init_seed(s, layer)) for s in settings.seeds])
 
 
-def train_steps(trainers: list[SaeTrainer], x_ND: Tensor) -> None:
+def train_steps(trainers: SeedStack, x_ND: Tensor) -> None:
     """One step of each seed's SAE on the same tokens."""
     with torch.enable_grad():
-        for trainer in trainers:
-            trainer.train_step(x_ND)
+        trainers.train_step(x_ND)
 
 
 def check_informative(layer: int, pooled_ND: np.ndarray, token: str) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from errors import UserError
-from sae import SaeTrainer, TopKSAE
+from sae import SeedStack, TopKSAE
 from saeshare.core import distributed
 from saeshare.core.progress import progress
 from saeshare.disk.runs import RunWriter
@@ -80,7 +80,7 @@ class RankPass(NamedTuple):
     """What the distributed pass leaves on this rank."""
     acts: dict[str, dict[int, np.ndarray]]
     """Per row set, every layer's pooled rows [N, d] (rank 0 only; empty elsewhere)."""
-    trainers: dict[int, list[SaeTrainer]]
+    trainers: dict[int, SeedStack]
     """The SAE trainers of the layers this rank owns."""
 
 
@@ -90,7 +90,7 @@ def encoder_pass(plan: EncoderPass, writers: dict[str, RunWriter]) -> RankPass:
     slices = _slices(sample_order(settings, n), settings.batch_size)
     loader = iter(plan.loader(batch_sampler=[s for s in slices if s]))
     acts: dict[str, dict[int, np.ndarray]] = {m: {} for m in writers}
-    trainers: dict[int, list[SaeTrainer]] = {}
+    trainers: dict[int, SeedStack] = {}
     owner: dict[int, int] | None = None
     dims: dict[int, int] = {}
     for rows_list in progress(slices, desc=plan.desc, unit="batch", disable=distributed.rank() != 0):
@@ -131,7 +131,7 @@ def train_pass(plan: EncoderPass, writers: dict[str, RunWriter]) -> TrainedLayer
                         f"{distributed.world_size()} ranks: raise --batch_size (or use fewer ranks)")
     plan = dataclasses.replace(plan, desc=f"{plan.desc} on {distributed.world_size()} ranks")
     acts, trainers = encoder_pass(plan, writers)
-    mine = {layer: [(t.sae.state(), t.metrics()) for t in ts] for layer, ts in trainers.items()}
+    mine = {layer: [(t.sae.state(), t.metrics()) for t in ts.trainers] for layer, ts in trainers.items()}
     objs = [None] * distributed.world_size() if distributed.rank() == 0 else None
     dist.gather_object(mine, objs, dst=0)
     if objs is None:

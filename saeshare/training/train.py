@@ -18,7 +18,7 @@ from torch import Tensor
 
 import data
 from errors import ArgumentParser, OptionError, UserError, check_choices, check_positive
-from sae import SaeConfig, SaeTrainer, TopKSAE
+from sae import SaeConfig, SeedStack, TopKSAE
 from saeshare.core import distributed
 from saeshare.core.distributed import resolve_device
 from saeshare.core.options import add_options, options_from
@@ -233,7 +233,7 @@ def _train_pass(plan: EncoderPass, writers: dict[str, RunWriter]) -> TrainedLaye
     settings, layers = plan.settings, plan.layers
     if settings.sae_tokens == "pooled" and len(plan.ds) < 2:
         raise UserError("--sae_tokens pooled needs at least 2 samples to train on")
-    trainers: dict[int, list[SaeTrainer]] = {}
+    trainers: dict[int, SeedStack] = {}
 
     def train_on(layer: int, tokens_ND: Tensor) -> None:
         if layer not in trainers:
@@ -242,16 +242,16 @@ def _train_pass(plan: EncoderPass, writers: dict[str, RunWriter]) -> TrainedLaye
             train_steps(trainers[layer], tokens_ND)
 
     def postfix() -> str:
-        return f"fvu={trainers[layers[-1]][0].fvu.value():.3f}" if settings.sae_tokens == "all" else ""
+        return f"fvu={trainers[layers[-1]].trainers[0].fvu.value():.3f}" if settings.sae_tokens == "all" else ""
 
     acts = encoder_pass(plan, writers, train_on, postfix)
     if settings.sae_tokens == "pooled":
         (pooled,) = acts.values()  # one row set: train_mllm.py refuses --sae_tokens pooled
         _train_on_pooled(trainers, pooled, settings, plan.device)
-    return TrainedLayers(acts, {layer: [(t.sae, t.metrics()) for t in ts] for layer, ts in trainers.items()})
+    return TrainedLayers(acts, {layer: [(t.sae, t.metrics()) for t in ts.trainers] for layer, ts in trainers.items()})
 
 
-def _train_on_pooled(trainers: dict[int, list[SaeTrainer]], acts: dict[int, np.ndarray], settings: SaeSettings,
+def _train_on_pooled(trainers: dict[int, SeedStack], acts: dict[int, np.ndarray], settings: SaeSettings,
                      device: torch.device) -> None:
     """--sae_tokens pooled: epochs over the stored pooled tokens, in a seeded random order."""
     n = len(next(iter(acts.values())))
