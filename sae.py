@@ -106,7 +106,7 @@ class _Pattern(NamedTuple):
         flat = idx_NK.reshape(-1)
         crow_t = torch.zeros(n_features + 1, dtype=torch.long, device=flat.device)
         crow_t[1:] = torch.bincount(flat, minlength=n_features).cumsum(0)
-        return cls(idx_NK, torch.argsort(flat), crow_t)
+        return cls(idx_NK, torch.argsort(flat, stable=True), crow_t)
 
     def csr(self, val_NK: Tensor, n_features: int) -> Tensor:
         """[N, F] with val at (n, idx[n, k])."""
@@ -205,7 +205,8 @@ class _StackedTopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             col = torch.zeros(S * n_features, dtype=g_NK.dtype, device=g_NK.device)
             col.index_add_(0, pattern.idx_NK.reshape(-1), g_NK.reshape(-1))
-            g_b = -torch.bmm(W_SDF, col.view(S, n_features, 1)).squeeze(-1)
+            # one product per SAE: a batched one sums in another order than _TopKEncode's, and Adam amplifies that
+            g_b = -torch.stack([W_enc_DF @ col_F for W_enc_DF, col_F in zip(W_SDF, col.view(S, n_features))])
         if ctx.needs_input_grad[2]:
             g_FD = torch.sparse.mm(pattern.csr_t(g_NK, S * n_features), xc_SND.reshape(S * N, D))
             g_W = g_FD.view(S, n_features, D).transpose(1, 2)
@@ -229,7 +230,7 @@ class TopKSAE(nn.Module):
             bound = math.sqrt(6.0 / n_features)
             W_enc.uniform_(-bound, bound, generator=generator)
         self.W_enc = nn.Parameter(W_enc)
-        self.W_dec = nn.Parameter(W_enc.T / W_enc.T.norm(dim=1, keepdim=True))
+        self.W_dec = nn.Parameter((W_enc.T / W_enc.T.norm(dim=1, keepdim=True)).contiguous())  # rows are read
         self.b_dec = nn.Parameter(torch.zeros(d_model))
         self.b_enc: nn.Parameter | None = None
         self.threshold: nn.Parameter | None = None
@@ -393,8 +394,9 @@ class SaeTrainer:
 class SeedStack:
     """The SAE steps of a layer's seeds (trainers of one shape) in one batched step (_StackedTopKEncode): each
     SAE's parameters become views of stacked ones, so the trainers' SAEs always hold the current weights, and
-    one Adam updates the stack. Adam is elementwise, so this is each trainer's own step, up to the float
-    rounding of the batched products. AuxK needs the dense codes of each SAE: its trainers step one by one."""
+    one Adam updates the stack. Adam is elementwise and the stacked products sum in each SAE's own order, so
+    on the CPU this is each trainer's own step bit for bit (a GPU's batched product may round otherwise). AuxK
+    needs the dense codes of each SAE: its trainers step one by one."""
 
     NAMES = ("W_enc", "W_dec", "b_dec")
 
@@ -432,8 +434,9 @@ class SeedStack:
         loss.backward()
         self.opt.step()
         with torch.no_grad():
-            if cfg.normalize_decoder:
-                W_dec.div_(W_dec.norm(dim=2, keepdim=True).clamp_min(1e-12))
+            if cfg.normalize_decoder:  # each SAE's own view: the norms reduce as for it alone
+                for t in self.trainers:
+                    t.sae.normalize_decoder_()
             offset = torch.arange(S, device=x_ND.device)[:, None, None] * n_features
             idx_SNK = pattern[0].view(S, N, k) - offset
             for i, t in enumerate(self.trainers):

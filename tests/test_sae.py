@@ -184,8 +184,8 @@ def test_bfloat16_products_stay_close_to_float32():
                                      {"sae_dtype": "bfloat16"}])
 @pytest.mark.parametrize("shape", [(512, 16), (200, 48)])
 def test_seeds_stepped_together_are_each_seed_alone(options, shape):
-    """A SeedStack's batched step is, for every seed, the step its trainer takes alone: weights and metrics
-    after 30 steps agree to 1e-5."""
+    """A SeedStack's batched step is, for every seed, the step its trainer takes alone: on the CPU the weights
+    and metrics after 30 steps are the same bit for bit."""
     from sae import SeedStack
 
     n, d = shape
@@ -199,12 +199,7 @@ def test_seeds_stepped_together_are_each_seed_alone(options, shape):
         for t in alone:
             t.train_step(x)
         stack.train_step(x)
-    tol = 1e-2 if cfg.sae_dtype == "bfloat16" else 1e-5  # bf16 products round differently in a batch
     for a, b in zip(alone, stack.trainers):
-        for name, w in a.sae.state().items():
-            got = b.sae.state()[name]
-            assert float((got - w).abs().max() / w.abs().max().clamp_min(1e-12)) < tol, name
-        ma, mb = a.metrics(), b.metrics()
-        assert (ma.steps, ma.tokens_seen) == (mb.steps, mb.tokens_seen)
-        assert mb.fvu == pytest.approx(ma.fvu, rel=tol) and mb.l0 == pytest.approx(ma.l0, rel=tol)
+        assert all(torch.equal(b.sae.state()[name], w) for name, w in a.sae.state().items())
+        assert a.metrics() == b.metrics()
     assert not SeedStack([SaeTrainer(8, SaeConfig(auxk_alpha=0.1), seed=s) for s in (0, 1)]).stacked
