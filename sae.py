@@ -106,7 +106,17 @@ class _Pattern(NamedTuple):
         flat = idx_NK.reshape(-1)
         crow_t = torch.zeros(n_features + 1, dtype=torch.long, device=flat.device)
         crow_t[1:] = torch.bincount(flat, minlength=n_features).cumsum(0)
-        return cls(idx_NK, torch.argsort(flat, stable=True), crow_t)
+        return cls(idx_NK, torch.argsort(flat), crow_t)
+
+    @classmethod
+    def stacked(cls, idx_SNK: Tensor, n_features: int) -> "_Pattern":
+        """The block-diagonal pattern of S SAEs' codes (SAE s's feature f is feature s*F + f), built from each
+        SAE's own pattern, so that every product over it sums in that SAE's own order."""
+        S, N, K = idx_SNK.shape
+        parts = [cls.of(idx_NK, n_features) for idx_NK in idx_SNK]
+        return cls(torch.cat([p.idx_NK + s * n_features for s, p in enumerate(parts)]),
+                   torch.cat([p.order + s * N * K for s, p in enumerate(parts)]),
+                   torch.cat([parts[0].crow_t[:1], *(p.crow_t[1:] + s * N * K for s, p in enumerate(parts))]))
 
     def csr(self, val_NK: Tensor, n_features: int) -> Tensor:
         """[N, F] with val at (n, idx[n, k])."""
@@ -187,9 +197,7 @@ class _StackedTopKEncode(torch.autograd.Function):
         pre_SNF = torch.bmm(xc_SND, W_SDF) if dtype == W_SDF.dtype else torch.bmm(xc_SND.to(dtype), W_SDF.to(dtype))
         vals, idx = pre_SNF.relu_().topk(k, dim=-1, sorted=False)
         S, N, _ = xc_SND.shape
-        n_features = W_SDF.shape[2]
-        offset = torch.arange(S, device=idx.device)[:, None, None] * n_features
-        pattern = _Pattern.of((idx + offset).reshape(S * N, k), S * n_features)
+        pattern = _Pattern.stacked(idx, W_SDF.shape[2])
         vals = vals.to(W_SDF.dtype).reshape(S * N, k)
         ctx.save_for_backward(xc_SND, W_SDF, vals, *pattern)
         ctx.mark_non_differentiable(*pattern)

@@ -182,10 +182,11 @@ def test_bfloat16_products_stay_close_to_float32():
 
 @pytest.mark.parametrize("options", [{}, {"normalize_decoder": True, "lr_warmup_steps": 5, "lr": 1e-3},
                                      {"sae_dtype": "bfloat16"}])
-@pytest.mark.parametrize("shape", [(512, 16), (200, 48)])
+@pytest.mark.parametrize("shape", [(512, 16), (200, 48), (784, 320)])
 def test_seeds_stepped_together_are_each_seed_alone(options, shape):
     """A SeedStack's batched step is, for every seed, the step its trainer takes alone: on the CPU the weights
-    and metrics after 30 steps are the same bit for bit."""
+    and metrics after 12 steps are the same bit for bit (784 x 320: where the pattern's unstable sort orders
+    ties otherwise in a longer array, so the stack sorts each seed's own)."""
     from sae import SeedStack
 
     n, d = shape
@@ -194,7 +195,7 @@ def test_seeds_stepped_together_are_each_seed_alone(options, shape):
     stack = SeedStack([SaeTrainer(d, cfg, seed=s) for s in (0, 1, 5)])
     assert stack.stacked
     g = torch.Generator().manual_seed(1)
-    for _ in range(30):
+    for _ in range(12):
         x = torch.randn(n, d, generator=g) * 3 + 1
         for t in alone:
             t.train_step(x)
