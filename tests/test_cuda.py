@@ -62,12 +62,14 @@ def test_gpu_check_skips_without_cuda_and_checks_itself_on_the_cpu():
     script = str(ROOT / "bench" / "gpu_check.py")
     if not torch.cuda.is_available():
         out = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=ROOT)
-        assert out.returncode == 0 and out.stdout.count("skip   ") == 6 and "no CUDA device" in out.stdout
+        assert out.returncode == 0 and out.stdout.count("skip   ") == 7 and "no CUDA device" in out.stdout
     out = subprocess.run([sys.executable, script, "--device", "cpu", "--small", "--families", "Bert",
-                          "EfficientNetLite"], capture_output=True, text=True, cwd=ROOT,
+                          "EfficientNetLite", "Llava"], capture_output=True, text=True, cwd=ROOT,
                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     lines = [line for line in out.stdout.splitlines() if line.startswith(("ok", "FAILED"))]
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]
-    assert len(lines) == 13 and all(line.startswith("ok") for line in lines)
+    assert len(lines) == 19 and all(line.startswith("ok") for line in lines)
+    assert sum("3 SAE seeds in one batched step" in line for line in lines) == 2
+    assert sum("Llava" in line and "bfloat16" in line for line in lines) == 2  # its image rows and caption rows
     assert "gpu_check: 0 failed" in out.stdout
     assert np.isfinite([float(line.split("from the CPU ")[1].split()[0]) for line in lines]).all()
