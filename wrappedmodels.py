@@ -617,9 +617,10 @@ class SDText(_HFText):
 # --- multimodal LLMs ----------------------------------------------------------------------------------
 @register
 class Llava(Encoder):
-    """A LLaVA-style multimodal LLM (transformers `LlavaForConditionalGeneration`, the `llava-hf`
-    checkpoints): an (image, caption) sample goes through one prompt, and the language model's decoder layers
-    are hooked. Each position is an image token (the processor's expansion of `<image>`), a caption token
+    """A LLaVA-style multimodal LLM (transformers `LlavaForConditionalGeneration` and
+    `LlavaNextForConditionalGeneration`, the `llava-hf` checkpoints): an (image, caption) sample goes through
+    one prompt, and the language model's decoder layers are hooked. Each position is an image token (the
+    processor's expansion of `<image>`), a caption token
     (by character offsets in the prompt), or neither (the template, padding)."""
 
     modality = "mllm"

@@ -188,3 +188,26 @@ def test_other_commands_on_the_pair(runs, error_line, tmp_path):
         msg = error_line(show.main, ["--run", run, "--root", str(root), "--out", str(tmp_path / "h"), "--heatmaps",
                                      "--device", "cpu"])
         assert "one half of an MLLM pair" in msg and not (tmp_path / "h").exists()
+
+
+def test_llava_next_reads_the_same_way(tmp_path):
+    """A LLaVA-NeXT checkpoint (any-resolution tiles: 5 views of 16 tokens and row-end tokens, 88 image positions
+    here) goes through the same family: positions split exactly, and train_mllm.py writes its pair."""
+    from tiny_models import llava_next_dir
+
+    ckpt = str(llava_next_dir(tmp_path / "next"))
+    enc = Llava(ckpt)
+    assert type(enc.model).__name__ == "LlavaNextForConditionalGeneration"
+    ds, inputs = batch(enc)
+    assert torch.equal(inputs["image_mask"], inputs["input_ids"] == enc.model.config.image_token_index)
+    assert (inputs["image_mask"].sum(1) == 88).all()
+    tok = enc.processor.tokenizer
+    for b in range(len(inputs["input_ids"])):
+        words = tok.convert_ids_to_tokens(inputs["input_ids"][b][inputs["caption_mask"][b]].tolist())
+        assert words == ds.caption(b).split()
+    train_mllm.main(["--model", "Llava", "--llava_model_name", ckpt, "--runname", "nx", "--root", str(tmp_path),
+                     "--min_fires", "2", *ARGS])
+    img = Run.open(tmp_path, "nx_image")
+    acts = enc.record(inputs, [1])[1]
+    m = inputs["image_mask"][..., None].float()
+    np.testing.assert_allclose(img.acts(1)[:4], ((acts * m).sum(1) / m.sum(1)).numpy(), rtol=1e-4, atol=1e-5)

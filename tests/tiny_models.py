@@ -117,29 +117,59 @@ LLAVA_WORDS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "USER:", "ASSISTANT:"
     "pink brown cyan").split()]
 
 
-def llava_dir(out: Path) -> Path:
-    """A tiny random LLaVA (Llama 3 layers of 32, CLIP vision 16 px in 4-px patches: 16 image tokens) with a
-    word-level tokenizer over the shapes captions' words and an <image> token."""
+def _llava_tokenizer():
+    """A word-level tokenizer over the shapes captions' words, with an <image> token."""
     import transformers as tf
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {w: i for i, w in enumerate(LLAVA_WORDS)}
     words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", unk_token="<unk>",
-                                           bos_token="<s>", eos_token="</s>",
-                                           extra_special_tokens={"image_token": "<image>"})
+    return tf.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", unk_token="<unk>",
+                                      bos_token="<s>", eos_token="</s>",
+                                      extra_special_tokens={"image_token": "<image>"})
+
+
+def _llava_configs() -> dict:
+    import transformers as tf
+
+    return dict(text_config=tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=2, num_key_value_heads=2, vocab_size=len(LLAVA_WORDS),
+                                           max_position_embeddings=128),
+                vision_config=tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=2, image_size=16, patch_size=4),
+                image_token_index=LLAVA_WORDS.index("<image>"), vision_feature_select_strategy="default",
+                vision_feature_layer=-1)
+
+
+def llava_dir(out: Path) -> Path:
+    """A tiny random LLaVA (Llama 3 layers of 32, CLIP vision 16 px in 4-px patches: 16 image tokens) with a
+    word-level tokenizer over the shapes captions' words and an <image> token."""
+    import transformers as tf
+
     torch.manual_seed(0)
-    model = tf.LlavaForConditionalGeneration(tf.LlavaConfig(
-        text_config=tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                                   num_key_value_heads=2, vocab_size=len(vocab), max_position_embeddings=128),
-        vision_config=tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=2, image_size=16, patch_size=4),
-        image_token_index=vocab["<image>"], vision_feature_select_strategy="default", vision_feature_layer=-1))
+    model = tf.LlavaForConditionalGeneration(tf.LlavaConfig(**_llava_configs()))
     images = tf.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     # the CLS is dropped ("default"), and the processor must count it among the tokens it removes
-    processor = tf.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=4,
+    processor = tf.LlavaProcessor(image_processor=images, tokenizer=_llava_tokenizer(), patch_size=4,
                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def llava_next_dir(out: Path) -> Path:
+    """The same tiny model as a LLaVA-NeXT (any-resolution tiles: a base view and tiles of 16 px, each 16
+    image tokens, and a row-end token per row of patches)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    pinpoints = [[16, 16], [16, 32], [32, 16], [32, 32]]
+    model = tf.LlavaNextForConditionalGeneration(tf.LlavaNextConfig(**_llava_configs(), image_grid_pinpoints=pinpoints))
+    images = tf.LlavaNextImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                                        image_grid_pinpoints=pinpoints)
+    processor = tf.LlavaNextProcessor(image_processor=images, tokenizer=_llava_tokenizer(), patch_size=4,
+                                      vision_feature_select_strategy="default", num_additional_image_tokens=1)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
