@@ -132,38 +132,6 @@ class _Pattern(NamedTuple):
                                        check_invariants=False)
 
 
-class _TopKEncode(torch.autograd.Function):
-    """(vals, idx) = TopK(ReLU((x - b_dec) @ W_enc)), and the codes' sparsity pattern for the decoder.
-    The gradient of a top-k code is zero outside the k kept features, so the backward touches only
-    those: cost N*K*D, not the N*D*F of two dense products."""
-
-    @staticmethod
-    def forward(ctx, x_ND, b_dec, W_enc, k, dtype):
-        """`dtype`: of the dense encoder product (bfloat16 halves its cost on tensor cores); the kept codes,
-        the decoder and every gradient stay float32."""
-        xc_ND = x_ND - b_dec
-        pre_NF = xc_ND @ W_enc if dtype == W_enc.dtype else (xc_ND.to(dtype) @ W_enc.to(dtype))
-        vals, idx = pre_NF.relu_().topk(k, dim=-1, sorted=False)
-        vals = vals.to(W_enc.dtype)
-        pattern = _Pattern.of(idx, W_enc.shape[1])
-        ctx.save_for_backward(xc_ND, W_enc, vals, *pattern)
-        ctx.mark_non_differentiable(*pattern)
-        return vals, *pattern
-
-    @staticmethod
-    def backward(ctx, g_vals, *_):
-        xc_ND, W_enc, vals, *saved = ctx.saved_tensors
-        pattern, n_features = _Pattern(*saved), W_enc.shape[1]
-        g_NK = g_vals * (vals > 0)  # through the ReLU
-        g_x = torch.sparse.mm(pattern.csr(g_NK, n_features), W_enc.T) if ctx.needs_input_grad[0] else None
-        g_b = None
-        if ctx.needs_input_grad[1]:  # b_dec enters as x - b_dec: minus the sum over samples of g_x
-            col_F = torch.zeros(n_features, dtype=g_NK.dtype, device=g_NK.device)
-            g_b = -(W_enc @ col_F.index_add_(0, pattern.idx_NK.reshape(-1), g_NK.reshape(-1)))
-        g_W = torch.sparse.mm(pattern.csr_t(g_NK, n_features), xc_ND).T if ctx.needs_input_grad[2] else None
-        return g_x, g_b, g_W, None, None
-
-
 class _SparseDecode(torch.autograd.Function):
     """sum_k vals[n, k] W_dec[idx[n, k]] through sparse products (forward and backward N*K*D)."""
 
@@ -185,14 +153,18 @@ class _SparseDecode(torch.autograd.Function):
         return (g_vals, g_W, *(None,) * len(saved))
 
 
-class _StackedTopKEncode(torch.autograd.Function):
-    """_TopKEncode for S SAEs of one shape at once, on inputs [S, N, D]: one batched product, then the codes
-    of all S indexed as one block-diagonal [S*N, S*F] problem (SAE s's feature f is S's feature s*F + f), so
-    the decoder and every sparse product of the backward run once for all S. Values and gradients are
-    each SAE's own (the blocks never mix), up to the float rounding of the batched product."""
+class _TopKEncode(torch.autograd.Function):
+    """(vals, pattern) = TopK(ReLU((x - b_dec) @ W_enc)) for S SAEs of one shape at once (S = 1 for one), on
+    inputs [S, N, D]: one batched product, then the codes of all S indexed as one block-diagonal [S*N, S*F]
+    problem (SAE s's feature f is feature s*F + f), whose sparse products the decoder and the backward run
+    once for all S. The gradient of a top-k code is zero outside the k kept features, so the backward
+    touches only those: cost N*K*D, not the N*D*F of two dense products. Every product sums in each SAE's
+    own order, so an SAE stepped in a stack is that SAE stepped alone, bit for bit on a CPU."""
 
     @staticmethod
     def forward(ctx, x_SND, b_SD, W_SDF, k, dtype):
+        """`dtype`: of the dense encoder product (bfloat16 halves its cost on tensor cores); the kept codes,
+        the decoder and every gradient stay float32."""
         xc_SND = x_SND - b_SD[:, None]
         pre_SNF = torch.bmm(xc_SND, W_SDF) if dtype == W_SDF.dtype else torch.bmm(xc_SND.to(dtype), W_SDF.to(dtype))
         vals, idx = pre_SNF.relu_().topk(k, dim=-1, sorted=False)
@@ -208,17 +180,20 @@ class _StackedTopKEncode(torch.autograd.Function):
         xc_SND, W_SDF, vals, *saved = ctx.saved_tensors
         (S, N, D), n_features = xc_SND.shape, W_SDF.shape[2]
         pattern = _Pattern(*saved)
-        g_NK = g_vals * (vals > 0)
-        g_b = g_W = None
-        if ctx.needs_input_grad[1]:
+        g_NK = g_vals * (vals > 0)  # through the ReLU
+        g_x = g_b = g_W = None
+        if ctx.needs_input_grad[0]:
+            W_FD = W_SDF.transpose(1, 2).reshape(S * n_features, D)
+            g_x = torch.sparse.mm(pattern.csr(g_NK, S * n_features), W_FD).view(S, N, D)
+        if ctx.needs_input_grad[1]:  # b_dec enters as x - b_dec: minus the sum over samples of g_x
             col = torch.zeros(S * n_features, dtype=g_NK.dtype, device=g_NK.device)
             col.index_add_(0, pattern.idx_NK.reshape(-1), g_NK.reshape(-1))
-            # one product per SAE: a batched one sums in another order than _TopKEncode's, and Adam amplifies that
+            # one product per SAE: a batched one would sum in another order than the SAE alone
             g_b = -torch.stack([W_enc_DF @ col_F for W_enc_DF, col_F in zip(W_SDF, col.view(S, n_features))])
         if ctx.needs_input_grad[2]:
             g_FD = torch.sparse.mm(pattern.csr_t(g_NK, S * n_features), xc_SND.reshape(S * N, D))
             g_W = g_FD.view(S, n_features, D).transpose(1, 2)
-        return None, g_b, g_W, None, None
+        return g_x, g_b, g_W, None, None
 
 
 class TopKSAE(nn.Module):
@@ -267,7 +242,7 @@ class TopKSAE(nn.Module):
         imported = self.b_enc is not None or self.threshold is not None  # the fused path knows neither
         if (dead_mask_F is not None and bool(dead_mask_F.any())) or imported:
             return self.forward_reference(x_ND, dead_mask_F)
-        top_acts, *pattern = _TopKEncode.apply(x_ND, self.b_dec, self.W_enc, self.top_k,
+        top_acts, *pattern = _TopKEncode.apply(x_ND[None], self.b_dec[None], self.W_enc[None], self.top_k,
                                                self.product_dtype or self.W_enc.dtype)
         x_hat = _SparseDecode.apply(top_acts, self.W_dec, *pattern) + self.b_dec
         top_indices = pattern[0]
@@ -400,7 +375,7 @@ class SaeTrainer:
 
 
 class SeedStack:
-    """The SAE steps of a layer's seeds (trainers of one shape) in one batched step (_StackedTopKEncode): each
+    """The SAE steps of a layer's seeds (trainers of one shape) in one batched step (_TopKEncode): each
     SAE's parameters become views of stacked ones, so the trainers' SAEs always hold the current weights, and
     one Adam updates the stack. Adam is elementwise and the stacked products sum in each SAE's own order, so
     on the CPU this is each trainer's own step bit for bit (a GPU's batched product may round otherwise). AuxK
@@ -435,7 +410,7 @@ class SeedStack:
                 g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup_steps)
         W_enc, W_dec, b_dec = (self.params[n] for n in self.NAMES)
         (N, D), n_features = x_ND.shape, W_enc.shape[2]
-        vals, *pattern = _StackedTopKEncode.apply(x_ND.expand(S, N, D), b_dec, W_enc, k, self.dtype)
+        vals, *pattern = _TopKEncode.apply(x_ND.expand(S, N, D), b_dec, W_enc, k, self.dtype)
         x_hat_SND = _SparseDecode.apply(vals, W_dec.view(S * n_features, D), *pattern).view(S, N, D) + b_dec[:, None]
         loss = sum((x_ND - x_hat_SND[i]).pow(2).mean() for i in range(S))  # each SAE's own loss, as it alone
         self.opt.zero_grad(set_to_none=True)
