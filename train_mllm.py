@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from errors import UserError, cli
+from errors import cli
 from sae import SaeConfig
 from saeshare.core import distributed
 from saeshare.core.distributed import resolve_device
@@ -28,8 +28,6 @@ def main(argv=None):
     p.add_argument("--plot", default=None, help="PNG of the modality shares against layer")
     args = p.parse_args(argv)
     cls = get_encoder_class(args.model, "mllm")
-    if args.token is not None:
-        raise UserError("train_mllm.py: --image_token and --text_token choose the rows (--token is for one-row runs)")
     check_output(args.plot, "--plot")
     cfg = options_from(TrainConfig, args, checkpoint=cls.checkpoint_from(args))
     opts = options_from(MllmOptions, args)

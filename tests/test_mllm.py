@@ -126,6 +126,8 @@ def test_plot_and_bad_input(llava, tmp_path, error_line, capsys):
     msg = error_line(train_mllm.main, [*base, "--runname", "r", "--llava_model_name", str(bert)])
     assert "is not an image-text model" in msg
     assert "choose from mean, last" in error_line(train_mllm.main, [*base, "--runname", "r", "--image_token", "cls"])
+    msg = error_line(train_mllm.main, [*base, "--runname", "r", "--token", "mean"])
+    assert "unrecognized arguments: --token" in msg
     assert not list(tmp_path.glob("r_*")) and not list(tmp_path.glob(".r_*"))
 
 

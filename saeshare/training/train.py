@@ -278,7 +278,9 @@ def build_parser(modality: str) -> ArgumentParser:
         description=f"Train a top-k SAE on every requested layer of a {modality} encoder and record the pooled "
                     f"activations of every sample into sae_features/<runname>/.")
     skip = ("checkpoint", *(("image_size",) if modality != "image" else ()),
-            *(("shuffle_captions",) if modality == "image" else ()))
+            *(("shuffle_captions",) if modality == "image" else ()),
+            # an MLLM's rows are chosen per modality, and its SAEs train on the tokens of both
+            *(("token", "sae_tokens", "sae_epochs") if modality == "mllm" else ()))
     add_options(p, TrainConfig, skip=skip, model=f"({', '.join(families)})", token=f"({', '.join(TOKENS)})")
     add_checkpoint_flags(p, families)
     add_options(p, SaeConfig)
