@@ -298,6 +298,13 @@ class SaeMetrics(NamedTuple):
     (0.2: by a fifth); None under 10 steps. Well above 0 means the SAE had not converged."""
 
 
+def _warm_up(opt: torch.optim.Optimizer, cfg: SaeConfig, step: int) -> None:
+    """The learning rate of step `step` (0-based) under --lr_warmup_steps: linear up to cfg.lr."""
+    if cfg.lr_warmup_steps:
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup_steps)
+
+
 class SaeTrainer:
     """Trains one SAE online, one batch of tokens at a time, and keeps its quality metrics."""
 
@@ -324,9 +331,7 @@ class SaeTrainer:
         """One Adam step on a batch of tokens; returns the batch MSE (a tensor: reading it is a device sync)."""
         cfg = self.cfg
         x_ND = x_ND.float()
-        if cfg.lr_warmup_steps:
-            for g in self.opt.param_groups:
-                g["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.lr_warmup_steps)
+        _warm_up(self.opt, cfg, self.step)
         dead = self._dead_mask(cfg.dead_tokens) if cfg.auxk_alpha > 0 else None
         out = self.sae(x_ND, dead)
         loss = out.mse + cfg.auxk_alpha * out.auxk_loss
@@ -404,10 +409,7 @@ class SeedStack:
             return
         cfg, (S, k) = self.cfg, (len(self.trainers), self.trainers[0].sae.top_k)
         x_ND = x_ND.float()
-        step = self.trainers[0].step
-        if cfg.lr_warmup_steps:
-            for g in self.opt.param_groups:
-                g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup_steps)
+        _warm_up(self.opt, cfg, self.trainers[0].step)
         W_enc, W_dec, b_dec = (self.params[n] for n in self.NAMES)
         (N, D), n_features = x_ND.shape, W_enc.shape[2]
         vals, *pattern = _TopKEncode.apply(x_ND.expand(S, N, D), b_dec, W_enc, k, self.dtype)

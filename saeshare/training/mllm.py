@@ -41,9 +41,12 @@ class MllmOptions:
 
 class MllmResult(NamedTuple):
     metas: dict[str, RunMeta]
-    """"image" / "text" -> the run written."""
-    shares: dict[int, ModalityShares]
+    """"image" / "text" -> the run written; both carry the modality shares."""
     seconds: float
+
+    @property
+    def shares(self) -> dict[int, ModalityShares]:
+        return self.metas["image"].modality_shares
 
 
 @torch.no_grad()
@@ -114,5 +117,4 @@ def train_mllm(cfg: TrainConfig, sae_cfg: SaeConfig, opts: MllmOptions) -> MllmR
     if cfg.sae_tokens != "all":
         raise UserError("train_mllm.py trains each SAE on the image and caption tokens (--sae_tokens all)")
     results = train_runs(cfg, sae_cfg, "mllm", ModalityCount(opts))
-    image = results["image"].meta
-    return MllmResult({m: r.meta for m, r in results.items()}, image.modality_shares, results["image"].seconds)
+    return MllmResult({m: r.meta for m, r in results.items()}, results["image"].seconds)

@@ -206,13 +206,12 @@ def train_runs(cfg: TrainConfig, sae_cfg: SaeConfig, modality: str,
             extra = ({} if extension is None else
                      extension.finish(plan, {layer: saes[0][0] for layer, saes in trained.saes.items()}, writers))
             infos = {m: _layer_infos(plan, trained, m, writer) for m, writer in writers.items()}
-            metas = {m: writer.finish(RunMeta(
-                runname=names[m], modality=m, model=cfg.model, checkpoint=encoder.checkpoint,
-                token=encoder.token_of(m), dataset=ds.describe(), sae=settings, layers=layers,
-                layer_info=infos[m], n_layers_model=encoder.n_layers,
-                acts_dtype=cfg.acts_dtype, image_size=getattr(encoder, "image_size", None),
-                random_init=cfg.random_init, encoder_dtype=cfg.encoder_dtype, versions=_versions(),
-                device=str(device), **extra)) for m, writer in writers.items()}
+            shared = dict(model=cfg.model, checkpoint=encoder.checkpoint, dataset=ds.describe(), sae=settings,
+                          layers=layers, n_layers_model=encoder.n_layers, acts_dtype=cfg.acts_dtype,
+                          image_size=getattr(encoder, "image_size", None), random_init=cfg.random_init,
+                          encoder_dtype=cfg.encoder_dtype, versions=_versions(), device=str(device), **extra)
+            metas = {m: writer.finish(RunMeta(runname=names[m], modality=m, token=encoder.token_of(m),
+                                              layer_info=infos[m], **shared)) for m, writer in writers.items()}
     finals = {m: w.final for m, w in writers.items()}
     if distributed.world_size() > 1:
         metas, finals = distributed.from_rank0(metas, finals)
